@@ -1,0 +1,234 @@
+"""Checkpoints a LoRA can be baked into: A1111/ldm single files and diffusers folders.
+
+Both expose the same small interface, per canonical module (component + diffusers path):
+``layout`` (component -> module table), ``family`` ("sd1" | "sd2" | "sdxl" | "custom"),
+``read(target, param)``, ``write(target, param, tensor)`` and ``save(out)``. Writes keep the
+stored dtype; nothing touches the source files, and ``save`` writes atomically.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Optional
+
+import torch
+
+from . import arch as archmod
+from .errors import LoraFileError
+from .io import open_tensors, save_safetensors
+from .keys import Target
+from .layouts import family_from_unet_config, table_from_model
+
+Tensor = torch.Tensor
+
+
+class Checkpoint:
+    family: str = "custom"
+    layout: dict
+
+    def read(self, target: Target, param: str) -> Optional[Tensor]:
+        raise NotImplementedError
+
+    def write(self, target: Target, param: str, value: Tensor) -> None:
+        raise NotImplementedError
+
+    def save(self, out) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    def info(self, target: Target):
+        return self.layout[target.component][target.module]
+
+
+# --------------------------------------------------------------------------------------------
+SINGLE_FILE_MARKERS = (
+    ("sdxl", "conditioner.embedders.1.model."),
+    ("sd2", "cond_stage_model.model."),
+    ("sd1", "cond_stage_model.transformer."),
+)
+
+
+class SingleFileCheckpoint(Checkpoint):
+    """An A1111 / ldm single-file checkpoint (``model.diffusion_model.*`` ...)."""
+
+    def __init__(self, path):
+        self.path = os.fspath(path)
+        self.tf = open_tensors(self.path, kind="checkpoint")
+        keys = set(self.tf.keys())
+        self.family = next((fam for fam, marker in SINGLE_FILE_MARKERS if any(k.startswith(marker) for k in keys)), None)
+        if self.family is None:
+            if any(k.startswith("model.diffusion_model.") for k in keys):
+                self.family = "sd1"  # UNet-only single file: its text encoder is not stored
+            else:
+                self.tf.close()
+                raise LoraFileError(self.path, "not a Stable Diffusion checkpoint: no model.diffusion_model.* keys")
+        self.layout = {}
+        for comp in archmod.components(self.family):
+            table = {p: i for p, i in archmod.module_table(self.family, comp).items() if i.ldm_weight in keys}
+            if table:
+                self.layout[comp] = table
+        probe = archmod.module_table(self.family, "unet").get("down_blocks.0.resnets.0.conv1")
+        if probe is not None and probe.ldm_weight in keys and tuple(self.tf.shape(probe.ldm_weight)) != tuple(probe.weight_shape):
+            self.tf.close()
+            raise LoraFileError(
+                self.path,
+                f"unrecognised {archmod_label(self.family)} layout: {probe.ldm_weight} has shape "
+                f"{tuple(self.tf.shape(probe.ldm_weight))}, expected {tuple(probe.weight_shape)}",
+            )
+        self.pending: dict = {}  # ldm key -> new tensor (full param, stored dtype)
+
+    def _key(self, info, param):
+        return info.ldm_weight if param == "weight" else info.ldm_bias
+
+    def _param(self, key):
+        return self.pending[key] if key in self.pending else self.tf.get(key)
+
+    def read(self, target, param):
+        info = self.info(target)
+        key = self._key(info, param)
+        if key is None or key not in self.tf_keys:
+            return None
+        t = self._param(key)
+        if info.ldm_rows is not None:
+            t = t[info.ldm_rows[0]:info.ldm_rows[1]]
+        if info.ldm_transposed and param == "weight":
+            t = t.t()
+        return t.reshape(info.weight_shape if param == "weight" else info.bias_shape)
+
+    def write(self, target, param, value):
+        info = self.info(target)
+        key = self._key(info, param)
+        stored = self._param(key)
+        if info.ldm_transposed and param == "weight":
+            value = value.t()
+        if info.ldm_rows is not None:
+            full = stored.clone() if key not in self.pending else stored
+            full[info.ldm_rows[0]:info.ldm_rows[1]] = value.reshape(full[info.ldm_rows[0]:info.ldm_rows[1]].shape).to(full.dtype)
+            self.pending[key] = full
+        else:
+            self.pending[key] = value.reshape(stored.shape).to(stored.dtype).contiguous()
+
+    @property
+    def tf_keys(self):
+        if not hasattr(self, "_keys"):
+            self._keys = set(self.tf.keys())
+        return self._keys
+
+    def save(self, out):
+        tensors = {k: (self.pending[k] if k in self.pending else self.tf.get(k)) for k in self.tf.keys()}
+        save_safetensors(out, tensors, dict(self.tf.metadata) or None)
+
+    def close(self):
+        self.tf.close()
+
+
+def archmod_label(family: str) -> str:
+    return {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL"}.get(family, family)
+
+
+# --------------------------------------------------------------------------------------------
+DIFFUSERS_COMPONENTS = (("unet", "unet"), ("te1", "text_encoder"), ("te2", "text_encoder_2"))
+_WEIGHT_FILES = (
+    "diffusion_pytorch_model.safetensors", "model.safetensors",
+    "diffusion_pytorch_model.fp16.safetensors", "model.fp16.safetensors",
+    "diffusion_pytorch_model.bin", "pytorch_model.bin",
+)
+
+
+class DiffusersFolder(Checkpoint):
+    """A diffusers pipeline folder; components it lacks are simply absent."""
+
+    def __init__(self, path):
+        self.path = os.fspath(path)
+        self.layout, self.files, self.key_of = {}, {}, {}
+        self.pending: dict = {}  # (component, key) -> tensor
+        configs = {}
+        for comp, sub in DIFFUSERS_COMPONENTS:
+            folder = os.path.join(self.path, sub)
+            cfg_path = os.path.join(folder, "config.json")
+            if not os.path.isfile(cfg_path):
+                continue
+            weight = next((os.path.join(folder, f) for f in _WEIGHT_FILES if os.path.isfile(os.path.join(folder, f))), None)
+            if weight is None:
+                raise LoraFileError(folder, "component folder has config.json but no weight file")
+            try:
+                with open(cfg_path, encoding="utf-8") as fh:
+                    configs[comp] = json.load(fh)
+            except (OSError, ValueError) as exc:
+                raise LoraFileError(cfg_path, f"cannot read config ({exc})") from None
+            self.files[comp] = open_tensors(weight, kind="checkpoint")
+        if not self.files:
+            raise LoraFileError(self.path, "not a diffusers pipeline folder: no unet/, text_encoder/ or text_encoder_2/ with config.json")
+        self.family = family_from_unet_config(configs.get("unet"), configs)
+        for comp, cfg in configs.items():
+            table = table_from_model(comp, cfg, self.family)
+            keys = set(self.files[comp].keys())
+            # transformers < 5 saves CLIP text encoders with a "text_model." level; 5 drops it.
+            lead = "text_model." if comp != "unet" and any(k.startswith("text_model.") for k in keys) else ""
+            self.layout[comp] = table
+            for path_, info in table.items():
+                for param in ("weight", "bias"):
+                    key = lead + path_ + "." + param
+                    if comp != "unet" and path_ == "text_projection":
+                        key = path_ + "." + param
+                    if key in keys:
+                        self.key_of[(comp, path_, param)] = key
+
+    def read(self, target, param):
+        key = self.key_of.get((target.component, target.module, param))
+        if key is None:
+            return None
+        return self.pending.get((target.component, key)) if (target.component, key) in self.pending else self.files[target.component].get(key)
+
+    def write(self, target, param, value):
+        key = self.key_of[(target.component, target.module, param)]
+        stored = self.files[target.component]
+        dtype = stored.dtype(key)
+        self.pending[(target.component, key)] = value.reshape(stored.shape(key)).to(dtype).contiguous()
+
+    def save(self, out):
+        out = os.fspath(out)
+        if os.path.exists(out):
+            raise LoraFileError(out, "output already exists; choose a new path")
+        parent = os.path.dirname(os.path.abspath(out)) or "."
+        tmp = tempfile.mkdtemp(prefix=".lora-ext-", dir=parent)
+        try:
+            for name in os.listdir(self.path):
+                src = os.path.join(self.path, name)
+                if os.path.isdir(src):
+                    shutil.copytree(src, os.path.join(tmp, name))
+                else:
+                    shutil.copy2(src, os.path.join(tmp, name))
+            for comp, tf in self.files.items():
+                changed = {k: v for (c, k), v in self.pending.items() if c == comp}
+                if not changed:
+                    continue
+                rel = os.path.relpath(tf.path, self.path)
+                dest = os.path.join(tmp, rel)
+                tensors = {k: changed.get(k, None) if k in changed else tf.get(k) for k in tf.keys()}
+                if not dest.endswith(".safetensors"):
+                    os.remove(dest)
+                    dest = os.path.splitext(dest)[0] + ".safetensors"
+                    dest = dest.replace("pytorch_model.safetensors", "model.safetensors")
+                save_safetensors(dest, tensors, dict(tf.metadata) or {"format": "pt"})
+            os.replace(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    def close(self):
+        for tf in self.files.values():
+            tf.close()
+
+
+def open_checkpoint(path) -> Checkpoint:
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        return DiffusersFolder(path)
+    if not os.path.exists(path):
+        raise LoraFileError(path, "no such file or folder")
+    return SingleFileCheckpoint(path)

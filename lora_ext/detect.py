@@ -1,0 +1,131 @@
+"""Which base model a LoRA was made for, and which naming family it uses.
+
+The decision rests on what the tensors fit, not on how keys are spelled: every group is
+bound against the full-size SD1.x, SD2.x and SDXL layouts and the layout where the most
+groups fit by shape wins (so an SD1.5 LoRA written with SGM/ldm names is not mistaken for
+SDXL). Other families (SD3, Flux, Stable Cascade) are recognised from their key patterns and
+named even though they cannot be applied yet. Metadata only breaks ties.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from .layouts import SD_ARCHS, arch_keymap
+
+LABELS = {
+    "sd1": "SD1.x",
+    "sd2": "SD2.x",
+    "sdxl": "SDXL",
+    "sd3": "SD3",
+    "flux": "Flux.1",
+    "stable_cascade": "Stable Cascade",
+    "unknown": "unknown",
+}
+
+# Recognised-but-unsupported families, most specific first (Flux's diffusers names share
+# "add_q_proj" with SD3, so its single blocks are checked first).
+_OTHER_FAMILIES = (
+    ("flux", re.compile(r"double_blocks|single_blocks|single_transformer_blocks")),
+    ("sd3", re.compile(r"joint_blocks|context_block|lora_te3_|add_q_proj|context_embedder")),
+    ("stable_cascade", re.compile(r"lora_prior_unet_|lora_prior_te_")),
+)
+
+_METADATA_HINTS = (
+    ("sdxl", re.compile(r"sdxl|stable-diffusion-xl", re.I)),
+    ("sd2", re.compile(r"sd_v2|stable-diffusion-v2|sd2", re.I)),
+    ("sd3", re.compile(r"sd3|stable-diffusion-v3|stable-diffusion-3", re.I)),
+    ("flux", re.compile(r"flux", re.I)),
+    ("sd1", re.compile(r"sd_v1|stable-diffusion-v1|sd1", re.I)),
+)
+
+
+@dataclass
+class BaseModel:
+    name: str  # "sd1" | "sd2" | "sdxl" | "sd3" | "flux" | "stable_cascade" | "unknown"
+    evidence: str
+    scores: dict = field(default_factory=dict)  # arch -> groups that fit by shape
+    v_prediction: bool = False
+
+    @property
+    def label(self) -> str:
+        return LABELS.get(self.name, self.name)
+
+    @property
+    def supported(self) -> bool:
+        return self.name in SD_ARCHS
+
+
+def metadata_hint(metadata: dict):
+    """The base model the metadata claims, or None."""
+    if str(metadata.get("ss_v2", "")).lower() == "true":
+        return "sd2"
+    for key in ("modelspec.architecture", "ss_base_model_version", "ss_sd_model_name"):
+        value = str(metadata.get(key, ""))
+        for name, pattern in _METADATA_HINTS:
+            if value and pattern.search(value):
+                return name
+    return None
+
+
+def is_v_prediction(metadata: dict) -> bool:
+    return (
+        str(metadata.get("ss_v_parameterization", "")).lower() == "true"
+        or str(metadata.get("modelspec.prediction_type", "")).lower() in ("v", "v_prediction")
+        or "768-v" in str(metadata.get("modelspec.architecture", ""))
+    )
+
+
+def detect_base_model(lora) -> BaseModel:
+    """Best guess of the base model of a loaded ``Lora``, with the evidence for it."""
+    prefixes = list(lora.groups)
+    hint = metadata_hint(lora.metadata)
+    vpred = is_v_prediction(lora.metadata)
+    for name, pattern in _OTHER_FAMILIES:
+        hits = sum(1 for p in prefixes if pattern.search(p))
+        if hits and hits * 4 >= len(prefixes):
+            return BaseModel(name, f"{hits} of {len(prefixes)} modules use {LABELS[name]} names", {}, vpred)
+    scores = {arch: len(lora.resolve(arch_keymap(arch)).bindings) for arch in SD_ARCHS}
+    best = max(scores.values()) if scores else 0
+    if best == 0:
+        if hint:
+            return BaseModel(hint, f"no module fits SD1.x/SD2.x/SDXL; metadata says {LABELS[hint]}", scores, vpred)
+        return BaseModel("unknown", "no module fits SD1.x, SD2.x or SDXL by name and shape", scores, vpred)
+    top = [a for a in SD_ARCHS if scores[a] == best]
+    if len(top) == 1:
+        name = top[0]
+        why = f"{best} of {len(prefixes)} modules fit {LABELS[name]} by name and shape"
+    elif hint in top:
+        name = hint
+        why = f"{best} modules fit {' and '.join(LABELS[a] for a in top)} alike; metadata says {LABELS[hint]}"
+    else:
+        name = top[0]
+        why = f"{best} modules fit {' and '.join(LABELS[a] for a in top)} alike; chose {LABELS[name]}"
+    if hint and hint != name and len(top) == 1:
+        why += f" (metadata claims {LABELS[hint]}; shapes win)"
+    return BaseModel(name, why, scores, vpred)
+
+
+def naming_family(prefixes) -> str:
+    """kohya / lycoris / diffusers / peft / ldm, or "mixed: a+b"."""
+    found = []
+    for p in prefixes:
+        if p.startswith(("lora_unet_input_blocks", "lora_unet_middle_block", "lora_unet_output_blocks")):
+            fam = "kohya (ldm/sgm names)"
+        elif p.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_", "lora_prior_")):
+            fam = "kohya"
+        elif p.startswith("lycoris_"):
+            fam = "lycoris"
+        elif p.startswith("base_model.model."):
+            fam = "peft"
+        elif p.startswith(("unet.", "text_encoder.", "text_encoder_2.", "transformer.")):
+            fam = "diffusers"
+        elif p.startswith(("model.diffusion_model.", "diffusion_model", "cond_stage_model", "conditioner.")):
+            fam = "ldm"
+        else:
+            fam = "other"
+        if fam not in found:
+            found.append(fam)
+    if not found:
+        return "empty"
+    return found[0] if len(found) == 1 else "mixed: " + " + ".join(found)

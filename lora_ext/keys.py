@@ -1,0 +1,231 @@
+"""Naming: turn any LoRA key into (group prefix, tensor name) and any prefix into a module.
+
+Two steps, both pure:
+
+1. ``split_key`` normalises the tensor-name end of a key to kohya/LyCORIS spelling (PEFT's
+   ``lora_A``/``lora_B``/``lora_magnitude_vector`` and adapter names like ``.default``, old
+   diffusers ``.lora.down``/``processor.to_q_lora`` forms) and splits it into the module
+   prefix and the tensor name.
+2. ``KeyMap`` knows every spelling of every module of one model layout (kohya flat names of
+   the diffusers and the ldm/compvis paths, LyCORIS ``lycoris_*``, diffusers ``unet.`` /
+   ``text_encoder.``, PEFT ``base_model.model.``, ldm single-file keys, OpenCLIP text-encoder
+   names) and maps a prefix to its candidate targets.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Iterable, Mapping, Optional
+
+# Tensor names (after normalisation) that adapter types use. The core asks the registered
+# types for theirs too, so a third-party type's names split correctly.
+_BASE_NAMES = (
+    "lora_up.weight", "lora_down.weight", "lora_mid.weight", "lora_up.bias", "alpha",
+    "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
+    "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2",
+    "dora_scale", "weight", "on_input", "oft_blocks", "oft_diag", "rescale",
+    "a1.weight", "a2.weight", "b1.weight", "b2.weight", "diff", "diff_b", "w_norm", "b_norm",
+)
+
+# PEFT / diffusers spellings -> kohya spelling. ``(?:\.[A-Za-z0-9_]+)?`` is PEFT's adapter
+# name level (".default" or a user name) that sits before ".weight".
+_REWRITES = (
+    (re.compile(r"\.lora_A(?:\.(?!weight$)[A-Za-z0-9_-]+)?\.weight$"), ".lora_down.weight"),
+    (re.compile(r"\.lora_B(?:\.(?!weight$|bias$)[A-Za-z0-9_-]+)?\.weight$"), ".lora_up.weight"),
+    (re.compile(r"\.lora_B(?:\.(?!weight$|bias$)[A-Za-z0-9_-]+)?\.bias$"), ".lora_up.bias"),
+    (re.compile(r"\.lora_magnitude_vector(?:\.(?!weight$)[A-Za-z0-9_-]+)?(?:\.weight)?$"), ".dora_scale"),
+    # diffusers LoRACompatibleLinear / LoRALinearLayer (diffusers 0.14-0.24 era)
+    (re.compile(r"\.lora(?:_linear_layer)?\.down\.weight$"), ".lora_down.weight"),
+    (re.compile(r"\.lora(?:_linear_layer)?\.up\.weight$"), ".lora_up.weight"),
+)
+# diffusers attention-processor LoRA: "attn1.processor.to_q_lora.down.weight"
+_PROCESSOR = re.compile(r"\.processor\.(to_q|to_k|to_v|to_out)_lora\.(up|down)\.weight$")
+
+
+def normalise_key(key: str) -> str:
+    """The key with its tensor-name end in kohya spelling (the module part is untouched)."""
+    m = _PROCESSOR.search(key)
+    if m:
+        module = m.group(1) + (".0" if m.group(1) == "to_out" else "")
+        return key[: m.start()] + f".{module}.lora_{m.group(2)}.weight"
+    for pattern, repl in _REWRITES:
+        new = pattern.sub(repl, key)
+        if new != key:
+            return new
+    return key
+
+
+def split_key(key: str, names: Iterable[str] = _BASE_NAMES) -> tuple[str, str]:
+    """(module prefix, tensor name) of a normalised key.
+
+    A known tensor name at the end wins (longest first); otherwise a kohya-style key
+    ``prefix.rest`` splits at its first dot and anything else at its last one, so unknown
+    names still group per module for the auto-detector.
+    """
+    for name in sorted(set(names), key=len, reverse=True):
+        if key.endswith("." + name) and len(key) > len(name) + 1:
+            return key[: -len(name) - 1], name
+    head, dot, rest = key.partition(".")
+    if dot and ("_" in head) and not head.startswith(("unet", "text_encoder", "base_model", "model")):
+        return head, rest
+    head, dot, rest = key.rpartition(".")
+    return (head, rest) if dot else (key, "")
+
+
+def group_keys(keys: Iterable[str], names: Iterable[str] = _BASE_NAMES) -> dict[str, dict[str, str]]:
+    """prefix -> {normalised tensor name: original key}."""
+    names = tuple(set(_BASE_NAMES) | set(names))
+    groups: dict[str, dict[str, str]] = {}
+    for key in keys:
+        prefix, name = split_key(normalise_key(key), names)
+        groups.setdefault(prefix, {})[name] = key
+    return groups
+
+
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Target:
+    """One module of the model: where a LoRA group's delta goes."""
+
+    component: str  # "unet" | "te1" | "te2"
+    module: str  # canonical path: diffusers naming (unet), HF CLIP without `text_model.` (te)
+    block: str  # "BASE" | "INxx" | "M00" | "OUTxx"
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """What one spelling may mean: a single module, or several stacked by rows.
+
+    OpenCLIP's fused ``attn.in_proj`` is q, k and v stacked; a LoRA on it spans three modules.
+    """
+
+    targets: tuple  # tuple[Target, ...]; rows split evenly in this order when len > 1
+    weight_shape: tuple  # the (stacked) weight shape the adapter must produce
+
+    @property
+    def component(self) -> str:
+        return self.targets[0].component
+
+
+# kohya prefixes per component; "lora_te_" is SD1/SD2's only TE and SDXL's first.
+KOHYA_PREFIX = {"unet": ("lora_unet_",), "te1": ("lora_te_", "lora_te1_"), "te2": ("lora_te2_",)}
+DIFFUSERS_PREFIX = {"unet": ("unet.",), "te1": ("text_encoder.", "te."), "te2": ("text_encoder_2.",)}
+# Prefixes that don't say the component: resolve by shape among all components.
+NEUTRAL_FLAT = ("lycoris_", "lora_")
+NEUTRAL_DOTTED = ("base_model.model.", "")
+
+
+def _flat(path: str) -> str:
+    return path.replace(".", "_")
+
+
+class KeyMap:
+    """Every spelling of every module of one model layout -> candidate targets.
+
+    ``layout``: component -> {canonical path: ModuleInfo-like} (needs ``path``, ``block``,
+    ``weight_shape``, ``ldm_path``, ``ldm_weight``, ``ldm_rows``, ``kind``).
+    """
+
+    def __init__(self, layout: Mapping[str, Mapping[str, object]]):
+        self.layout = layout
+        self._aliases: dict[str, list[Candidate]] = {}
+        for component, table in layout.items():
+            for info in table.values():
+                single = Candidate((Target(component, info.path, info.block),), tuple(info.weight_shape))
+                for alias in self._spellings(component, info):
+                    self._add(alias, single)
+            self._add_fused(component, table)
+
+    # --- building ------------------------------------------------------------------------
+    def _add(self, alias: str, cand: Candidate) -> None:
+        lst = self._aliases.setdefault(alias, [])
+        if cand not in lst:
+            lst.append(cand)
+
+    @staticmethod
+    def _bodies(component: str, info) -> list[tuple[str, bool]]:
+        """(dotted body, is_ldm) spellings of one module inside its component."""
+        bodies = [(info.path, False)]
+        if component != "unet":
+            bodies.append(("text_model." + info.path, False))
+        if info.ldm_path and info.ldm_rows is None:
+            bodies.append((info.ldm_path, True))
+        return bodies
+
+    def _spellings(self, component: str, info) -> Iterable[str]:
+        for body, is_ldm in self._bodies(component, info):
+            flat = _flat(body)
+            for p in KOHYA_PREFIX[component]:
+                yield p + flat
+            for p in NEUTRAL_FLAT:
+                yield p + flat
+            if component == "unet" and is_ldm:
+                yield "diffusion_model_" + flat
+                yield "lora_unet_diffusion_model_" + flat
+                yield "diffusion_model." + body
+                yield "model.diffusion_model." + body
+            for p in DIFFUSERS_PREFIX[component]:
+                yield p + body
+            for p in NEUTRAL_DOTTED:
+                yield p + body
+            if is_ldm and component != "unet":
+                # OpenCLIP module names as they appear under the component root ("model.")
+                yield KOHYA_PREFIX[component][-1] + "model_" + flat
+        if info.ldm_weight and info.ldm_rows is None:
+            full = info.ldm_weight.rsplit(".", 1)[0]
+            yield full
+            yield _flat(full)
+
+    def _add_fused(self, component: str, table) -> None:
+        """OpenCLIP ``attn.in_proj``: one alias for q/k/v stacked by rows."""
+        fused: dict[str, list] = {}
+        for info in table.values():
+            if info.ldm_rows is not None and info.ldm_weight:
+                fused.setdefault(info.ldm_weight, []).append(info)
+        for key, parts in fused.items():
+            parts.sort(key=lambda i: i.ldm_rows[0])
+            rows = sum(i.ldm_rows[1] - i.ldm_rows[0] for i in parts)
+            shape = (rows,) + tuple(parts[0].weight_shape[1:])
+            cand = Candidate(tuple(Target(component, i.path, i.block) for i in parts), shape)
+            full = key[: -len("_weight")] if key.endswith("_weight") else key.rsplit(".", 1)[0]
+            ldm_body = (parts[0].ldm_path or "").rsplit(".", 1)[0] + ".in_proj"
+            aliases = [full, _flat(full), ldm_body, "model." + ldm_body]
+            aliases += [p + _flat(ldm_body) for p in KOHYA_PREFIX[component] + NEUTRAL_FLAT]
+            aliases += [KOHYA_PREFIX[component][-1] + "model_" + _flat(ldm_body)]
+            for alias in aliases:
+                self._add(alias, cand)
+
+    # --- lookup --------------------------------------------------------------------------
+    def candidates(self, prefix: str) -> list[Candidate]:
+        return list(self._aliases.get(prefix, ()))
+
+    def __contains__(self, prefix: str) -> bool:
+        return prefix in self._aliases
+
+    def __len__(self) -> int:
+        return len(self._aliases)
+
+    def choose(self, prefix: str, weight_shape: Optional[tuple]) -> tuple[Optional[Candidate], str]:
+        """The candidate for ``prefix`` whose weight shape fits, or (None, reason)."""
+        cands = self.candidates(prefix)
+        if not cands:
+            return None, "no such module in this model"
+        if weight_shape is not None:
+            fits = [c for c in cands if shape_fits(weight_shape, c.weight_shape)]
+            if not fits:
+                want = " or ".join(str(tuple(c.weight_shape)) for c in cands)
+                return None, f"shape mismatch: the adapter makes {tuple(weight_shape)}, the module has {want}"
+            cands = fits
+        if len(cands) > 1:
+            where = ", ".join(f"{c.component}:{c.targets[0].module}" for c in cands)
+            return None, f"ambiguous: fits {where}"
+        return cands[0], ""
+
+
+def shape_fits(adapter_shape: tuple, module_shape: tuple) -> bool:
+    """Equal shapes, allowing a Linear-shaped (out, in) delta on a 1x1 conv (out, in, 1, 1)."""
+    a, m = tuple(adapter_shape), tuple(module_shape)
+    if a == m:
+        return True
+    squeeze = lambda s: tuple(s[:2]) if len(s) == 4 and s[2:] == (1, 1) else tuple(s)  # noqa: E731
+    return squeeze(a) == squeeze(m)

@@ -1,0 +1,113 @@
+"""``lora-ext merge``: bake LoRAs into a checkpoint, deltas in fp32, dtypes kept."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from .checkpoint import open_checkpoint
+from .deltas import binding_deltas, check_finite
+from .detect import LABELS, detect_base_model
+from .errors import AdapterError, BaseModelMismatch, LoraExtError, LoraFileError
+from .keys import KeyMap
+from .network import Unmatched, load_lora
+
+
+@dataclass
+class LoraReport:
+    path: str
+    strength: float
+    base_model: str
+    applied: int = 0
+    unmatched: list = field(default_factory=list)  # [Unmatched]
+
+    def lines(self) -> list:
+        out = [f"{self.path} @ {self.strength:g}: {self.applied} modules applied ({LABELS.get(self.base_model, self.base_model)} LoRA)"]
+        if self.unmatched:
+            out.append(f"  {len(self.unmatched)} keys not applied:")
+            out.extend(f"    {u.key}: {u.reason}" for u in self.unmatched)
+        return out
+
+
+def parse_lora_arg(arg: str) -> tuple[str, float]:
+    """``PATH[:STRENGTH]``; a path may itself contain ':' (C:\\...), so only a numeric tail counts."""
+    head, sep, tail = arg.rpartition(":")
+    if sep and head:
+        try:
+            return head, float(tail)
+        except ValueError:
+            pass
+    return arg, 1.0
+
+
+def merge(base, loras, out, *, log: Optional[Callable[[str], None]] = None) -> list:
+    """Bake ``loras`` ([(path, strength)]) into ``base`` and write ``out``; returns reports."""
+    log = log or (lambda s: None)
+    out = os.fspath(out)
+    if os.path.abspath(out) == os.path.abspath(os.fspath(base)):
+        raise LoraFileError(out, "output would overwrite the base checkpoint")
+    if os.path.exists(out):
+        raise LoraFileError(out, "output already exists; choose a new path")
+    if not os.path.isdir(os.fspath(base)) and not out.endswith(".safetensors"):
+        raise LoraFileError(out, "a single-file output must end in .safetensors")
+    ckpt = open_checkpoint(base)
+    try:
+        keymap = KeyMap(ckpt.layout)
+        reports, per_target = [], {}
+        for path, strength in loras:
+            lora = load_lora(path)
+            detected = detect_base_model(lora)
+            report = LoraReport(os.fspath(path), float(strength), detected.name)
+            _check_base(lora, detected, ckpt.family)
+            res = lora.resolve(keymap)
+            report.unmatched.extend(res.unmatched)
+            for binding in res.bindings:
+                try:
+                    deltas = binding_deltas(binding, ckpt.read)
+                    for t, (dw, db) in deltas.items():
+                        check_finite(dw, f"delta of {t.module}")
+                except (AdapterError, RuntimeError) as exc:
+                    reason = f"cannot apply: {exc}".splitlines()[0]
+                    report.unmatched.extend(Unmatched(k, reason) for k in sorted(binding.group.keys.values()))
+                    continue
+                report.applied += 1
+                for t, (dw, db) in deltas.items():
+                    acc = per_target.setdefault(t, [None, None])
+                    acc[0] = strength * dw if acc[0] is None else acc[0] + strength * dw
+                    if db is not None:
+                        acc[1] = strength * db if acc[1] is None else acc[1] + strength * db
+            if report.applied == 0 and lora.groups:
+                raise BaseModelMismatch(f"{path}: nothing in this LoRA applies to {base} ({len(report.unmatched)} keys, e.g. {report.unmatched[0].key}: {report.unmatched[0].reason})")
+            reports.append(report)
+            for line in report.lines():
+                log(line)
+        # W0 + sum(s * delta) in fp32, rounded once into the stored dtype.
+        for t, (dw, db) in per_target.items():
+            w0 = ckpt.read(t, "weight")
+            ckpt.write(t, "weight", (w0.float() + dw.reshape(w0.shape)).to(w0.dtype))
+            if db is not None:
+                b0 = ckpt.read(t, "bias")
+                ckpt.write(t, "bias", (b0.float() + db.reshape(b0.shape)).to(b0.dtype))
+        ckpt.save(out)
+        log(f"wrote {out}: {len(per_target)} modules changed")
+        return reports
+    finally:
+        ckpt.close()
+
+
+def _check_base(lora, detected, family: str) -> None:
+    if family not in ("sd1", "sd2", "sdxl"):
+        return  # a custom-size model: per-module shape checks decide
+    if detected.name in ("sd1", "sd2", "sdxl"):
+        if detected.name != family:
+            raise BaseModelMismatch(
+                f"{lora.path}: this is an {detected.label} LoRA ({detected.evidence}), "
+                f"but the checkpoint is {LABELS[family]}"
+            )
+    elif detected.name != "unknown":
+        raise BaseModelMismatch(f"{lora.path}: this is a {detected.label} LoRA ({detected.evidence}); it cannot be applied to {LABELS[family]}")
+
+
+__all__ = ["merge", "parse_lora_arg", "LoraReport", "LoraExtError", "torch"]

@@ -1,0 +1,324 @@
+"""What a LoRA says about itself: trigger words and a training summary from its metadata.
+
+The input is the safetensors ``__metadata__`` dict (``TensorFile.metadata``): string keys and
+string values, some of which hold JSON (kohya's ``ss_tag_frequency``, ``ss_network_args``,
+``ss_dataset_dirs``; diffusers' ``lora_adapter_metadata``). Trainers write these fields with
+varying care, so nothing here raises on malformed input: a field that cannot be read is left
+out.
+"""
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, Mapping, Optional
+
+__all__ = [
+    "trigger_words",
+    "training_info",
+    "lora_adapter_config",
+    "lora_adapter_components",
+    "few_step_hint",
+]
+
+_REPEAT_PREFIX = re.compile(r"^(\d+)_(.+)$")
+
+
+def _get_str(metadata: Any, key: str) -> Optional[str]:
+    if not isinstance(metadata, Mapping):
+        return None
+    v = metadata.get(key)
+    if isinstance(v, str):
+        v = v.strip()
+        return v or None
+    return None
+
+
+def _json_field(metadata: Any, key: str) -> Any:
+    """The parsed JSON of a field, the value itself if a caller already parsed it, else None."""
+    if not isinstance(metadata, Mapping):
+        return None
+    v = metadata.get(key)
+    if isinstance(v, (dict, list)):
+        return v
+    if not isinstance(v, str) or not v.strip():
+        return None
+    try:
+        return json.loads(v)
+    except (ValueError, RecursionError):
+        return None
+
+
+def _folder_name(key: Any) -> Optional[str]:
+    """kohya's ``10_mychar`` (a dataset folder with its repeat count) -> ``mychar``."""
+    if not isinstance(key, str):
+        return None
+    base = re.split(r"[\\/]", key.strip().rstrip("/\\"))[-1].strip()
+    m = _REPEAT_PREFIX.match(base)
+    if not m:
+        return None
+    name = m.group(2).strip()
+    return name or None
+
+
+# ----------------------------------------------------------------------------------------------
+# trigger words
+
+
+def _tag_counts(freq: Any) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    if not isinstance(freq, dict):
+        return counts
+    for tags in freq.values():
+        if not isinstance(tags, dict):
+            continue
+        for tag, n in tags.items():
+            if not isinstance(tag, str) or isinstance(n, bool):
+                continue
+            if isinstance(n, str):
+                try:
+                    n = int(n)
+                except ValueError:
+                    continue
+            if not isinstance(n, (int, float)) or n != n:
+                continue
+            tag = " ".join(tag.split())
+            if tag:
+                counts[tag] = counts.get(tag, 0) + n
+    return counts
+
+
+def trigger_words(metadata: Mapping[str, str], *, max_tags: int = 10) -> list[str]:
+    """Words that likely activate this LoRA, best guesses first.
+
+    In order: ``modelspec.trigger_phrase`` (comma separated), dataset folder names from kohya's
+    ``ss_tag_frequency`` / ``ss_dataset_dirs`` with their repeat-count prefix removed
+    (``10_mychar`` -> ``mychar``; folders without that prefix are not taken as trigger words),
+    then the ``max_tags`` most frequent caption tags (count, then name). Duplicates (ignoring
+    case) are dropped; malformed fields are ignored.
+    """
+    out: list[str] = []
+    seen: set[str] = set()
+
+    def add(word: Any) -> None:
+        if not isinstance(word, str):
+            return
+        w = " ".join(word.split())
+        if w and w.lower() not in seen:
+            seen.add(w.lower())
+            out.append(w)
+
+    phrase = _get_str(metadata, "modelspec.trigger_phrase")
+    if phrase:
+        for part in phrase.split(","):
+            add(part)
+
+    freq = _json_field(metadata, "ss_tag_frequency")
+    dirs = _json_field(metadata, "ss_dataset_dirs")
+    for source in (freq, dirs):
+        if isinstance(source, dict):
+            for key in source:
+                add(_folder_name(key))
+
+    counts = _tag_counts(freq)
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    for tag, _ in ranked[: max(0, int(max_tags))]:
+        add(tag)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# diffusers / PEFT adapter config
+
+
+def lora_adapter_config(metadata: Mapping[str, str]) -> Optional[dict]:
+    """The parsed ``lora_adapter_metadata`` field diffusers (>= 0.35) writes, or None.
+
+    A pipeline-level file holds each component's PEFT ``LoraConfig`` flattened with a prefix
+    (``{"unet.r": 4, "unet.lora_alpha": 4, "text_encoder.r": 8, ...}``); a model-level file
+    (``save_lora_adapter``) holds one ``LoraConfig`` dict (``{"r": 4, ...}``). See
+    :func:`lora_adapter_components` for a per-component view.
+    """
+    v = _json_field(metadata, "lora_adapter_metadata")
+    return v if isinstance(v, dict) else None
+
+
+def lora_adapter_components(metadata: Mapping[str, str]) -> Optional[dict[str, dict]]:
+    """``lora_adapter_config`` regrouped per component: ``{"unet": {"r": 4, ...}, ...}``; a
+    model-level config comes back under the component ``""``."""
+    cfg = lora_adapter_config(metadata)
+    if cfg is None:
+        return None
+    out: dict[str, dict] = {}
+    for k, v in cfg.items():
+        if not isinstance(k, str):
+            continue
+        comp, dot, field = k.partition(".")
+        if not dot:
+            comp, field = "", k
+        out.setdefault(comp, {})[field] = v
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# training summary
+
+_FEW_STEP = [
+    (re.compile(r"(?<![a-z])lcm(?![a-z])"), "LCM"),
+    (re.compile(r"(?<![a-z])lightning(?![a-z])"), "Lightning"),
+    (re.compile(r"(?<![a-z])hyper(?:[-_ ]?sd(?:xl)?)?(?![a-z])"), "Hyper-SD"),
+    (re.compile(r"(?<![a-z])tcd(?![a-z])"), "TCD"),
+    (re.compile(r"(?<![a-z])dmd\d*(?![a-z])"), "DMD"),
+    (re.compile(r"(?<![a-z])turbo(?![a-z])"), "Turbo"),
+]
+
+
+def few_step_hint(*texts: Any) -> Optional[str]:
+    """"LCM", "Lightning", "Hyper-SD", "TCD", "DMD" or "Turbo" when one of ``texts`` (names,
+    titles, tags, a file name) names that kind of few-step LoRA as a word, else None.
+    ("hypernetwork" or "lcmxyz" do not count.)"""
+    for text in texts:
+        if not isinstance(text, str) or not text:
+            continue
+        low = text.lower()
+        for pattern, label in _FEW_STEP:
+            if pattern.search(low):
+                return label
+    return None
+
+
+def _number(v: Any) -> Any:
+    """'32' -> 32, '8.0' -> 8.0, 'None'/'' -> None, other strings unchanged."""
+    if isinstance(v, bool) or v is None:
+        return v
+    if isinstance(v, (int, float)):
+        return v
+    if not isinstance(v, str):
+        return None
+    s = v.strip()
+    if not s or s.lower() in ("none", "null", "nan"):
+        return None
+    try:
+        return int(s)
+    except ValueError:
+        pass
+    try:
+        f = float(s)
+    except ValueError:
+        return s
+    return f if f == f and f not in (float("inf"), float("-inf")) else s
+
+
+def _flag(v: Any) -> Optional[bool]:
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, str):
+        s = v.strip().lower()
+        if s in ("true", "1", "yes"):
+            return True
+        if s in ("false", "0", "no"):
+            return False
+    if isinstance(v, (int, float)):
+        return bool(v)
+    return None
+
+
+def _resolution(v: Optional[str]) -> Optional[str]:
+    if not v:
+        return None
+    nums = re.findall(r"\d+", v)
+    if len(nums) == 2:
+        return f"{nums[0]}x{nums[1]}"
+    if len(nums) == 1:
+        return f"{nums[0]}x{nums[0]}"
+    return v
+
+
+def _trainer(metadata: Mapping[str, Any]) -> Optional[str]:
+    if any(isinstance(k, str) and k.startswith("ss_") for k in metadata):
+        return "kohya-ss"
+    if "lora_adapter_metadata" in metadata:
+        return "diffusers"
+    software = _json_field(metadata, "software")
+    if isinstance(software, dict) and isinstance(software.get("name"), str):
+        return software["name"]
+    impl = _get_str(metadata, "modelspec.implementation")
+    return impl
+
+
+def training_info(metadata: Mapping[str, str], *, name: Optional[str] = None) -> dict:
+    """A flat, friendly summary of how the LoRA was made; only fields that are present.
+
+    Possible keys: trainer, implementation, network_module, algo, dim, alpha, conv_dim,
+    conv_alpha, dora, base_model, base_model_name, architecture, v2, v_prediction,
+    resolution, epochs, epoch, steps, images, learning_rate, unet_lr, text_encoder_lr,
+    optimizer, scheduler, clip_skip, output_name, title, author, date, few_step.
+    ``name`` (e.g. the file name) is also searched for few-step hints.
+    """
+    if not isinstance(metadata, Mapping):
+        return {}
+    md = metadata
+    info: dict[str, Any] = {}
+
+    def put(key: str, value: Any) -> None:
+        if value is not None and value != "":
+            info[key] = value
+
+    put("trainer", _trainer(md))
+    put("implementation", _get_str(md, "modelspec.implementation"))
+    put("network_module", _get_str(md, "ss_network_module"))
+
+    args = _json_field(md, "ss_network_args")
+    args = args if isinstance(args, dict) else {}
+    algo = args.get("algo")
+    put("algo", algo.strip() if isinstance(algo, str) else None)
+    put("dim", _number(_get_str(md, "ss_network_dim")))
+    put("alpha", _number(_get_str(md, "ss_network_alpha")))
+    put("conv_dim", _number(args.get("conv_dim", args.get("conv_rank"))))
+    put("conv_alpha", _number(args.get("conv_alpha")))
+    dora = _flag(args.get("dora_wd"))
+
+    comps = lora_adapter_components(md)
+    if comps:
+        first = next(iter(comps.values()))
+        if "dim" not in info:
+            put("dim", _number(first.get("r")))
+        if "alpha" not in info:
+            put("alpha", _number(first.get("lora_alpha")))
+        if any(isinstance(c, dict) and c.get("use_dora") is True for c in comps.values()):
+            dora = True
+    if dora:
+        info["dora"] = True
+
+    put("base_model", _get_str(md, "ss_base_model_version"))
+    put("base_model_name", _get_str(md, "ss_sd_model_name"))
+    put("architecture", _get_str(md, "modelspec.architecture"))
+    put("v2", _flag(_get_str(md, "ss_v2")))
+    put("v_prediction", _flag(_get_str(md, "ss_v_parameterization")))
+    put("resolution", _resolution(_get_str(md, "ss_resolution") or _get_str(md, "modelspec.resolution")))
+    put("epochs", _number(_get_str(md, "ss_num_epochs")))
+    put("epoch", _number(_get_str(md, "ss_epoch")))
+    put("steps", _number(_get_str(md, "ss_steps") or _get_str(md, "ss_max_train_steps")))
+    put("images", _number(_get_str(md, "ss_num_train_images")))
+    put("learning_rate", _number(_get_str(md, "ss_learning_rate")))
+    put("unet_lr", _number(_get_str(md, "ss_unet_lr")))
+    put("text_encoder_lr", _number(_get_str(md, "ss_text_encoder_lr")))
+    put("optimizer", _get_str(md, "ss_optimizer"))
+    put("scheduler", _get_str(md, "ss_lr_scheduler"))
+    put("clip_skip", _number(_get_str(md, "ss_clip_skip")))
+    put("output_name", _get_str(md, "ss_output_name"))
+    put("title", _get_str(md, "modelspec.title"))
+    put("author", _get_str(md, "modelspec.author"))
+    put("date", _get_str(md, "modelspec.date"))
+    put(
+        "few_step",
+        few_step_hint(
+            _get_str(md, "ss_output_name"),
+            _get_str(md, "modelspec.title"),
+            _get_str(md, "modelspec.tags"),
+            _get_str(md, "ss_sd_model_name"),
+            _get_str(md, "ss_training_comment"),
+            _get_str(md, "modelspec.description"),
+            name,
+        ),
+    )
+    return info

@@ -1,0 +1,217 @@
+"""A LoRA file as the core sees it: key groups, their adapters, and where each one goes.
+
+``load_lora(path)`` reads a file (safely, see ``io``), groups its keys per module and builds
+one adapter per group through the registered types (``plugins``). ``Lora.resolve(keymap)``
+then binds each adapter to a module of a concrete model layout, and every key that does not
+bind is reported with its reason: nothing is dropped silently.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from . import plugins
+from .adapter import Adapter
+from .errors import AdapterError, LoraExtError, LoraFileError
+from .io import open_tensors
+from .keys import Candidate, KeyMap, group_keys, shape_fits
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class Group:
+    """All keys of one module prefix in a LoRA file."""
+
+    prefix: str
+    keys: dict  # normalised tensor name -> original key
+    tensors: dict  # normalised tensor name -> Tensor
+    adapter: Optional[Adapter] = None
+    problem: str = ""  # why no adapter could be built (empty when adapter is set or pending)
+
+    @property
+    def names(self) -> frozenset:
+        return frozenset(self.keys)
+
+
+@dataclass
+class Binding:
+    """One adapter bound to one candidate (one module, or q/k/v stacked)."""
+
+    group: Group
+    adapter: Adapter
+    candidate: Candidate
+
+    @property
+    def targets(self):
+        return self.candidate.targets
+
+
+@dataclass
+class Unmatched:
+    key: str
+    reason: str
+
+    def as_dict(self) -> dict:
+        return {"key": self.key, "reason": self.reason}
+
+
+@dataclass
+class Resolution:
+    bindings: list = field(default_factory=list)
+    unmatched: list = field(default_factory=list)
+
+
+@dataclass
+class Lora:
+    path: str
+    metadata: dict
+    groups: dict  # prefix -> Group
+    file_format: str = "safetensors"
+
+    @property
+    def name(self) -> str:
+        return os.path.splitext(os.path.basename(self.path))[0]
+
+    def resolve(self, keymap: KeyMap) -> Resolution:
+        """Bind every group to a module of ``keymap``'s model; report what doesn't bind."""
+        res = Resolution()
+        for group in self.groups.values():
+            binding, reason = bind_group(group, keymap)
+            if binding is not None:
+                res.bindings.append(binding)
+            else:
+                res.unmatched.extend(Unmatched(k, reason) for k in sorted(group.keys.values()))
+        return res
+
+
+def bind_group(group: Group, keymap: KeyMap) -> tuple[Optional[Binding], str]:
+    if group.adapter is not None:
+        cand, reason = keymap.choose(group.prefix, group.adapter.weight_shape())
+        return (Binding(group, group.adapter, cand), "") if cand else (None, reason)
+    if group.problem:
+        return None, group.problem
+    # No registered type claimed the names: ask the structural auto-detector, per candidate
+    # module, to explain the tensors from shapes alone; it must fit the target exactly.
+    cands = keymap.candidates(group.prefix)
+    if not cands:
+        return None, f"unknown adapter type (tensors: {', '.join(sorted(group.names))}) on an unknown module"
+    hook = plugins.plugin_manager().hook.lora_ext_explain_group
+    for cand in cands:
+        try:
+            adapter = hook(names=group.names, tensors=group.tensors, target_shape=tuple(cand.weight_shape))
+        except AdapterError:
+            adapter = None
+        if adapter is not None and shape_fits(adapter.weight_shape(), cand.weight_shape):
+            return Binding(group, adapter, cand), ""
+    return None, f"unknown adapter type: no registered type or structural rule explains tensors {', '.join(sorted(group.names))}"
+
+
+def build_adapter(group: Group, types) -> None:
+    """Set group.adapter (or group.problem) from the types that claim its tensor names."""
+    names = group.names
+    claimers = [t for t in types if t.claims(names)]
+    if not claimers:
+        if names <= {"alpha", "dora_scale"}:
+            group.problem = f"incomplete adapter: only {', '.join(sorted(names))}"
+        return  # left for the structural auto-detector at bind time
+    inner = {k: v for k, v in group.tensors.items() if k != "dora_scale"}
+    try:
+        adapter = claimers[0].from_tensors(inner)
+        if "dora_scale" in group.tensors:
+            from .adapters.dora import with_dora
+
+            adapter = with_dora(adapter, group.tensors["dora_scale"])
+        group.adapter = adapter
+    except AdapterError as exc:
+        group.problem = f"bad {claimers[0].type_name} tensors: {exc}"
+
+
+def load_lora(path, *, peft_config: Optional[dict] = None) -> Lora:
+    """Read a LoRA file and build an adapter for every key group it holds."""
+    path = os.fspath(path)
+    with open_tensors(path, kind="lora") as tf:
+        metadata = dict(tf.metadata)
+        types = plugins.adapter_types()
+        names = {n for t in types for n in (t.required | t.optional)}
+        grouped = group_keys(tf.keys(), names)
+        groups = {}
+        for prefix, keys in grouped.items():
+            tensors = {name: tf.get(key) for name, key in keys.items()}
+            groups[prefix] = Group(prefix, keys, tensors)
+        file_format = tf.format
+    config = peft_config if peft_config is not None else _peft_config(path, metadata)
+    for group in groups.values():
+        if config and "alpha" not in group.tensors and "lora_down.weight" in group.tensors:
+            _inject_peft_alpha(group, config)
+        build_adapter(group, types)
+    return Lora(path, metadata, groups, file_format)
+
+
+# --- PEFT / diffusers alpha ----------------------------------------------------------------
+# PEFT files carry no alpha tensors; lora_alpha and r live in adapter_config.json beside the
+# file, or (diffusers >= 0.35) in the "lora_adapter_metadata" safetensors metadata field.
+def _peft_config(path: str, metadata: dict) -> Optional[dict]:
+    raw = metadata.get("lora_adapter_metadata")
+    if raw:
+        try:
+            cfg = json.loads(raw)
+        except ValueError as exc:
+            raise LoraFileError(path, f"lora_adapter_metadata is not valid JSON ({exc})") from None
+        return cfg if isinstance(cfg, dict) else None
+    side = os.path.join(os.path.dirname(path), "adapter_config.json")
+    if os.path.isfile(side):
+        try:
+            with open(side, encoding="utf-8") as fh:
+                return json.load(fh)
+        except (OSError, ValueError) as exc:
+            raise LoraFileError(side, f"cannot read adapter config ({exc})") from None
+    return None
+
+
+def _config_for(group: Group, config: dict) -> dict:
+    """The LoraConfig dict that governs this group (diffusers nests one per component)."""
+    if "lora_alpha" in config or "r" in config:
+        return config
+    prefix = group.prefix
+    for comp in ("text_encoder_2", "text_encoder", "unet", "transformer"):
+        for key in (comp, f"{comp}_lora_adapter_metadata"):
+            if prefix.startswith(comp + ".") and isinstance(config.get(key), dict):
+                return config[key]
+    # diffusers also flattens as "unet.lora_alpha"
+    for comp in ("text_encoder_2", "text_encoder", "unet", "transformer"):
+        if prefix.startswith(comp + "."):
+            flat = {k[len(comp) + 1:]: v for k, v in config.items() if k.startswith(comp + ".")}
+            if flat:
+                return flat
+    return {}
+
+
+def _pattern_value(patterns: dict, prefix: str):
+    # PEFT matches alpha_pattern/rank_pattern keys as a suffix of the module name.
+    for pat, value in (patterns or {}).items():
+        if prefix == pat or prefix.endswith("." + pat) or prefix.endswith(pat):
+            return value
+    return None
+
+
+def _inject_peft_alpha(group: Group, config: dict) -> None:
+    cfg = _config_for(group, config)
+    if not cfg:
+        return
+    rank = int(group.tensors["lora_down.weight"].shape[0])
+    r = _pattern_value(cfg.get("rank_pattern"), group.prefix) or cfg.get("r") or rank
+    alpha = _pattern_value(cfg.get("alpha_pattern"), group.prefix) or cfg.get("lora_alpha") or r
+    scale = float(alpha) / (float(r) ** 0.5 if cfg.get("use_rslora") else float(r))
+    # Stored as an equivalent kohya alpha, so alpha / rank reproduces PEFT's scaling.
+    group.tensors["alpha"] = torch.tensor(scale * rank, dtype=torch.float32)
+
+
+def describe_failure(exc: Exception) -> str:
+    if isinstance(exc, LoraExtError):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
