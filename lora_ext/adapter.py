@@ -65,6 +65,13 @@ class Adapter:
         """
         return None
 
+    def fits(self, target_shape: tuple) -> bool:
+        """Whether this adapter can change a weight of ``target_shape`` (used to bind by shape)."""
+        from .keys import shape_fits
+
+        ws = self.weight_shape()
+        return True if ws is None else shape_fits(ws, target_shape)
+
     def delta(self, weight: Tensor) -> Tensor:
         """fp32 change of the module's weight at strength 1; ``weight`` is the pristine fp32 W."""
         raise NotImplementedError

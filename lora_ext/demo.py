@@ -100,8 +100,8 @@ def write_demo_files(folder) -> list:
     # A file with a renamed low-rank pair (explained by the auto-detector) and a key for a
     # module SD1.5 does not have (reported, never dropped).
     sd = {}
-    path = "mid_block.attentions.0.proj_in"
-    out_dim, in_dim = sd1["unet"][path].weight_shape
+    path = "mid_block.attentions.0.proj_in"  # a 1x1 conv in SD1.5: the pair is Linear-shaped
+    out_dim, in_dim = sd1["unet"][path].weight_shape[:2]
     sd[f"lora_unet_{path.replace('.', '_')}.weird_b"] = torch.randn(out_dim, 2, generator=gen) * 0.01
     sd[f"lora_unet_{path.replace('.', '_')}.weird_a"] = torch.randn(2, in_dim, generator=gen) * 0.01
     sd["lora_unet_down_blocks_9_attentions_0_proj_in.lora_up.weight"] = torch.zeros(320, 2)

@@ -475,12 +475,12 @@ def _parse_safetensors_header(path: str, fh, size: int) -> tuple[int, dict, dict
             if desc is None:
                 continue
             if not isinstance(desc, dict):
-                raise LoraFileError(path, f"bad header: __metadata__ is a JSON {_json_type(desc)}, not an object")
+                raise LoraFileError(path, f"corrupt safetensors header: __metadata__ is a JSON {_json_type(desc)}, not an object")
             for mk, mv in desc.items():
                 if not isinstance(mv, str):
                     raise LoraFileError(
                         path,
-                        f"bad header: metadata value for {_quote(mk)} is a JSON {_json_type(mv)}, "
+                        f"corrupt safetensors header: metadata value for {_quote(mk)} is a JSON {_json_type(mv)}, "
                         "not a string",
                     )
                 metadata[mk] = mv
@@ -493,7 +493,7 @@ def _parse_safetensors_header(path: str, fh, size: int) -> tuple[int, dict, dict
         if b1 < e0:
             raise LoraFileError(
                 path,
-                f"bad header: tensors {_quote(k0)} and {_quote(k1)} overlap in the data area "
+                f"corrupt safetensors header: tensors {_quote(k0)} and {_quote(k1)} overlap in the data area "
                 f"(bytes {b0}..{e0} and {b1}..{e1})",
             )
     return data_start, metadata, entries
@@ -503,12 +503,12 @@ def _parse_entry(path: str, key: str, desc: Any) -> _Entry:
     q = _quote(key)
     if not isinstance(desc, dict):
         raise LoraFileError(
-            path, f"bad header: entry {q} is a JSON {_json_type(desc)}, not a tensor descriptor"
+            path, f"corrupt safetensors header: entry {q} is a JSON {_json_type(desc)}, not a tensor descriptor"
         )
     missing = [f for f in ("dtype", "shape", "data_offsets") if f not in desc]
     if missing:
         raise LoraFileError(
-            path, f"bad header: tensor {q} has no {' / '.join(missing)} (not a tensor descriptor)"
+            path, f"corrupt safetensors header: tensor {q} has no {' / '.join(missing)} (not a tensor descriptor)"
         )
     dtype_name = desc["dtype"]
     if not isinstance(dtype_name, str) or dtype_name not in _ST_DTYPES:
@@ -516,13 +516,13 @@ def _parse_entry(path: str, key: str, desc: Any) -> _Entry:
             problem = f"has unknown dtype {_one_line(dtype_name, 40)!r}"
         else:
             problem = f"has a dtype that is a JSON {_json_type(dtype_name)}, not a name"
-        raise LoraFileError(path, f"bad header: tensor {q} {problem}")
+        raise LoraFileError(path, f"corrupt safetensors header: tensor {q} {problem}")
     shape = desc["shape"]
     if not isinstance(shape, list) or not all(
         type(d) is int and d >= 0 for d in shape
     ):
         raise LoraFileError(
-            path, f"bad header: tensor {q} has invalid shape {_one_line(json.dumps(shape), 80)}"
+            path, f"corrupt safetensors header: tensor {q} has invalid shape {_one_line(json.dumps(shape), 80)}"
         )
     offs = desc["data_offsets"]
     if (
@@ -533,14 +533,14 @@ def _parse_entry(path: str, key: str, desc: Any) -> _Entry:
     ):
         raise LoraFileError(
             path,
-            f"bad header: tensor {q} has invalid data_offsets {_one_line(json.dumps(offs), 80)}",
+            f"corrupt safetensors header: tensor {q} has invalid data_offsets {_one_line(json.dumps(offs), 80)}",
         )
     itemsize = _ST_DTYPES[dtype_name][0]
     nbytes = math.prod(shape) * itemsize
     if nbytes != offs[1] - offs[0]:
         raise LoraFileError(
             path,
-            f"bad header: tensor {q} is {dtype_name} of shape {list(shape)} ({nbytes} bytes) "
+            f"corrupt safetensors header: tensor {q} is {dtype_name} of shape {list(shape)} ({nbytes} bytes) "
             f"but its data_offsets {offs} span {offs[1] - offs[0]} bytes",
         )
     return _Entry(dtype_name, tuple(shape), offs[0], offs[1])
@@ -600,6 +600,15 @@ def _refusal_detail(msg: str) -> str:
 
 def _load_pickle(path: str):
     try:
+        with open(path, "rb") as fh:
+            head = fh.read(64)
+    except OSError as exc:
+        raise LoraFileError(path, f"cannot read it: {_one_line(exc)}") from None
+    hint = _sniff(head)
+    if hint and "pickle" not in hint and "zip" not in hint:
+        # Certainly not a torch file: say what it is rather than what torch.load thinks.
+        raise LoraFileError(path, f"not a PyTorch file: {hint}")
+    try:
         return _torch_load(path)
     except MemoryError:
         raise LoraFileError(path, "not enough memory to load it") from None
@@ -607,6 +616,10 @@ def _load_pickle(path: str):
         msg = str(exc)
         if "Weights only load failed" in msg or "WeightsUnpickler" in msg:
             detail = _refusal_detail(msg)
+            if not detail.startswith("it wants to import") and not head.startswith((b"\x80", b"PK")):
+                raise LoraFileError(
+                    path, f"not a readable PyTorch file: it is neither a zip nor a pickle ({detail})"
+                ) from None
             what = "code or objects other than tensors"
             if not detail.startswith("it wants to import"):
                 what += ", or is corrupt"
@@ -615,19 +628,14 @@ def _load_pickle(path: str):
                 f"refused to unpickle: it contains {what} ({detail}); nothing in it was run "
                 "(use a .safetensors version of this file)",
             ) from None
-        try:
-            with open(path, "rb") as fh:
-                head = fh.read(64)
-        except OSError:
-            head = b""
-        hint = _sniff(head)
-        if hint and ("pickle" in hint or "zip" in hint):
-            hint = None
         detail = _one_line(msg.split("\n")[0], 160) or type(exc).__name__
-        problem = f"not a readable PyTorch file ({type(exc).__name__}: {detail})"
-        if hint:
-            problem += f"; {hint}"
-        raise LoraFileError(path, problem) from None
+        if not head.startswith((b"\x80", b"PK")):
+            raise LoraFileError(
+                path, f"not a readable PyTorch file: it is neither a zip nor a pickle ({detail})"
+            ) from None
+        raise LoraFileError(
+            path, f"not a readable PyTorch file ({type(exc).__name__}: {detail})"
+        ) from None
 
 
 def _unwrap(obj: Any, skipped: list[str]) -> Any:

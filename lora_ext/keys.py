@@ -126,8 +126,9 @@ class KeyMap:
     ``weight_shape``, ``ldm_path``, ``ldm_weight``, ``ldm_rows``, ``kind``).
     """
 
-    def __init__(self, layout: Mapping[str, Mapping[str, object]]):
+    def __init__(self, layout: Mapping[str, Mapping[str, object]], label: str = "this model"):
         self.layout = layout
+        self.label = label
         self._aliases: dict[str, list[Candidate]] = {}
         for component, table in layout.items():
             for info in table.values():
@@ -170,7 +171,8 @@ class KeyMap:
                 yield p + body
             if is_ldm and component != "unet":
                 # OpenCLIP module names as they appear under the component root ("model.")
-                yield KOHYA_PREFIX[component][-1] + "model_" + flat
+                for p in KOHYA_PREFIX[component]:
+                    yield p + "model_" + flat
         if info.ldm_weight and info.ldm_rows is None:
             full = info.ldm_weight.rsplit(".", 1)[0]
             yield full
@@ -188,10 +190,10 @@ class KeyMap:
             shape = (rows,) + tuple(parts[0].weight_shape[1:])
             cand = Candidate(tuple(Target(component, i.path, i.block) for i in parts), shape)
             full = key[: -len("_weight")] if key.endswith("_weight") else key.rsplit(".", 1)[0]
-            ldm_body = (parts[0].ldm_path or "").rsplit(".", 1)[0] + ".in_proj"
+            ldm_body = parts[0].ldm_path + ".in_proj"  # ldm_path is the MultiheadAttention
             aliases = [full, _flat(full), ldm_body, "model." + ldm_body]
             aliases += [p + _flat(ldm_body) for p in KOHYA_PREFIX[component] + NEUTRAL_FLAT]
-            aliases += [KOHYA_PREFIX[component][-1] + "model_" + _flat(ldm_body)]
+            aliases += [p + "model_" + _flat(ldm_body) for p in KOHYA_PREFIX[component]]
             for alias in aliases:
                 self._add(alias, cand)
 
@@ -205,17 +207,23 @@ class KeyMap:
     def __len__(self) -> int:
         return len(self._aliases)
 
-    def choose(self, prefix: str, weight_shape: Optional[tuple]) -> tuple[Optional[Candidate], str]:
-        """The candidate for ``prefix`` whose weight shape fits, or (None, reason)."""
+    def choose(self, prefix: str, fits=None) -> tuple[Optional[Candidate], str]:
+        """The candidate for ``prefix`` that fits, or (None, reason).
+
+        ``fits`` is the adapter's weight shape, or a predicate over a module's weight shape
+        (``Adapter.fits``), or None to accept any shape.
+        """
         cands = self.candidates(prefix)
         if not cands:
-            return None, "no such module in this model"
-        if weight_shape is not None:
-            fits = [c for c in cands if shape_fits(weight_shape, c.weight_shape)]
-            if not fits:
+            return None, f"no such module in {self.label}"
+        if fits is not None:
+            test = fits if callable(fits) else (lambda shape: shape_fits(fits, shape))
+            ok = [c for c in cands if test(tuple(c.weight_shape))]
+            if not ok:
                 want = " or ".join(str(tuple(c.weight_shape)) for c in cands)
-                return None, f"shape mismatch: the adapter makes {tuple(weight_shape)}, the module has {want}"
-            cands = fits
+                made = "" if callable(fits) else f"makes {tuple(fits)}, "
+                return None, f"shape mismatch: the adapter {made}does not fit the module's weight {want}"
+            cands = ok
         if len(cands) > 1:
             where = ", ".join(f"{c.component}:{c.targets[0].module}" for c in cands)
             return None, f"ambiguous: fits {where}"

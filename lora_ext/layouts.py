@@ -24,7 +24,7 @@ def arch_layout(name: str) -> dict:
 @functools.lru_cache(maxsize=None)
 def arch_keymap(name: str) -> KeyMap:
     """KeyMap of a full-size SD family (built once per process)."""
-    return KeyMap(arch_layout(name))
+    return KeyMap(arch_layout(name), label={"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL"}[name])
 
 
 def family_from_unet_config(unet_config: Optional[Mapping], configs: Mapping = ()) -> str:

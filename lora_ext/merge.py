@@ -54,7 +54,7 @@ def merge(base, loras, out, *, log: Optional[Callable[[str], None]] = None) -> l
         raise LoraFileError(out, "a single-file output must end in .safetensors")
     ckpt = open_checkpoint(base)
     try:
-        keymap = KeyMap(ckpt.layout)
+        keymap = KeyMap(ckpt.layout, label=f"this checkpoint ({LABELS.get(ckpt.family, ckpt.family)})")
         reports, per_target = [], {}
         for path, strength in loras:
             lora = load_lora(path)

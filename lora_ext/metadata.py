@@ -279,7 +279,9 @@ def training_info(metadata: Mapping[str, str], *, name: Optional[str] = None) ->
 
     comps = lora_adapter_components(md)
     if comps:
-        first = next(iter(comps.values()))
+        # one figure for the summary: the denoiser's config when there are several
+        main = next((c for c in ("unet", "transformer", "") if c in comps), next(iter(comps)))
+        first = comps[main]
         if "dim" not in info:
             put("dim", _number(first.get("r")))
         if "alpha" not in info:
@@ -316,8 +318,6 @@ def training_info(metadata: Mapping[str, str], *, name: Optional[str] = None) ->
             _get_str(md, "modelspec.title"),
             _get_str(md, "modelspec.tags"),
             _get_str(md, "ss_sd_model_name"),
-            _get_str(md, "ss_training_comment"),
-            _get_str(md, "modelspec.description"),
             name,
         ),
     )

@@ -18,7 +18,7 @@ from . import plugins
 from .adapter import Adapter
 from .errors import AdapterError, LoraExtError, LoraFileError
 from .io import open_tensors
-from .keys import Candidate, KeyMap, group_keys, shape_fits
+from .keys import Candidate, KeyMap, group_keys
 
 Tensor = torch.Tensor
 
@@ -91,7 +91,7 @@ class Lora:
 
 def bind_group(group: Group, keymap: KeyMap) -> tuple[Optional[Binding], str]:
     if group.adapter is not None:
-        cand, reason = keymap.choose(group.prefix, group.adapter.weight_shape())
+        cand, reason = keymap.choose(group.prefix, group.adapter.fits)
         return (Binding(group, group.adapter, cand), "") if cand else (None, reason)
     if group.problem:
         return None, group.problem
@@ -106,7 +106,8 @@ def bind_group(group: Group, keymap: KeyMap) -> tuple[Optional[Binding], str]:
             adapter = hook(names=group.names, tensors=group.tensors, target_shape=tuple(cand.weight_shape))
         except AdapterError:
             adapter = None
-        if adapter is not None and shape_fits(adapter.weight_shape(), cand.weight_shape):
+        if adapter is not None and adapter.fits(tuple(cand.weight_shape)):
+            adapter.type_name = f"{adapter.type_name} (auto-detected)"  # shown by inspect
             return Binding(group, adapter, cand), ""
     return None, f"unknown adapter type: no registered type or structural rule explains tensors {', '.join(sorted(group.names))}"
 
@@ -142,6 +143,9 @@ def load_lora(path, *, peft_config: Optional[dict] = None) -> Lora:
         groups = {}
         for prefix, keys in grouped.items():
             tensors = {name: tf.get(key) for name, key in keys.items()}
+            if "lora_magnitude_vector" in keys.get("dora_scale", ""):
+                # PEFT stores a conv's magnitude as (1, out, 1, 1); it is always per output.
+                tensors["dora_scale"] = tensors["dora_scale"].reshape(-1)
             groups[prefix] = Group(prefix, keys, tensors)
         file_format = tf.format
     config = peft_config if peft_config is not None else _peft_config(path, metadata)

@@ -1,0 +1,1 @@
+"""Built-in adapter types (one pluggy plugin module per type) and the structural auto-detector."""
