@@ -106,7 +106,8 @@ class LoKrAdapter(BaseAdapter):
         self.check_weight(weight)
         w1, w2 = self.factors(weight)
         w1 = w1.reshape(*w1.shape, *([1] * (w2.dim() - w1.dim())))
-        return fit_to(torch.kron(w1, w2) * self.scale(), weight, "lokr")
+        # torch.kron needs contiguous operands (a Tucker rebuild is a strided einsum view)
+        return fit_to(torch.kron(w1.contiguous(), w2.contiguous()) * self.scale(), weight, "lokr")
 
 
 @hookimpl

@@ -243,7 +243,7 @@ def test_ia3(kind, on_input):
     assert adapter.type_name == "ia3" and adapter.on_input == on_input
 
 
-OFT = [("lin", 0, False), ("lin", 1e-3, True), ("c3", 1e-3, False), ("c1", 0, True), ("c3", 0.5, True)]
+OFT = [("lin", 0, False), ("lin", 0.025, True), ("c3", 0.025, False), ("c1", 0, True), ("c3", 0.5, True)]
 
 
 @pytest.mark.parametrize("kind,constraint,rescaled", OFT, ids=[f"{k}-c{c}-{'rs' if r else 'plain'}" for k, c, r in OFT])
@@ -256,7 +256,7 @@ def test_diag_oft(kind, constraint, rescaled):
         assert (q.norm() > constraint * OUT) == (constraint < 0.1)
 
 
-BOFT = [("lin", 4, 0, False), ("lin", 4, 1e-3, True), ("c3", 2, 0, False), ("c1", 4, 0, True), ("c3", 8, 0.5, True)]
+BOFT = [("lin", 4, 0, False), ("lin", 4, 0.05, True), ("c3", 2, 0, False), ("c1", 4, 0, True), ("c3", 8, 0.5, True)]
 
 
 @pytest.mark.parametrize("kind,dim,constraint,rescaled", BOFT,
@@ -275,8 +275,21 @@ def test_glora(kind):
 
 @pytest.mark.parametrize("kind", ["lin", "c3"])
 def test_full(kind):
-    adapter, tensors, _ = lyco_case(f"full-{kind}", lycoris_modules.FullModule, kind)
-    assert "diff_b" in tensors and adapter.type_name == "full"
+    """As in training: apply_to() folds W into the module, whose weight then trains; the file
+    holds weight - W. (Before apply_to, lycoris 4.1.3's state_dict would subtract W from a
+    weight that is already the diff.)"""
+    layer = make_layer(kind)
+    orig = make_layer(kind)  # same seed: a pristine copy, apply_to() takes the weight off `layer`
+    mod = lycoris_modules.FullModule("t", layer, multiplier=1.0)
+    mod.apply_to()
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(21)
+        mod.weight.add_(0.1 * torch.randn(mod.weight.shape, generator=gen))
+        mod.bias.add_(0.1 * torch.randn(mod.bias.shape, generator=gen))
+    tensors = state(mod)
+    assert set(tensors) == {"diff", "diff_b"}
+    adapter = compare(f"full-{kind}", orig, mod, tensors)
+    assert adapter.type_name == "full"
 
 
 @pytest.mark.parametrize("norm", ["layernorm", "groupnorm"])
@@ -332,7 +345,7 @@ def test_oft_diag_old():
     compare("oft_diag-c3", layer, ref, {"oft_diag": rot})
 
 
-@pytest.mark.parametrize("alpha", [1e-3, 0.0, 10.0])
+@pytest.mark.parametrize("alpha", [0.03, 0.0, 10.0])
 def test_oft_kohya_flavour(alpha):
     """kohya networks.oft: y = (W x + b) @ blockdiag(R), Q clamped by (min(|Q|,c)+1e-8)/(|Q|+1e-8)."""
     gen = torch.Generator().manual_seed(6)

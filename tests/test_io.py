@@ -770,3 +770,46 @@ def test_near_valid_headers_only_lorafileerror(tmp_path, f):
     p = tmp_path / "n.safetensors"
     p.write_bytes(st_bytes(*f))
     _exercise(p)
+
+
+# ----------------------------------------------------------------------------------------------
+# the pickle path cannot be talked into a full unpickle
+
+
+def test_env_override_cannot_disable_weights_only(tmp_path, monkeypatch):
+    marker = tmp_path / "PWNED"
+    p = tmp_path / "evil.pt"
+    torch.save({"x": _evil(_Evil, marker)}, p)
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    expect_error(p, "refused to unpickle")
+    assert not marker.exists()
+
+
+def test_host_replaced_torch_load_is_not_used(tmp_path, monkeypatch):
+    """A1111's modules/safe.py replaces torch.load; we call torch.serialization.load directly
+    and always with weights_only=True."""
+    seen = {}
+    real = torch.serialization.load
+
+    def unsafe_wrapper(*a, **k):
+        raise AssertionError("a host's torch.load wrapper was called")
+
+    def spy(*a, **k):
+        seen.update(k)
+        return real(*a, **k)
+
+    monkeypatch.setattr(torch, "load", unsafe_wrapper)
+    monkeypatch.setattr(torch.serialization, "load", spy)
+    p = tmp_path / "ok.pt"
+    torch.save({"w": torch.ones(2)}, p, _use_new_zipfile_serialization=True)
+    with open_tensors(p) as f:
+        assert f.keys() == ["w"]
+    assert seen["weights_only"] is True and seen["map_location"] == "cpu" and seen["mmap"] is True
+
+
+def test_save_empty(tmp_path):
+    p = tmp_path / "empty.safetensors"
+    save_safetensors(p, {}, {"only": "metadata"})
+    with open_tensors(p) as f:
+        assert f.keys() == [] and f.metadata == {"only": "metadata"}
+    assert load_file(str(p)) == {}

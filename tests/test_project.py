@@ -1,0 +1,60 @@
+"""The project's own promises: README commands, CI script, console script, layout."""
+import json
+import os
+import re
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _readme_commands():
+    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    return re.findall(r"```bash\n(pip install torch==2\.13\.0 .*)\n```", text)
+
+
+def test_readme_has_exactly_two_setup_commands_and_ci_runs_the_test_one():
+    cmds = _readme_commands()
+    assert len(cmds) == 2
+    main_cmd, test_cmd = cmds
+    assert "lora-ext inspect" in main_cmd and "pytest" in test_cmd
+    ci = open(os.path.join(ROOT, ".ci", "run"), encoding="utf-8").read().splitlines()
+    assert test_cmd in ci
+
+
+def test_adapters_package_is_namespaced():
+    import lora_ext.adapters
+
+    assert "adapters" not in sys.modules  # a host's own `adapters` cannot shadow ours
+    assert os.path.samefile(os.path.dirname(lora_ext.adapters.__file__), os.path.join(ROOT, "adapters"))
+
+
+def test_demo_files_then_inspect_json(tmp_path):
+    from lora_ext.cli import main
+
+    assert main(["demo-files", str(tmp_path)]) == 0
+    files = sorted(str(p) for p in tmp_path.glob("*.safetensors"))
+    assert len(files) == 5
+    out = subprocess.run([sys.executable, "-m", "lora_ext.cli", "inspect", "--json", *files],
+                         capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    infos = [json.loads(line) for line in out.splitlines()]
+    assert [i["path"] for i in infos] == files
+    for info in infos:
+        for field in ("path", "format", "base_model", "types", "modules", "unmatched", "trigger_words", "metadata"):
+            assert field in info
+    by_name = {os.path.basename(i["path"]): i for i in infos}
+    sdxl = by_name["watercolor_sdxl_loha.safetensors"]
+    assert sdxl["base_model"] == "sdxl" and sdxl["types"] == {"loha": 3} and sdxl["unmatched"] == []
+    castle = by_name["castle_sd15_locon_ldm_names.safetensors"]
+    assert castle["base_model"] == "sd1" and castle["trigger_words"][0] == "old castle"
+    dora = by_name["pixel_sd15_peft_dora.safetensors"]
+    assert dora["types"] == {"lora+dora": 2} and dora["alphas"] == {"16": 2}
+    odd = by_name["odd_keys_sd15.safetensors"]
+    assert odd["types"] == {"lora (auto-detected)": 1}
+    assert {u["key"] for u in odd["unmatched"]} == {
+        "lora_unet_down_blocks_9_attentions_0_proj_in.lora_up.weight",
+        "lora_unet_down_blocks_9_attentions_0_proj_in.lora_down.weight"}
+    assert all("no such module in SD1.x" in u["reason"] for u in odd["unmatched"])
+    ink = by_name["inkwash_sd15_lora.safetensors"]
+    assert ink["trigger_words"][:2] == ["inkwash style", "monochrome"]
+    assert ink["modules"] == 12 and ink["components"] == {"te1": 4, "unet": 8}
