@@ -99,7 +99,7 @@ def lora_ext_explain_group(names, tensors, target_shape):
         return None
     target = tuple(int(d) for d in target_shape)
     try:
-        adapter = _explain({k: tensors[k] for k in names}, target)
+        adapter = _explain({k: tensors[k] for k in names if k in tensors}, target)
         if adapter is None:
             return None
         adapter.bind(target)

@@ -12,6 +12,10 @@ Two layouts exist, told apart by shapes (as ComfyUI does):
 
 s = alpha / rank (1 without alpha). When both layouts fit (only if in == out == rank) the
 LyCORIS >= 2 layout is used.
+
+lycoris 4.1.3 quirk: with ``rs_lora=True`` GLoRA trains with s = alpha / sqrt(rank) but, unlike
+LoCon/LoHa/LoKr, stores the plain alpha, so the file alone gives alpha / rank. When the
+metadata says ``rs_lora`` the core calls ``adapter.with_rs_lora()``.
 """
 from __future__ import annotations
 
@@ -51,6 +55,7 @@ class GLoRAAdapter(BaseAdapter):
         expect(new or old, f"glora: shapes a1 {tuple(a1.shape)}, a2 {tuple(a2.shape)}, b1 {tuple(b1.shape)}, "
                            f"b2 {tuple(b2.shape)} fit neither GLoRA layout")
         self.layout = "lycoris2" if new else "old"
+        self.rs_lora = False
         if new:
             in_ = int(a1s[0])
             if bm is not None:
@@ -70,6 +75,16 @@ class GLoRAAdapter(BaseAdapter):
 
     def natural_shape(self):
         return self._shape
+
+    def with_rs_lora(self, on: bool = True) -> "GLoRAAdapter":
+        self.rs_lora = bool(on)
+        return self
+
+    def scale(self):
+        a = self.alpha
+        if a is None or not self.rank:
+            return 1.0
+        return a / (self.rank ** 0.5 if self.rs_lora else self.rank)
 
     def describe(self):
         d = super().describe()

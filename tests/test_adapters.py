@@ -265,12 +265,25 @@ def test_boft(kind, dim, constraint, rescaled):
     adapter, tensors, _ = lyco_case(f"boft-{kind}-b{dim}-c{constraint}-{rescaled}", lycoris_modules.ButterflyOFTModule,
                                     kind, lora_dim=dim, constraint=constraint, rescaled=rescaled)
     assert adapter.type_name == "boft" and tensors["oft_blocks"].dim() == 4
+    if constraint:
+        q = tensors["oft_blocks"] - tensors["oft_blocks"].transpose(-1, -2)
+        assert (q.norm() > constraint * OUT) == (constraint < 0.1)
 
 
 @pytest.mark.parametrize("kind", ["lin", "c1", "c3"])
 def test_glora(kind):
     adapter, _, _ = lyco_case(f"glora-{kind}", lycoris_modules.GLoRAModule, kind, lora_dim=4, alpha=3)
     assert adapter.type_name == "glora" and adapter.layout == "lycoris2" and adapter.rank == 4
+
+
+def test_glora_rs_lora():
+    """lycoris stores GLoRA's plain alpha under rs_lora; the flag from the metadata restores it."""
+    layer = make_layer("lin")
+    mod = lycoris_modules.GLoRAModule("t", layer, multiplier=1.0, lora_dim=4, alpha=3, rs_lora=True)
+    randomise(mod, torch.Generator().manual_seed(22))
+    tensors = state(mod)
+    adapter = build(tensors).with_rs_lora()
+    compare("glora-lin-rs_lora", layer, mod, tensors, adapter=adapter)
 
 
 @pytest.mark.parametrize("kind", ["lin", "c3"])
