@@ -73,6 +73,9 @@ class DoRAAdapter(BaseAdapter):
 
     weight_dependent = True
 
+    def configure(self, prefix, metadata):
+        self.inner.configure(prefix, metadata)
+
     def __init__(self, inner: Adapter, dora_scale: torch.Tensor, axis: Optional[str] = None):
         super().__init__(dict(inner.tensors, dora_scale=dora_scale))
         self.inner = inner

@@ -23,6 +23,7 @@ import torch
 
 from lora_ext.adapter import expect
 from lora_ext.hookspecs import hookimpl
+from lora_ext.metadata import network_arg
 
 from ._common import BaseAdapter, fit_to, prod, tucker
 
@@ -64,7 +65,9 @@ class GLoRAAdapter(BaseAdapter):
                 self._shape = (int(b1s[0]), *(int(d) for d in b2.shape[1:]))
             else:
                 self._shape = (int(b1s[0]), int(b2s[1]))
-            expect(self._shape[1] == in_, f"glora: a1 {tuple(a1.shape)} and b2 {tuple(b2.shape)} disagree on the in channels")
+            folded = len(self._shape) == 2 and self._shape[1] % in_ == 0  # a conv's kernel folded into b2
+            expect(self._shape[1] == in_ or folded,
+                   f"glora: a1 {tuple(a1.shape)} and b2 {tuple(b2.shape)} disagree on the in channels")
         else:
             expect(b1s[1] == a1s[1], f"glora: b1 {tuple(b1.shape)} and a1 {tuple(a1.shape)} disagree on the in channels")
             self._shape = (int(b2s[0]), int(b1s[1]))
@@ -75,6 +78,9 @@ class GLoRAAdapter(BaseAdapter):
 
     def natural_shape(self):
         return self._shape
+
+    def configure(self, prefix, metadata):
+        self.with_rs_lora(bool(network_arg(metadata, "rs_lora")))
 
     def with_rs_lora(self, on: bool = True) -> "GLoRAAdapter":
         self.rs_lora = bool(on)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from lora_ext.adapter import expect
 from lora_ext.hookspecs import hookimpl
 
-from ._common import BaseAdapter, fit_to
+from ._common import BaseAdapter
 
 
 class NormAdapter(BaseAdapter):

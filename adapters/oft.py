@@ -77,6 +77,11 @@ class OFTAdapter(BaseAdapter):
                f"oft: rescale has {None if rescale is None else rescale.numel()} values for {self._out} outputs")
         self.flavour = "lycoris"
 
+    def configure(self, prefix, metadata):
+        # kohya's networks.oft shares LyCORIS's tensor names but rotates differently.
+        if metadata.get("ss_network_module") == "networks.oft" or prefix.startswith("oft_"):
+            self.with_flavour("kohya")
+
     def with_flavour(self, flavour: str) -> "OFTAdapter":
         expect(flavour in ("lycoris", "kohya"), f"oft: unknown flavour {flavour!r}")
         self.flavour = flavour

@@ -56,6 +56,14 @@ class Adapter:
         """Build from a group's tensors; raises AdapterError if their shapes disagree."""
         return cls(tensors)
 
+    def configure(self, prefix: str, metadata: Mapping[str, str]) -> None:
+        """Read training settings the tensors cannot tell (called once after building).
+
+        ``prefix`` is the group's key prefix, ``metadata`` the file's metadata. Types whose
+        maths depends on how they were trained (kohya vs LyCORIS OFT, GLoRA under rs_lora)
+        override this; the default needs nothing.
+        """
+
     # --- what the core asks ---------------------------------------------------------------
     def weight_shape(self) -> Optional[tuple]:
         """Shape of the weight this adapter changes, if the tensors determine it (else None).

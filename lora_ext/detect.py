@@ -112,7 +112,7 @@ def naming_family(prefixes) -> str:
     for p in prefixes:
         if p.startswith(("lora_unet_input_blocks", "lora_unet_middle_block", "lora_unet_output_blocks")):
             fam = "kohya (ldm/sgm names)"
-        elif p.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_", "lora_prior_")):
+        elif p.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_", "lora_prior_", "oft_unet_", "oft_te")):
             fam = "kohya"
         elif p.startswith("lycoris_"):
             fam = "lycoris"

@@ -108,7 +108,9 @@ class Candidate:
 
 
 # kohya prefixes per component; "lora_te_" is SD1/SD2's only TE and SDXL's first.
-KOHYA_PREFIX = {"unet": ("lora_unet_",), "te1": ("lora_te_", "lora_te1_"), "te2": ("lora_te2_",)}
+# kohya's networks.oft writes "oft_unet_" / "oft_te_" instead of "lora_".
+KOHYA_PREFIX = {"unet": ("lora_unet_", "oft_unet_"), "te1": ("lora_te_", "lora_te1_", "oft_te_", "oft_te1_"),
+                "te2": ("lora_te2_", "oft_te2_")}
 DIFFUSERS_PREFIX = {"unet": ("unet.",), "te1": ("text_encoder.", "te."), "te2": ("text_encoder_2.",)}
 # Prefixes that don't say the component: resolve by shape among all components.
 NEUTRAL_FLAT = ("lycoris_", "lora_")

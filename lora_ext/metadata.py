@@ -322,3 +322,11 @@ def training_info(metadata: Mapping[str, str], *, name: Optional[str] = None) ->
         ),
     )
     return info
+
+
+def network_arg(metadata: Mapping[str, str], name: str) -> Optional[bool]:
+    """A boolean from kohya's ``ss_network_args`` JSON (e.g. "rs_lora"), or None if absent."""
+    args = _json_field(metadata, "ss_network_args")
+    if not isinstance(args, dict) or name not in args:
+        return None
+    return _flag(args[name])

@@ -112,8 +112,9 @@ def bind_group(group: Group, keymap: KeyMap) -> tuple[Optional[Binding], str]:
     return None, f"unknown adapter type: no registered type or structural rule explains tensors {', '.join(sorted(group.names))}"
 
 
-def build_adapter(group: Group, types) -> None:
+def build_adapter(group: Group, types, metadata=None) -> None:
     """Set group.adapter (or group.problem) from the types that claim its tensor names."""
+    metadata = metadata or {}
     names = group.names
     claimers = [t for t in types if t.claims(names)]
     if not claimers:
@@ -127,6 +128,7 @@ def build_adapter(group: Group, types) -> None:
             from .adapters.dora import with_dora
 
             adapter = with_dora(adapter, group.tensors["dora_scale"])
+        adapter.configure(group.prefix, metadata)
         group.adapter = adapter
     except AdapterError as exc:
         group.problem = f"bad {claimers[0].type_name} tensors: {exc}"
@@ -152,7 +154,7 @@ def load_lora(path, *, peft_config: Optional[dict] = None) -> Lora:
     for group in groups.values():
         if config and "alpha" not in group.tensors and "lora_down.weight" in group.tensors:
             _inject_peft_alpha(group, config)
-        build_adapter(group, types)
+        build_adapter(group, types, metadata)
     return Lora(path, metadata, groups, file_format)
 
 

@@ -158,6 +158,23 @@ def test_locon(kind, kw):
     torch.testing.assert_close(lr, adapter.delta(w), rtol=1e-5, atol=1e-6)
 
 
+def test_lora_linear_factors_on_1x1_conv_and_back():
+    """Linear-shaped factors on a 1x1 conv (and 1x1 conv factors on a Linear) give the same delta."""
+    layer = make_layer("c1")
+    mod = lycoris_modules.LoConModule("t", layer, multiplier=1.0, lora_dim=4, alpha=3)
+    randomise(mod, torch.Generator().manual_seed(30))
+    t = state(mod)
+    flat = dict(t, **{k: t[k].flatten(1) for k in ("lora_up.weight", "lora_down.weight")})
+    adapter = compare("locon-c1-2d-factors", layer, mod, flat)
+    assert adapter.weight_shape() == (OUT, IN) and adapter.fits((OUT, IN, 1, 1))
+    lin = nn.Linear(IN, OUT)
+    with torch.no_grad():
+        lin.weight.copy_(layer.weight.flatten(1))
+        lin.bias.copy_(layer.bias)
+    compare("locon-lin-4d-factors", lin,
+            lambda x: mod(x[:, :, None, None]).flatten(1), t)
+
+
 DORA = [("lin", True), ("lin", False), ("c3", True), ("c3", False), ("c1", False)]
 
 
