@@ -11,11 +11,11 @@ import torch
 UNET_CONFIG = dict(
     sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
     down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=12, attention_head_dim=2, norm_num_groups=4,
+    cross_attention_dim=16, attention_head_dim=2, norm_num_groups=4,
 )
 TE_CONFIG = dict(
-    hidden_size=12, intermediate_size=24, num_attention_heads=2, num_hidden_layers=2, vocab_size=64,
-    max_position_embeddings=8, bos_token_id=0, eos_token_id=1, pad_token_id=1, projection_dim=12,
+    hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=2, vocab_size=64,
+    max_position_embeddings=8, bos_token_id=0, eos_token_id=1, pad_token_id=1, projection_dim=16,
 )
 
 
@@ -39,7 +39,7 @@ def tiny_text_encoder(seed=0):
 
 def unet_inputs(seed=1):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 500]), torch.randn(2, 5, 12, generator=g))
+    return (torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 500]), torch.randn(2, 5, 16, generator=g))
 
 
 def te_inputs(seed=1):
