@@ -188,3 +188,72 @@ def test_output_exists_or_equals_base_is_refused(tmp_path):
                                           (r"C:\x\a.safetensors", (r"C:\x\a.safetensors", 1.0)), (r"C:\a.st:-1", (r"C:\a.st", -1.0))])
 def test_parse_lora_arg(arg, expected):
     assert parse_lora_arg(arg) == expected
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("touch PWNED_MARKER",))
+
+
+def _bad_loras(tmp_path):
+    good = tmp_path / "good.safetensors"
+    write_kohya_lora(good, "sd1", SD1_MODULES[:2])
+    data = good.read_bytes()
+    cases = {}
+    p = tmp_path / "truncated.safetensors"
+    p.write_bytes(data[: len(data) // 2])
+    cases[p] = "truncated"
+    p = tmp_path / "corrupt.safetensors"
+    p.write_bytes(data[:8] + b"{not json" + data[17:])
+    cases[p] = "header"
+    p = tmp_path / "huge.safetensors"
+    p.write_bytes((2**62).to_bytes(8, "little") + data[8:])
+    cases[p] = "header length"
+    p = tmp_path / "nan.safetensors"
+    sd = load_file(good)
+    next(iter(v for k, v in sd.items() if k.endswith("lora_up.weight")))[0, 0] = float("nan")
+    save_file(sd, p)
+    cases[p] = "NaN"
+    p = tmp_path / "strings.pt"
+    torch.save({"lora_unet_x.lora_up.weight": torch.zeros(2, 2), "note": "hello"}, p)
+    cases[p] = "not a tensor"
+    p = tmp_path / "evil.ckpt"
+    torch.save({"x": _Evil()}, p)
+    cases[p] = "refused to unpickle"
+    return cases
+
+
+def test_bad_lora_files_fail_clearly_and_write_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    single = tmp_path / "model.safetensors"
+    write_single_file(single, "sd1", _weights("sd1", SD1_MODULES, torch.float16))
+    base_bytes = single.read_bytes()
+    for bad, problem in _bad_loras(tmp_path).items():
+        before = sorted(os.listdir(tmp_path))
+        with pytest.raises(LoraFileError) as err:
+            merge(single, [(bad, 1.0)], tmp_path / "out.safetensors")
+        msg = str(err.value)
+        assert str(bad) in msg and problem in msg and "\n" not in msg, msg
+        assert main(["merge", "--base", str(single), "--lora", str(bad), "--out", str(tmp_path / "o.safetensors")]) == 2
+        stderr = capsys.readouterr().err.strip().splitlines()
+        assert len(stderr) == 1 and stderr[0].startswith("error: ") and str(bad) in stderr[0]
+        assert sorted(os.listdir(tmp_path)) == before
+        assert single.read_bytes() == base_bytes
+    assert not (tmp_path / "PWNED_MARKER").exists()
+
+
+def test_ckpt_base_with_state_dict_wrapper(tmp_path):
+    """Old A1111 .ckpt files: {"state_dict": {...}, "global_step": N}, read with weights_only."""
+    weights = _weights("sd1", SD1_MODULES, torch.float16)
+    comps = {}
+    for (comp, p, param), t in weights.items():
+        comps.setdefault(comp, {})[f"{p}.{param}"] = t
+    torch.save({"state_dict": arch.diffusers_to_ldm(comps, "sd1"), "global_step": 470000}, tmp_path / "model.ckpt")
+    lora = tmp_path / "lora.safetensors"
+    expected = write_kohya_lora(lora, "sd1", SD1_MODULES)
+    reports = merge(tmp_path / "model.ckpt", [(lora, 1.0)], tmp_path / "out.safetensors")
+    assert reports[0].applied == len(SD1_MODULES) and not reports[0].unmatched
+    out = arch.ldm_to_diffusers(load_file(tmp_path / "out.safetensors"), "sd1")[0]
+    p = "down_blocks.0.attentions.0.proj_in"
+    want = (weights[("unet", p, "weight")].float() + expected[("unet", p)]).half()
+    assert torch.equal(out["unet"][p + ".weight"], want)
