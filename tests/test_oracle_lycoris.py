@@ -6,6 +6,7 @@ LoHa/LoKr); alpha != rank everywhere so such bugs would show.
 """
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from lora_ext.merge import merge
 from tiny_models import load_pipeline, max_rel_err, save_pipeline, te_out, tiny_text_encoder, tiny_unet, unet_out
@@ -86,3 +87,8 @@ def test_lycoris_algo_merge_matches_forward(base, tmp_path, case):
     unet0, te0 = load_pipeline(base)
     assert max_rel_err(unet_out(unet0), want_unet) > 1e-4
     assert max_rel_err(te_out(te0), want_te) > 1e-4
+    # strength 0 is an exact no-op for every type
+    merge(base, [(tmp_path / "unet.safetensors", 0.0), (tmp_path / "te.safetensors", 0.0)], tmp_path / "zero")
+    for sub, fname in (("unet", "diffusion_pytorch_model.safetensors"), ("text_encoder", "model.safetensors")):
+        got, ref = load_file(tmp_path / "zero" / sub / fname), load_file(base / sub / fname)
+        assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
