@@ -45,6 +45,15 @@ def _weights(name, modules, dtype, seed=0):
         if info.bias_shape:
             out[(comp, path, "bias")] = (torch.randn(info.bias_shape, generator=g) * 0.05).to(dtype)
     return out
+SDXL_MODULES = [
+    ("unet", "down_blocks.1.attentions.0.transformer_blocks.1.attn2.to_k"),  # (640, 2048)
+    ("unet", "up_blocks.0.attentions.2.proj_out"),
+    ("te1", "encoder.layers.11.self_attn.v_proj"),
+    ("te2", "encoder.layers.31.self_attn.q_proj"),  # fused in_proj in the single file
+    ("te2", "encoder.layers.31.self_attn.k_proj"),
+    ("te2", "encoder.layers.31.self_attn.v_proj"),
+    ("te2", "encoder.layers.31.mlp.fc1"),
+]
 
 
 def write_single_file(path, name, weights):
@@ -86,7 +95,8 @@ def write_kohya_lora(path, name, modules, rank=4, alpha=3.0, seed=1, ldm_names=F
         if ldm_names and comp == "unet":
             prefix = "lora_unet_" + info.ldm_path.replace(".", "_")
         else:
-            prefix = {"unet": "lora_unet_", "te1": "lora_te_text_model_"}[comp] + p.replace(".", "_")
+            te1 = "lora_te1_text_model_" if name == "sdxl" else "lora_te_text_model_"
+            prefix = {"unet": "lora_unet_", "te1": te1, "te2": "lora_te2_text_model_"}[comp] + p.replace(".", "_")
         sd[f"{prefix}.lora_down.weight"] = down
         sd[f"{prefix}.lora_up.weight"] = up
         sd[f"{prefix}.alpha"] = torch.tensor(alpha)
@@ -97,14 +107,15 @@ def write_kohya_lora(path, name, modules, rank=4, alpha=3.0, seed=1, ldm_names=F
 
 def read_diffusers_folder(folder):
     out = {}
-    for comp, sub in (("unet", "unet/diffusion_pytorch_model.safetensors"), ("te1", "text_encoder/model.safetensors")):
+    for comp, sub in (("unet", "unet/diffusion_pytorch_model.safetensors"), ("te1", "text_encoder/model.safetensors"),
+                      ("te2", "text_encoder_2/model.safetensors")):
         if os.path.exists(os.path.join(folder, sub)):
             for k, v in load_file(os.path.join(folder, sub)).items():
                 out[(comp, k.removeprefix("text_model."))] = v
     return out
 
 
-@pytest.mark.parametrize("name,modules", [("sd1", SD1_MODULES), ("sd2", SD2_MODULES)])
+@pytest.mark.parametrize("name,modules", [("sd1", SD1_MODULES), ("sd2", SD2_MODULES), ("sdxl", SDXL_MODULES)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_merge_both_layouts_agree_with_the_math(tmp_path, name, modules, dtype):
     weights = _weights(name, modules, dtype)
