@@ -94,16 +94,20 @@ def detect_base_model(lora) -> BaseModel:
     top = [a for a in SD_ARCHS if scores[a] == best]
     if len(top) == 1:
         name = top[0]
-        why = f"{best} of {len(prefixes)} modules fit {LABELS[name]} by name and shape"
+        why = f"{best} of {len(prefixes)} {_modules(len(prefixes))} fit {LABELS[name]} by name and shape"
     elif hint in top:
         name = hint
-        why = f"{best} modules fit {' and '.join(LABELS[a] for a in top)} alike; metadata says {LABELS[hint]}"
+        why = f"{best} {_modules(best)} fit {' and '.join(LABELS[a] for a in top)} alike; metadata says {LABELS[hint]}"
     else:
         name = top[0]
-        why = f"{best} modules fit {' and '.join(LABELS[a] for a in top)} alike; chose {LABELS[name]}"
+        why = f"{best} {_modules(best)} {'fits' if best == 1 else 'fit'} {' and '.join(LABELS[a] for a in top)} alike; chose {LABELS[name]}"
     if hint and hint != name and len(top) == 1:
         why += f" (metadata claims {LABELS[hint]}; shapes win)"
     return BaseModel(name, why, scores, vpred)
+
+
+def _modules(n: int) -> str:
+    return "module" if n == 1 else "modules"
 
 
 def naming_family(prefixes) -> str:

@@ -85,7 +85,7 @@ def render_text(info: dict) -> str:
     if info.get("hashes"):
         lines.append(f"  addnet hash:  {info['hashes']['addnet']}")
     for key, value in info["training"].items():
-        lines.append(f"  {key + ':':<13} {value}")
+        lines.append(f"  {key.replace('_', ' ') + ':':<13} {value}")
     if info["unmatched"]:
         lines.append(f"  NOT APPLIED:  {len(info['unmatched'])} keys")
         for u in info["unmatched"]:
