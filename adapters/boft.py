@@ -21,8 +21,7 @@ import torch
 from lora_ext.adapter import expect
 from lora_ext.hookspecs import hookimpl
 
-from ._common import BaseAdapter
-from .oft import cayley
+from .oft import Orthogonal, cayley
 
 
 def butterfly_perm(n: int, k: int, device=None) -> torch.Tensor:
@@ -30,7 +29,7 @@ def butterfly_perm(n: int, k: int, device=None) -> torch.Tensor:
     return torch.arange(n, device=device).reshape(-1, 2, k).transpose(1, 2).reshape(-1)
 
 
-class BOFTAdapter(BaseAdapter):
+class BOFTAdapter(Orthogonal):
     type_name = "boft"
     required = frozenset()  # claimed through the oft type (same names), see oft.OFTAdapter
     optional = frozenset({"oft_blocks", "rescale"})
@@ -58,17 +57,6 @@ class BOFTAdapter(BaseAdapter):
     @property
     def rank(self):
         return int(self.tensors["oft_blocks"].shape[1])
-
-    @property
-    def alpha(self):
-        a = super().alpha
-        return 0.0 if a is None else a
-
-    def scale(self):
-        return 1.0
-
-    def fits(self, target_shape):
-        return len(target_shape) >= 2 and target_shape[0] == self._out
 
     def describe(self):
         d = super().describe()

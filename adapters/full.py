@@ -24,12 +24,8 @@ class FullAdapter(BaseAdapter):
         expect(db is None or db.numel() == diff.shape[0],
                f"full: diff_b has {None if db is None else db.numel()} values for {diff.shape[0]} outputs")
 
-    @property
-    def rank(self):
-        return None
-
     def scale(self):
-        return 1.0
+        return 1.0  # a stored difference: an alpha key, if any, does not scale it
 
     def natural_shape(self):
         return tuple(int(d) for d in self.tensors["diff"].shape)

@@ -24,12 +24,8 @@ class NormAdapter(BaseAdapter):
         expect(b is None or b.numel() == w.numel(),
                f"norm: b_norm has {None if b is None else b.numel()} values, w_norm {w.numel()}")
 
-    @property
-    def rank(self):
-        return None
-
     def scale(self):
-        return 1.0
+        return 1.0  # a stored difference: an alpha key, if any, does not scale it
 
     def natural_shape(self):
         return tuple(int(d) for d in self.tensors["w_norm"].shape)

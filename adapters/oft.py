@@ -50,7 +50,25 @@ def rotate_rows(r: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return out.reshape(w.shape)
 
 
-class OFTAdapter(BaseAdapter):
+class Orthogonal(BaseAdapter):
+    """What OFT and BOFT share: alpha is the rotation constraint (0 = none), not a scale,
+    and the rotation acts on the output rows, so only the out dimension must match."""
+
+    _out: int
+
+    @property
+    def alpha(self):
+        a = super().alpha
+        return 0.0 if a is None else a
+
+    def scale(self):
+        return 1.0
+
+    def fits(self, target_shape):
+        return len(target_shape) >= 2 and target_shape[0] == self._out
+
+
+class OFTAdapter(Orthogonal):
     type_name = "oft"
     required = frozenset({"oft_blocks"})
     optional = frozenset({"rescale"})
@@ -90,17 +108,6 @@ class OFTAdapter(BaseAdapter):
     @property
     def rank(self):
         return int(self.tensors["oft_blocks"].shape[0])
-
-    @property
-    def alpha(self):
-        a = super().alpha
-        return 0.0 if a is None else a
-
-    def scale(self):
-        return 1.0
-
-    def fits(self, target_shape):
-        return len(target_shape) >= 2 and target_shape[0] == self._out
 
     def describe(self):
         d = super().describe()
