@@ -4,11 +4,19 @@ Effective strength on one module at one step (DESIGN section 4)::
 
     strength x component(te|unet) x block(BASE, IN00..IN11, M00, OUT00..OUT11) x keyframes(step)
 
-``te`` and ``unet`` may themselves be keyframed (``te=0.1@1,0.6@6``). ``start``/``stop``
-switch the LoRA off outside [start, stop). ``hr`` replaces ``unet`` on the hires pass.
+``te`` and ``unet`` may themselves be keyframed (``te=0.1@1,0.6@6``), and so may the values of
+``blocks`` (``in=0@0,1@1``). ``start``/``stop`` switch the LoRA off outside [start, stop).
+On the hires pass (loractl's ``hr``/``hrte``/``hrunet``) the UNet uses ``hr_unet``, else ``hr``,
+else ``unet``; the text encoders use ``hr_te``, else ``hr``, else ``te``.
+
+Block weights (see :mod:`lora_ext.blocks`): text-encoder modules use ``blocks["BASE"]``; UNet
+modules use their block's id; UNet modules outside the numbered blocks (block id "BASE": time
+embedding, ``out``) are not block-weighted, as in sd-webui-lora-block-weight. An id missing
+from ``blocks`` means 1.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
@@ -17,26 +25,46 @@ from typing import Optional, Union
 class Keyframes:
     """loractl keyframes: ``w@pos`` points, piecewise linear, clamped at the ends.
 
-    Positions are fractions of the run when the largest is <= 1, else step numbers.
+    Positions are fractions of the run when the largest is <= 1, else step numbers. As a
+    fraction, position 0 is the first step and 1 the last (``step / (total - 1)``).
+    ``points`` is normalised to a tuple of ``(weight, position)`` float pairs, stably sorted by
+    position (equal positions keep their order: a jump, where the later weight holds from that
+    position on, as loractl's ``np.interp``).
     """
 
     points: tuple  # ((weight, position), ...) sorted by position
 
+    def __post_init__(self):
+        pts = tuple((float(w), float(p)) for w, p in self.points)
+        if not pts:
+            raise ValueError("Keyframes needs at least one point")
+        if not all(math.isfinite(w) and math.isfinite(p) for w, p in pts):
+            raise ValueError(f"Keyframes points must be finite numbers: {pts}")
+        object.__setattr__(self, "points", tuple(sorted(pts, key=lambda wp: wp[1])))
+
+    @property
+    def fractional(self) -> bool:
+        return max(p for _, p in self.points) <= 1
+
     def value(self, step: Optional[int], total: Optional[int]) -> float:
         """Weight at ``step`` (0-based) of ``total`` steps; the first point's weight if unknown."""
         pts = self.points
-        if step is None or total is None or len(pts) == 1:
+        if step is None or len(pts) == 1:
             return float(pts[0][0])
-        fractional = max(p for _, p in pts) <= 1
-        pos = (step / max(total - 1, 1)) if fractional else float(step)
-        if pos <= pts[0][1]:
+        if self.fractional:
+            if total is None:
+                return float(pts[0][0])
+            pos = step / max(total - 1, 1)
+        else:
+            pos = float(step)
+        if pos < pts[0][1]:
             return float(pts[0][0])
-        for (w0, p0), (w1, p1) in zip(pts, pts[1:]):
-            if pos <= p1:
-                if p1 == p0:
-                    return float(w1)
-                return float(w0 + (w1 - w0) * (pos - p0) / (p1 - p0))
-        return float(pts[-1][0])
+        if pos >= pts[-1][1]:
+            return float(pts[-1][0])
+        # the last point at or before pos (at a jump, the later weight wins, as np.interp)
+        i = max(k for k, (_, p) in enumerate(pts) if p <= pos)
+        (w0, p0), (w1, p1) = pts[i], pts[i + 1]
+        return float(w0 + (w1 - w0) * (pos - p0) / (p1 - p0))
 
 
 Weight = Union[float, Keyframes]
@@ -48,36 +76,53 @@ def weight_at(w: Weight, step: Optional[int], total: Optional[int]) -> float:
 
 @dataclass
 class LoraSpec:
-    """One LoRA to apply, with its strengths. ``path`` is set once the name is resolved."""
+    """One LoRA to apply, with its strengths. ``path`` is set once the name is resolved.
+
+    ``tag`` (the text as written) takes no part in ``==``: two specs that ask for the same
+    thing are equal however they were written.
+    """
 
     name: str
     path: Optional[str] = None
     te: Weight = 1.0
     unet: Weight = 1.0
-    blocks: Optional[dict] = None  # block id ("BASE", "IN01", "M00", "OUT11", ...) -> multiplier
-    start: Optional[float] = None  # step number, or fraction of the run when < 1
+    blocks: Optional[dict] = None  # block id ("BASE", "IN01", "M00", "OUT11", ...) -> Weight
+    start: Optional[float] = None  # step number, or fraction of the run when 0 < start < 1
     stop: Optional[float] = None
-    hr: Optional[Weight] = None
-    tag: str = ""  # the tag as written, for messages and infotext
-    extra: dict = field(default_factory=dict)
+    hr: Optional[Weight] = None  # both components on the hires pass (loractl's hr=)
+    tag: str = field(default="", compare=False)  # the tag as written, for messages and infotext
+    extra: dict = field(default_factory=dict)  # "dyn": int (A1111/SD.Next dyn_dim)
+    hr_te: Optional[Weight] = None  # loractl's hrte=: text encoders on the hires pass
+    hr_unet: Optional[Weight] = None  # loractl's hrunet=: UNet on the hires pass
 
     def is_scheduled(self) -> bool:
-        """Whether the strength can change from one step to the next."""
+        """Whether the strength can change from one step to the next (of either pass)."""
+        ws = [self.te, self.unet, self.hr, self.hr_te, self.hr_unet]
+        if self.blocks:
+            ws.extend(self.blocks.values())
         return (
-            isinstance(self.te, Keyframes) or isinstance(self.unet, Keyframes)
+            any(isinstance(w, Keyframes) for w in ws)
             or self.start is not None or self.stop is not None
         )
+
+    def has_hires(self) -> bool:
+        """Whether the hires pass uses other weights (``hr``, ``hr_te`` or ``hr_unet`` set)."""
+        return any(w is not None for w in (self.hr, self.hr_te, self.hr_unet))
 
     def _active(self, step, total) -> bool:
         if step is None:
             return True
 
         def at(v):
-            return v * total if (total and 0 < v < 1) else v
+            if 0 < v < 1:  # a fraction of the run; unknowable without the total
+                return v * total if total else None
+            return v
 
-        if self.start is not None and step < at(self.start):
+        start = None if self.start is None else at(self.start)
+        stop = None if self.stop is None else at(self.stop)
+        if start is not None and step < start:
             return False
-        if self.stop is not None and step >= at(self.stop):
+        if stop is not None and step >= stop:
             return False
         return True
 
@@ -87,10 +132,17 @@ class LoraSpec:
         if not self._active(step, total):
             return 0.0
         if component == "unet":
-            base = weight_at(self.hr if (hires and self.hr is not None) else self.unet, step, total)
+            chain = (self.hr_unet, self.hr, self.unet) if hires else (self.unet,)
         else:
-            base = weight_at(self.te, step, total)
+            chain = (self.hr_te, self.hr, self.te) if hires else (self.te,)
+        w = next(c for c in chain if c is not None)
+        base = weight_at(w, step, total)
         if self.blocks is not None and base != 0.0:
-            key = "BASE" if component != "unet" else block
-            base *= float(self.blocks.get(key, self.blocks.get("BASE", 1.0) if key == "BASE" else 1.0))
+            if component != "unet":
+                m = self.blocks.get("BASE", 1.0)
+            elif block == "BASE":
+                m = 1.0  # UNet modules outside the numbered blocks: not block-weighted (as lbw)
+            else:
+                m = self.blocks.get(block, 1.0)
+            base *= weight_at(m, step, total)
         return base
