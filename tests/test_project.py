@@ -58,3 +58,19 @@ def test_demo_files_then_inspect_json(tmp_path):
     ink = by_name["inkwash_sd15_lora.safetensors"]
     assert ink["trigger_words"][:2] == ["inkwash style", "monochrome"]
     assert ink["modules"] == 12 and ink["components"] == {"te1": 4, "unet": 8}
+
+
+def test_every_package_folder_is_in_the_wheel():
+    import tomllib
+
+    cfg = tomllib.load(open(os.path.join(ROOT, "pyproject.toml"), "rb"))["tool"]["setuptools"]
+    listed = set(cfg["packages"])
+    mapping = {"adapters": "lora_ext.adapters", "hosts": "lora_ext.hosts", "lora_ext": "lora_ext"}
+    found = set()
+    for top, name in mapping.items():
+        for dirpath, _, files in os.walk(os.path.join(ROOT, top)):
+            if "__init__.py" in files and "__pycache__" not in dirpath:
+                rel = os.path.relpath(dirpath, os.path.join(ROOT, top))
+                found.add(name if rel == "." else name + "." + rel.replace(os.sep, "."))
+    assert found <= listed, found - listed
+    assert "lora_ext.configs" in listed  # data-only package (json configs)
