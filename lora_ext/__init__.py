@@ -18,5 +18,19 @@ if not _os.path.isdir(_os.path.join(__path__[0], "adapters")) and _os.path.isfil
 __version__ = "0.1.0"
 
 from .errors import LoraExtError, LoraFileError, BaseModelMismatch, AdapterError  # noqa: E402
+from .prompt import parse_prompt, format_tag, PromptSyntaxError  # noqa: E402
+from .resolve import LoraNotFound  # noqa: E402
 
-__all__ = ["LoraExtError", "LoraFileError", "BaseModelMismatch", "AdapterError", "__version__"]
+__all__ = ["LoraExtError", "LoraFileError", "BaseModelMismatch", "AdapterError", "__version__",
+           "parse_prompt", "format_tag", "PromptSyntaxError", "LoraNotFound"]
+
+__all__ += ["apply", "Handle"]
+
+
+def __getattr__(name):
+    # ``lora_ext.apply`` / ``lora_ext.Handle`` without importing the engine (and torch) up front
+    if name in ("apply", "Handle"):
+        from . import engine
+
+        return getattr(engine, name)
+    raise AttributeError(f"module 'lora_ext' has no attribute {name!r}")

@@ -1,0 +1,510 @@
+"""The A1111 / SD.Next shim: host events in, seam calls out (see ``lora_ext.session``).
+
+What it registers (``install()``, called by ``scripts/lora_ext_script.py``):
+
+* the ``lora`` extra-network handler, with ``lyco`` and ``loractl`` as aliases, in place of the
+  built-in one (re-asserted before every generation); with the setting "Handle ... with
+  lora-ext" off, it hands every call to the built-in handler instead;
+* ``on_model_loaded``: the session is told the new model (LoRAs come off the old one, go on
+  the new one);
+* ``on_cfg_denoiser``: the step about to run (A1111's own prompt-editing step count:
+  denoiser calls, divided by two for second-order samplers); on diffusers models (SD.Next) a
+  forward pre-hook on the UNet reads the host's ``state.sampling_step`` instead;
+* ``on_infotext_pasted``: LoRA names mapped back to local files by hash, recorded tags put
+  back into the prompt;
+* ``on_ui_settings``: the "lora-ext" settings section (folders, method, restore, infotext).
+
+The extra-network handler's ``activate`` parses the tags with the one grammar
+(:func:`lora_ext.prompt.parse_tag`), resolves them in the LoRA folders and hands them to the
+session (the hires pass, ``p.is_hr_pass``, uses ``hr=``); ``deactivate`` ends the run.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+from typing import Optional
+
+from lora_ext.errors import LoraExtError
+from lora_ext.hostmodel import HostModel
+from lora_ext.prompt import format_tag, parse_tag
+from lora_ext.resolve import LoraLibrary
+from lora_ext.session import Session
+
+log = logging.getLogger("lora_ext")
+
+SECTION = ("lora_ext", "lora-ext")
+KINDS = ("lora", "lyco", "loractl")
+#: setting key -> (default, label, widget, choices)
+OPTIONS = {
+    "lora_ext_enabled": (True, "Handle <lora:...>, <lyco:...> and <loractl:...> with lora-ext (replaces the "
+                               "built-in Lora handler; off: the built-in handler takes them)", None, None),
+    "lora_ext_dirs": ("", "LoRA folders, one per line or separated by ';' (empty: the webui's Lora and "
+                          "LyCORIS folders)", "textbox", None),
+    "lora_ext_method": ("auto", "Apply method: auto (fuse what is constant, per LoRA the faster way for what "
+                                "changes per step), fuse, or onthefly", "radio", ["auto", "fuse", "onthefly"]),
+    "lora_ext_restore": ("keep", "After a generation: keep the LoRAs applied until they change (fastest), or "
+                                 "restore the model's weights", "radio", ["keep", "restore"]),
+    "lora_ext_infotext": (True, "Write LoRA names, hashes and schedules to infotext", None, None),
+}
+INFOTEXT_TAGS = "lora-ext"  # the canonical tags of the run (schedules included)
+INFOTEXT_HASHES = "Lora hashes"  # same key and format as the built-in handler ("name: hash, ...")
+_REMOVE_SYMBOLS = str.maketrans("", "", ":,")
+_TAG_NAME = re.compile(r"<(lora|lyco|loractl):([^:>]+)", re.IGNORECASE)
+_TAG = re.compile(r"<(?:lora|lyco|loractl):[^>]*>", re.IGNORECASE)
+
+
+def _gradio():
+    try:
+        import gradio
+    except ImportError:  # settings work without widgets (tests, API-only use)
+        return None
+    return gradio
+
+
+def _tag_text(params) -> str:
+    """The tag an ExtraNetworkParams came from (the webui split it on ':')."""
+    return "<lora:" + ":".join(str(x) for x in params.items) + ">"
+
+
+class _StepCounter:
+    """A1111's step numbering: the CFG denoiser's call count (what prompt editing uses), per
+    sampler step (second-order samplers call it twice)."""
+
+    def step(self, params) -> int:
+        den = getattr(params, "denoiser", None)
+        calls = getattr(den, "step", None)
+        total = max(int(params.total_sampling_steps or 1), 1)
+        if calls is None:
+            return min(int(params.sampling_step), total - 1)
+        sampler = getattr(den, "sampler", None)
+        options = getattr(getattr(sampler, "config", None), "options", None) or {}
+        per_step = 2 if options.get("second_order") else 1
+        return min(int(calls) // per_step, total - 1)
+
+
+class A1111Shim:
+    """One per webui process (``SHIM``)."""
+
+    def __init__(self):
+        self.session: Optional[Session] = None
+        self.handlers: dict = {}  # kind -> our handler object
+        self.builtin = None  # the handler we replaced
+        self.builtin_aliases: dict = {}
+        self._builtin_used = False  # the built-in handler applied something since we last ran
+        self._params: dict = {}  # kind -> params of the current activation
+        self._model = None  # the sd_model the session is bound to
+        self._library: Optional[LoraLibrary] = None
+        self._hashes: dict = {}  # path -> ((size, mtime), short hash)
+        self._steps = _StepCounter()
+        self._step_hook = None
+        self._lock = threading.RLock()
+
+    # --- settings ----------------------------------------------------------------------------
+    @staticmethod
+    def opt(key):
+        from modules import shared
+
+        default = OPTIONS[key][0]
+        data = getattr(shared.opts, "data", None)
+        if isinstance(data, dict) and key in data:
+            return data[key]
+        return getattr(shared.opts, key, default)
+
+    def folders(self) -> list:
+        text = str(self.opt("lora_ext_dirs") or "").strip()
+        if text:
+            return [f.strip() for f in re.split(r"[;\n]", text) if f.strip()]
+        from modules import shared
+
+        cmd = getattr(shared, "cmd_opts", None)
+        out = [getattr(cmd, "lora_dir", None), getattr(cmd, "lyco_dir_backcompat", None), getattr(cmd, "lyco_dir", None)]
+        out = [f for f in out if f]
+        if not out:
+            out = [os.path.join(getattr(shared, "models_path", "models"), "Lora")]
+        return list(dict.fromkeys(out))
+
+    def library(self) -> LoraLibrary:
+        folders = self.folders()
+        if self._library is None or self._library.folders != folders:
+            self._library = LoraLibrary(folders)
+        return self._library
+
+    # --- registration ------------------------------------------------------------------------
+    def install(self) -> None:
+        """Register the callbacks (idempotent; the webui clears them before reloading scripts)."""
+        from modules import script_callbacks as cb
+
+        pairs = [(cb.on_model_loaded, self.on_model_loaded), (cb.on_cfg_denoiser, self.on_cfg_denoiser),
+                 (cb.on_infotext_pasted, self.on_infotext_pasted), (cb.on_ui_settings, self.on_ui_settings),
+                 (cb.on_before_ui, self.take_over), (cb.on_app_started, self._on_app_started),
+                 (cb.on_script_unloaded, self.unload)]
+        remove = getattr(cb, "remove_callbacks_for_function", None)
+        for register, fn in pairs:
+            if remove is not None:
+                remove(fn)
+            register(fn)
+
+    def _on_app_started(self, demo, app) -> None:
+        # before_ui callbacks run last-registered first, so the built-in handler registers
+        # after ours there; once the app has started, ours takes the tag back
+        self.take_over()
+
+    def _make_handlers(self) -> None:
+        if self.handlers:
+            return
+        from modules import extra_networks
+
+        shim = self
+
+        class LoraExtNetwork(extra_networks.ExtraNetwork):
+            """lora-ext's handler for one tag kind (the webui's ExtraNetwork interface)."""
+
+            def __init__(self, kind):
+                super().__init__(kind)
+                self.kind = kind
+
+            def activate(self, p, params_list, *args, **kwargs):
+                shim.activate(p, params_list, kind=self.kind)
+
+            def deactivate(self, p, *args, **kwargs):
+                shim.deactivate(p)
+
+        for kind in KINDS:
+            self.handlers[kind] = LoraExtNetwork(kind)
+
+    def take_over(self) -> None:
+        """Be the handler of ``lora`` (aliases ``lyco``, ``loractl``); remember the built-in one."""
+        from modules import extra_networks as en
+
+        self._make_handlers()
+        reg = en.extra_network_registry
+        ours = self.handlers["lora"]
+        cur = reg.get("lora")
+        if cur is not ours:
+            if cur is not None:
+                self.builtin = cur
+            reg["lora"] = ours
+        aliases = getattr(en, "extra_network_aliases", None)
+        for kind in KINDS[1:]:
+            if aliases is not None:  # A1111: aliases merge into one activate() call
+                prev = aliases.get(kind)
+                if prev is not None and prev is not ours:
+                    self.builtin_aliases[kind] = prev
+                aliases[kind] = ours
+            else:  # SD.Next: no aliases; each kind is its own handler, merged in activate()
+                prev = reg.get(kind)
+                if prev is not None and prev is not self.handlers[kind]:
+                    self.builtin_aliases[kind] = prev
+                reg[kind] = self.handlers[kind]
+
+    def give_back(self) -> None:
+        """Put the built-in handler back (scripts unloading)."""
+        try:
+            from modules import extra_networks as en
+        except ImportError:
+            return
+        reg = en.extra_network_registry
+        if self.builtin is not None and reg.get("lora") is self.handlers.get("lora"):
+            reg["lora"] = self.builtin
+        aliases = getattr(en, "extra_network_aliases", None)
+        for kind in KINDS[1:]:
+            table = aliases if aliases is not None else reg
+            if table.get(kind) in (self.handlers.get("lora"), self.handlers.get(kind)):
+                if kind in self.builtin_aliases:
+                    table[kind] = self.builtin_aliases[kind]
+                else:
+                    table.pop(kind, None)
+
+    def unload(self) -> None:
+        with self._lock:
+            if self.session is not None:
+                self.session.close()
+            self._remove_step_hook()
+            self.give_back()
+
+    # --- the model ---------------------------------------------------------------------------
+    @staticmethod
+    def host_model(sd_model) -> HostModel:
+        """How the webui holds its model: compvis (A1111) or a diffusers pipeline (SD.Next)."""
+        label = getattr(getattr(sd_model, "sd_checkpoint_info", None), "name_for_extra", "") or ""
+        inner = getattr(sd_model, "model", None)
+        if inner is not None and hasattr(inner, "diffusion_model"):
+            family = ("sdxl" if getattr(sd_model, "is_sdxl", False) else "sd2" if getattr(sd_model, "is_sd2", False)
+                      else "sd1" if getattr(sd_model, "is_sd1", False) else None)
+            comps = {"unet": inner.diffusion_model}
+            if hasattr(sd_model, "conditioner"):
+                embedders = [getattr(e, "wrapped", e) for e in getattr(sd_model.conditioner, "embedders", [])]
+            else:
+                embedders = [getattr(sd_model.cond_stage_model, "wrapped", sd_model.cond_stage_model)]
+            texts = [_text_root(e) for e in embedders]
+            for comp, root in zip(("te1", "te2"), [t for t in texts if t is not None]):
+                comps[comp] = root
+            return HostModel(comps, naming="ldm", family=family, label=label)
+        pipe = getattr(sd_model, "pipe", sd_model)
+        comps = {"unet": getattr(pipe, "unet", None), "te1": getattr(pipe, "text_encoder", None),
+                 "te2": getattr(pipe, "text_encoder_2", None)}
+        comps = {k: v for k, v in comps.items() if v is not None}
+        if not comps:
+            raise LoraExtError(f"lora-ext does not know how this webui holds its model ({type(sd_model).__name__})")
+        return HostModel(comps, naming="diffusers", label=label)
+
+    def _session_for(self, sd_model) -> Session:
+        method = self.opt("lora_ext_method")
+        if self.session is None:
+            self.session = Session(self.library(), method=method, te_method="fuse", label="webui")
+        s = self.session
+        s.library = self.library()
+        if s.method != method:
+            s.end_run(restore=True)
+            s.method = method
+        if s.bound is None or self._model is not sd_model:
+            s.load_model(self.host_model(sd_model))
+            self._model = sd_model
+            self._install_step_hook(s)
+        return s
+
+    def _install_step_hook(self, s: Session) -> None:
+        """Diffusers models (SD.Next) have no CFG-denoiser callback: read the host's step counter
+        from a forward pre-hook on the UNet."""
+        self._remove_step_hook()
+        if s.bound is None or s.bound.host.naming_of("unet") != "diffusers":
+            return
+        unet = s.bound.host.components.get("unet")
+        if unet is None or not hasattr(unet, "register_forward_pre_hook"):
+            return
+
+        def pre(module, args):
+            from modules import shared
+
+            st = shared.state
+            total = max(int(getattr(st, "sampling_steps", 0) or 0), 1)
+            if self.session is not None and self.session.handles:
+                self.session.begin_step(min(int(getattr(st, "sampling_step", 0) or 0), total - 1), total)
+
+        self._step_hook = unet.register_forward_pre_hook(pre)
+
+    def _remove_step_hook(self) -> None:
+        if self._step_hook is not None:
+            self._step_hook.remove()
+            self._step_hook = None
+
+    # --- host events -------------------------------------------------------------------------
+    def before_generation(self, p) -> None:
+        """The always-on script's ``process``: make sure our handler is the one the webui calls."""
+        with self._lock:
+            self.take_over()
+            if getattr(p, "disable_extra_networks", False) and self.session is not None:
+                self.session.end_run(restore=True)  # no tags will be read: run without LoRAs
+
+    def activate(self, p, params_list, kind: str = "lora") -> None:
+        with self._lock:
+            if not self.opt("lora_ext_enabled"):
+                self._step_aside(p, params_list, kind)
+                return
+            self._release_builtin(p)
+            self._params[kind] = list(params_list)
+            params = [x for k in KINDS for x in self._params.get(k, [])]
+            specs = [parse_tag(_tag_text(x)) for x in params]
+            s = self._session_for(_sd_model(p))
+            hires = bool(getattr(p, "is_hr_pass", False))
+            s.use_specs(specs, hires=hires, total_steps=_expected_steps(p, hires))
+            p.lora_ext_deactivated = False
+            if self.opt("lora_ext_infotext"):
+                self._write_infotext(p, specs, hires)
+
+    def deactivate(self, p) -> None:
+        with self._lock:
+            if not self.opt("lora_ext_enabled"):
+                if self.builtin is not None and not getattr(p, "lora_ext_builtin_deactivated", False):
+                    p.lora_ext_builtin_deactivated = True
+                    self.builtin.deactivate(p)
+                return
+            if getattr(p, "lora_ext_deactivated", False) or self.session is None:
+                return
+            p.lora_ext_deactivated = True
+            for e in self.session.errors:
+                p.comment(f"lora-ext: {e}")
+            self.session.end_run(restore=self.opt("lora_ext_restore") == "restore")
+
+    def on_cfg_denoiser(self, params) -> None:
+        s = self.session
+        if s is None or not s.handles or self._step_hook is not None:
+            return
+        s.begin_step(self._steps.step(params), max(int(params.total_sampling_steps or 1), 1), params.sigma)
+
+    def on_model_loaded(self, sd_model) -> None:
+        with self._lock:
+            if self.session is None:
+                return  # bound at the first generation
+            try:
+                self.session.load_model(self.host_model(sd_model))
+                self._model = sd_model
+                self._install_step_hook(self.session)
+            except LoraExtError as exc:
+                log.warning("lora-ext: %s", exc)
+                self.session.close()
+                self._model = None
+
+    # --- the built-in handler ----------------------------------------------------------------
+    def _step_aside(self, p, params_list, kind) -> None:
+        """Setting off: our LoRAs come off, the built-in handler gets the tags."""
+        if self.session is not None and self.session.handles:
+            self.session.end_run(restore=True)
+        target = self.builtin if kind == "lora" else self.builtin_aliases.get(kind)
+        if target is not None:
+            self._builtin_used = True
+            target.activate(p, params_list)
+
+    def _release_builtin(self, p) -> None:
+        """Back from the built-in handler: let it take its networks off before we patch weights
+        (its patched forwards would otherwise restore its backups over ours later)."""
+        if not self._builtin_used or self.builtin is None:
+            return
+        self._builtin_used = False
+        self.builtin.activate(p, [])
+        try:
+            import networks as builtin_networks  # extensions-builtin/Lora, on sys.path in the webui
+        except ImportError:
+            return
+        apply_weights = getattr(builtin_networks, "network_apply_weights", None)
+        if apply_weights is None:
+            return
+        host = self.host_model(_sd_model(p))
+        for root in host.components.values():
+            for m in root.modules():
+                if getattr(m, "network_current_names", ()):
+                    apply_weights(m)  # nothing wanted any more: restores its backup now
+
+    # --- infotext ----------------------------------------------------------------------------
+    def short_hash(self, path) -> Optional[str]:
+        from lora_ext.io import short_hash
+
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        stamp = (st.st_size, st.st_mtime_ns)
+        hit = self._hashes.get(path)
+        if hit is None or hit[0] != stamp:
+            try:
+                hit = (stamp, short_hash(path) if str(path).lower().endswith(".safetensors") else None)
+            except (LoraExtError, OSError):
+                hit = (stamp, None)
+            self._hashes[path] = hit
+        return hit[1]
+
+    def _write_infotext(self, p, specs, hires: bool) -> None:
+        if not hires or not hasattr(p, "lora_hashes"):
+            p.lora_hashes = {}
+        for s in specs:
+            h = self.short_hash(s.path) if s.path else None
+            if h:
+                p.lora_hashes[s.name.translate(_REMOVE_SYMBOLS)] = h
+        if p.lora_hashes:
+            p.extra_generation_params[INFOTEXT_HASHES] = ", ".join(f"{k}: {v}" for k, v in p.lora_hashes.items())
+        tags = []
+        for s in specs:
+            try:
+                tags.append(format_tag(s))
+            except ValueError:
+                pass
+        key = INFOTEXT_TAGS + (" hr" if hires else "")
+        if tags:
+            p.extra_generation_params[key] = " ".join(tags)
+        else:
+            p.extra_generation_params.pop(key, None)
+
+    def find_by_hash(self, short: str):
+        for f in self.library().files():
+            if f.ext == ".safetensors" and self.short_hash(f.path) == short:
+                return f
+        return None
+
+    def on_infotext_pasted(self, infotext, d) -> None:
+        prompt = d.get("Prompt")
+        if not isinstance(prompt, str):
+            return
+        hashes = {}
+        for item in str(d.get(INFOTEXT_HASHES) or "").split(","):
+            name, sep, h = item.partition(":")
+            if sep and name.strip() and h.strip():
+                hashes[name.strip()] = h.strip()
+        lib = self.library()
+        renamed = {}
+
+        def local_name(name: str) -> str:
+            if name in renamed:
+                return renamed[name]
+            new = name
+            if lib.find(name) is None and name.translate(_REMOVE_SYMBOLS) in hashes:
+                f = self.find_by_hash(hashes[name.translate(_REMOVE_SYMBOLS)])
+                if f is not None:
+                    new = f.key
+            renamed[name] = new
+            return new
+
+        def fix(tag_text: str) -> str:
+            return _TAG_NAME.sub(lambda m: f"<{m.group(1)}:{local_name(m.group(2).strip())}", tag_text)
+
+        prompt = fix(prompt)
+        present = {local_name(m.group(2).strip()) for m in _TAG_NAME.finditer(prompt)}
+        missing = [fix(t) for t in _TAG.findall(str(d.get(INFOTEXT_TAGS) or ""))]
+        missing = [t for t in missing if _TAG_NAME.match(t) and _TAG_NAME.match(t).group(2).strip() not in present]
+        if missing:
+            prompt = (prompt.rstrip() + " " + " ".join(missing)).strip()
+        d["Prompt"] = prompt
+
+    # --- settings page -----------------------------------------------------------------------
+    def on_ui_settings(self) -> None:
+        from modules import shared
+
+        gr = _gradio()
+        for key, (default, label, widget, choices) in OPTIONS.items():
+            component, args = None, None
+            if gr is not None and widget == "radio":
+                component, args = gr.Radio, {"choices": choices}
+            elif gr is not None and widget == "textbox":
+                component, args = gr.Textbox, {"lines": 2}
+            shared.opts.add_option(key, shared.OptionInfo(default, label, component, args, section=SECTION))
+
+
+def _sd_model(p):
+    model = getattr(p, "sd_model", None)
+    if model is None:
+        from modules import shared
+
+        model = shared.sd_model
+    return model
+
+
+def _text_root(wrapped):
+    """The module a text encoder's table paths are relative to: transformers CLIP (its
+    ``text_model`` when it has one) or OpenCLIP's model."""
+    transformer = getattr(wrapped, "transformer", None)
+    if transformer is not None and hasattr(transformer, "named_modules"):
+        return getattr(transformer, "text_model", transformer)
+    model = getattr(wrapped, "model", None)
+    if model is not None and hasattr(model, "named_modules"):
+        return model
+    return None
+
+
+def _expected_steps(p, hires: bool) -> Optional[int]:
+    """The steps the pass is likely to take (the CFG callback gives the real number)."""
+    steps = int(getattr(p, "steps", 0) or 0)
+    if hires:
+        steps = int(getattr(p, "hr_second_pass_steps", 0) or 0) or steps
+    strength = getattr(p, "denoising_strength", None)
+    if (hires or getattr(p, "init_images", None)) and strength:
+        steps = max(1, int(min(float(strength), 0.999) * steps))
+    return steps or None
+
+
+SHIM = A1111Shim()
+
+
+def install() -> A1111Shim:
+    SHIM.install()
+    return SHIM

@@ -1,0 +1,143 @@
+"""lora-ext's ComfyUI nodes. Imports nothing of ComfyUI until a node runs (``folder_paths`` is
+read when the node list is built, as every loader node does).
+
+* **LoRA Loader (lora-ext)**: MODEL, CLIP, a file from ``models/loras``, strength for the
+  model and for CLIP, optional block weights (an lbw preset or vector, or ``in=..:mid=..:
+  out=..``) and keyframes (``w@pos,...``, multiplying the model strength over the run).
+* **LoRA Tags from Prompt (lora-ext)**: reads ``<lora:...>`` tags (the full grammar) from a
+  text, applies them, returns the text without them.
+* **LoRA Inspector (lora-ext)**: what a file is: adapter types, base model, keys that would
+  not apply and why.
+"""
+from __future__ import annotations
+
+CATEGORY = "loaders/lora-ext"
+_LIBRARIES: dict = {}
+
+
+def _lora_files():
+    import folder_paths
+
+    return folder_paths.get_filename_list("loras")
+
+
+def _path(lora_name: str) -> str:
+    import folder_paths
+
+    return folder_paths.get_full_path_or_raise("loras", lora_name)
+
+
+def _library():
+    import folder_paths
+
+    from lora_ext.resolve import LoraLibrary
+
+    folders = tuple(folder_paths.get_folder_paths("loras"))
+    lib = _LIBRARIES.get(folders)
+    if lib is None:
+        lib = _LIBRARIES[folders] = LoraLibrary(folders)
+    return lib
+
+
+def _strength(tooltip):
+    return ("FLOAT", {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01, "tooltip": tooltip})
+
+
+class LoraExtLoader:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL",),
+                "clip": ("CLIP",),
+                "lora_name": (_lora_files(), {"tooltip": "Any LoRA type: LoRA, LoCon, LoHa, LoKr, DoRA, IA3, "
+                                                          "OFT, BOFT, GLoRA, full, norm."}),
+                "strength_model": _strength("Strength on the diffusion model."),
+                "strength_clip": _strength("Strength on the text encoders."),
+            },
+            "optional": {
+                "block_weights": ("STRING", {"default": "", "tooltip": "An lbw preset or 12/17/20/26 numbers, "
+                                                                       "or in=..:mid=..:out=.. (empty: all 1)."}),
+                "keyframes": ("STRING", {"default": "", "tooltip": "w@pos,... over the run, multiplying "
+                                                                   "strength_model (e.g. 0@0,1@0.5)."}),
+            },
+        }
+
+    RETURN_TYPES = ("MODEL", "CLIP")
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Applies one LoRA of any type, with block weights and a per-step schedule."
+
+    def load(self, model, clip, lora_name, strength_model, strength_clip, block_weights="", keyframes=""):
+        from lora_ext.session import spec_from_inputs
+
+        from .patching import apply
+
+        if strength_model == 0 and strength_clip == 0 and not (keyframes or "").strip():
+            return (model, clip)
+        spec = spec_from_inputs(lora_name, _path(lora_name), unet=strength_model, te=strength_clip,
+                                blocks=block_weights, keyframes=keyframes)
+        new_model, new_clip, _ = apply(model, clip, [spec])
+        return (new_model, new_clip)
+
+
+class LoraExtPromptLoader:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL",),
+                "clip": ("CLIP",),
+                "text": ("STRING", {"multiline": True, "tooltip": "A prompt with <lora:name:weight...> tags."}),
+            }
+        }
+
+    RETURN_TYPES = ("MODEL", "CLIP", "STRING")
+    RETURN_NAMES = ("MODEL", "CLIP", "text")
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Applies the <lora:...> tags of a text (lora-ext's grammar) and returns the text without them."
+
+    def load(self, model, clip, text):
+        from lora_ext.prompt import parse_prompt
+        from lora_ext.resolve import resolve_specs
+
+        from .patching import apply
+
+        parsed = parse_prompt(text)
+        if not parsed.specs:
+            return (model, clip, parsed.prompt)
+        resolve_specs(parsed.specs, _library())
+        new_model, new_clip, _ = apply(model, clip, parsed.specs)
+        return (new_model, new_clip, parsed.prompt)
+
+
+class LoraExtInspector:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"lora_name": (_lora_files(),)}}
+
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("report",)
+    FUNCTION = "inspect"
+    OUTPUT_NODE = True
+    CATEGORY = CATEGORY
+    DESCRIPTION = "What a LoRA file is: types, base model, and every key that would not apply, with its reason."
+
+    def inspect(self, lora_name):
+        from lora_ext.inspect import inspect_lora, render_text
+
+        text = render_text(inspect_lora(_path(lora_name)))
+        return {"ui": {"text": [text]}, "result": (text,)}
+
+
+NODE_CLASS_MAPPINGS = {
+    "LoraExtLoader": LoraExtLoader,
+    "LoraExtPromptLoader": LoraExtPromptLoader,
+    "LoraExtInspector": LoraExtInspector,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "LoraExtLoader": "LoRA Loader (lora-ext)",
+    "LoraExtPromptLoader": "LoRA Tags from Prompt (lora-ext)",
+    "LoraExtInspector": "LoRA Inspector (lora-ext)",
+}

@@ -1,0 +1,28 @@
+"""The apply engine: LoRAs on a live model, fused with bit-exact restore or on-the-fly.
+
+    h = lora_ext.apply(model, specs, method="auto")   # or "fuse" / "onthefly"
+    for step in range(total):
+        h.update(step, total)                          # per-step strengths
+        ...                                            # the host's forward passes
+    h.set(other_specs)                                 # switch; unchanged modules untouched
+    h.remove()                                         # bit-exact restore, hooks off
+    with lora_ext.apply(model, specs) as h: ...        # remove() on exit
+
+``model``: a diffusers UNet, a transformers CLIP text encoder, ``{"unet", "te1", "te2"}``
+or a pipeline. ``specs``: ``LoraSpec`` s, paths, loaded ``Lora`` objects, or (one of those,
+strength). Effective strength of a LoRA on a module at a step:
+``spec.strength(component, block, step, total) x tuple strength``.
+
+Reports: ``h.reports`` (per LoRA: modules applied, keys not applied with reasons),
+``h.unmatched`` (every key not applied: ``{"lora", "key", "reason"}``), ``h.strengths()``,
+``h.placement`` / ``h.placement_reasons``, ``h.stats`` (parameter writes ...),
+``h.restore_record_bytes`` and ``h.patched_bytes``.
+
+Modules: ``handle`` (the Handle, transactions), ``fuse`` and ``record`` (fusing and the
+restore records), ``onthefly`` (forward hooks), ``auto`` (the placement rule), ``contrib``
+(one adapter's share of one module), ``models`` (what apply accepts).
+"""
+from .handle import ApplyReport, Handle, apply
+from .record import RestoreError
+
+__all__ = ["apply", "Handle", "ApplyReport", "RestoreError"]

@@ -1,0 +1,170 @@
+"""One adapter's share of one module, and the fp32 sums the engine builds from them.
+
+A binding (one adapter on one candidate) becomes one ``Contribution`` per target module (a
+fused q/k/v candidate spans three). A contribution computes its fp32 delta at strength 1 for
+its module; low-rank ones (``adapter.lowrank()``) add ``scale * up @ down`` straight into the
+sum with one ``addmm``, without materialising their delta on its own.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..deltas import check_finite
+from ..errors import AdapterError
+
+Tensor = torch.Tensor
+
+
+class Contribution:
+    """The part of ``binding`` that lands on ``target`` (rows ``rows`` of a stacked candidate)."""
+
+    __slots__ = ("key", "entry", "binding", "adapter", "target", "index", "rows", "stacked_shape",
+                 "weight_dependent", "_lowrank", "name", "target_key")
+
+    def __init__(self, entry, binding, index: int, rows: Optional[tuple], stacked_shape: tuple):
+        self.entry = entry
+        self.binding = binding
+        self.adapter = binding.adapter
+        self.target = binding.targets[index]
+        self.index = index
+        self.rows = rows  # (start, stop) inside the stacked weight, None for a single target
+        self.stacked_shape = stacked_shape
+        self.weight_dependent = bool(getattr(self.adapter, "weight_dependent", False))
+        lora = entry.lora
+        # Canonical identity: the n-th use of a file's group on a module is the same
+        # contribution whichever spec list it comes from (set() relies on it), and sums
+        # run in this order whatever order the specs were given in.
+        self.key = (str(lora.path), id(lora), entry.occurrence, binding.group.prefix, index)
+        self.name = entry.name
+        self.target_key = (self.target.component, self.target.module)
+        self._lowrank = False  # not looked up yet
+
+    def __repr__(self):
+        return f"<{self.adapter.type_name} of {self.name} on {self.target.component}:{self.target.module}>"
+
+    # --- low-rank form ---------------------------------------------------------------------
+    def lowrank(self, weight_shape: tuple):
+        """``(up (out, r), down (r, in*k*k), scale)`` fp32 on CPU, or None for a dense type."""
+        shape = tuple(int(d) for d in weight_shape)
+        if self._lowrank is False or self._lowrank[0] != shape:
+            self._lowrank = (shape, self._lowrank_for(shape))
+        return self._lowrank[1]
+
+    def _lowrank_for(self, weight_shape: tuple):
+        fn = getattr(self.adapter, "lowrank", None)
+        lr = fn() if fn is not None else None
+        if lr is None:
+            return None
+        up, down, scale = lr
+        up2 = up.reshape(up.shape[0], -1)
+        down2 = down.reshape(down.shape[0], -1)
+        if self.rows is not None:
+            up2 = up2[self.rows[0]:self.rows[1]]
+        k = 1
+        for d in weight_shape[1:]:
+            k *= int(d)
+        if up2.shape[0] == weight_shape[0] and up2.shape[1] == down2.shape[0] and down2.shape[1] == k:
+            return up2.float(), down2.float(), float(scale)
+        return None
+
+    # --- dense form ------------------------------------------------------------------------
+    def delta(self, w32: Tensor) -> Tensor:
+        """fp32 delta at strength 1 for this module, given its (pristine or estimated) fp32 weight."""
+        if self.rows is None:
+            d = self.adapter.delta(w32)
+        else:
+            if self.weight_dependent:
+                raise AdapterError("a weight-dependent adapter spanning several modules cannot be applied live")
+            stacked = torch.zeros(self.stacked_shape, dtype=torch.float32, device=w32.device)
+            d = self.adapter.delta(stacked).reshape(self.stacked_shape)[self.rows[0]:self.rows[1]]
+        if d.shape != w32.shape:
+            if d.numel() != w32.numel():
+                raise AdapterError(f"delta of shape {tuple(d.shape)} does not fit weight {tuple(w32.shape)}")
+            d = d.reshape(w32.shape)
+        return d.to(device=w32.device, dtype=torch.float32)
+
+    def bias_delta(self, b32: Optional[Tensor], w32: Tensor) -> Optional[Tensor]:
+        if self.rows is None:
+            db = self.adapter.bias_delta(b32, w32)
+        else:
+            n = self.stacked_shape[0]
+            zb = torch.zeros(n, dtype=torch.float32, device=w32.device)
+            zw = torch.zeros(self.stacked_shape, dtype=torch.float32, device=w32.device)
+            db = self.adapter.bias_delta(zb, zw)
+            db = None if db is None else db.reshape(-1)[self.rows[0]:self.rows[1]]
+        if db is None:
+            return None
+        if b32 is None:
+            raise AdapterError("the adapter changes a bias but the module has none")
+        return db.reshape(b32.shape).to(device=b32.device, dtype=torch.float32)
+
+
+def delta_sum(items, w32: Tensor, *, check: bool = False) -> Tensor:
+    """``sum(s * delta)`` in fp32 over ``items`` ((key, contribution, s), in the given order).
+
+    ``w32`` is the fp32 weight the weight-dependent deltas are taken at.
+    """
+    acc = torch.zeros_like(w32, dtype=torch.float32)
+    flat = acc.view(acc.shape[0], -1) if acc.dim() > 1 else acc.view(-1, 1)
+    for _, c, s in items:
+        lr = c.lowrank(tuple(w32.shape)) if w32.dim() > 1 else None
+        if lr is not None:
+            up, down, scale = lr
+            flat.addmm_(up.to(acc.device), down.to(acc.device), alpha=float(s) * scale)
+        else:
+            acc.add_(c.delta(w32), alpha=float(s))
+    if check and not bool(torch.isfinite(acc).all()):  # NaN/Inf anywhere survive the sum
+        bad = [c for _, c, _ in items if not _finite_delta(c, w32)]
+        what = bad[0] if bad else items[0][1]
+        raise AdapterError(f"{what.name}: the delta of {what.target.component}:{what.target.module} "
+                           "is not finite (NaN or Inf)")
+    return acc
+
+
+def _finite_delta(c, w32) -> bool:
+    lr = c.lowrank(tuple(w32.shape)) if w32.dim() > 1 else None
+    if lr is not None:
+        return bool(torch.isfinite(lr[0]).all() and torch.isfinite(lr[1]).all())
+    return bool(torch.isfinite(c.delta(w32)).all())
+
+
+def bias_sum(items, b32: Optional[Tensor], w32: Tensor) -> Optional[Tensor]:
+    acc = None
+    for _, c, s in items:
+        db = c.bias_delta(b32, w32)
+        if db is None:
+            continue
+        check_finite(db, f"bias delta of {c.target.module}")
+        acc = db * float(s) if acc is None else acc.add_(db, alpha=float(s))
+    return acc
+
+
+FIXED_POINT_ITERATIONS = 4
+
+
+def estimate(items, wf: Tensor, d_lin: Optional[Tensor] = None) -> Tensor:
+    """Estimate of the pristine weight from the fused ``wf`` and the items fused into it.
+
+    Linear items: ``wf - D`` exactly (fp64 for an fp32 model, where the subtraction must not
+    add its own rounding). Weight-dependent items (DoRA, OFT, IA3, GLoRA) depend on the very
+    weight being recovered: a few fixed-point steps ``W = wf - D_lin - sum s*delta(W)``. The
+    estimate only has to be close; the record stores what it gets wrong.
+    """
+    lin = [it for it in items if not it[1].weight_dependent]
+    dep = [it for it in items if it[1].weight_dependent]
+    wf32 = wf.float()
+    if d_lin is None:
+        d_lin = delta_sum(lin, wf32)
+    if not dep:
+        if wf.dtype == torch.float32:
+            return wf.double() - d_lin.double()
+        return wf32.sub_(d_lin)
+    base = wf32 - d_lin
+    est = base
+    for _ in range(FIXED_POINT_ITERATIONS):
+        est = base - delta_sum(dep, est)
+        if not torch.isfinite(est).all():
+            return base
+    return est

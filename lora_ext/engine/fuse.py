@@ -1,0 +1,310 @@
+"""Fusing one weight, and getting its pristine value back (with ``record``).
+
+``refuse(param, record, items)`` moves a weight from its current state (pristine, or fused
+with ``record``) to ``round(W0 + sum s*delta)`` over ``items`` (W0 when empty) and returns the
+new restore record; ``restore_weight(record, wf)`` returns ``W0`` as a new tensor.
+
+The common case, every item low-rank (LoRA/LoCon), runs in row blocks of ~128K elements:
+per block one GEMM per delta and a handful of elementwise steps whose temporaries stay in
+cache, so the weight itself is read and written about once, even for a switch (decode the
+old fusion, fuse the new one, in the same pass). Each block's W0 is checked against a
+checksum kept per block before anything is built on it, and a failure midway puts back the
+blocks already written. Everything else (LoHa, LoKr, DoRA, OFT, IA3, GLoRA, full, norms)
+takes the plain path: fp32 deltas of the whole weight. Which path a record uses is a
+function of its items, so a restore recomputes the estimate exactly the way it was made.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from ..errors import AdapterError
+from .contrib import delta_sum, estimate
+from .record import (BITS_CHOICES, Record, RestoreError, check_fused, checksum, compact_dtype, decode, encode,
+                     full_record, gather_diff, int_view, ordered_diff, same_bits, scatter, sparse_bytes,
+                     store_exceptions as _store_exceptions)
+
+Tensor = torch.Tensor
+CHUNK = 1 << 17  # elements per row block of the low-rank path
+FP32_MAX = float(torch.finfo(torch.float32).max)
+# Sparse records need no second pass over the weight: kept while they stay under this share
+# of the weight's bytes, even when a code would be a little smaller.
+SPARSE_BUDGET = 0.125
+
+
+# --- the low-rank path ---------------------------------------------------------------------
+def lowrank_plan(items, shape: tuple, device) -> Optional[list]:
+    """[(up * s * scale, down)] (fp32, 2-D) when every item is a plain low-rank one, else None."""
+    if len(shape) < 2 or not items:
+        return None
+    plan = []
+    for _, c, s in items:
+        if c.weight_dependent:
+            return None
+        lr = c.lowrank(tuple(shape))
+        if lr is None:
+            return None
+        up, down, scale = lr
+        plan.append(((up * (float(s) * scale)).to(device), down.to(device)))
+    return plan
+
+
+def check_plan(plan, items) -> None:
+    """Every factor finite and the delta bounded below fp32's max (so the sum cannot overflow)."""
+    total = 0.0
+    for (up, down), (_, c, _) in zip(plan, items):
+        bound = float((up.abs().amax(0) * down.abs().amax(1)).sum())
+        if not math.isfinite(bound) or bound > FP32_MAX / 4:
+            raise AdapterError(f"{c.name}: the delta of {c.target.component}:{c.target.module} is not finite "
+                               "(NaN or Inf) or overflows fp32")
+        total += bound
+    if total > FP32_MAX / 4:
+        raise AdapterError(f"the deltas of {items[0][1].target.module} overflow fp32")
+
+
+def _blocks(out: int, k: int):
+    rows = max(1, CHUNK // max(1, k))
+    for i in range(0, out, rows):
+        yield i, min(out, i + rows)
+
+
+def _block_delta(plan, i: int, j: int) -> Tensor:
+    up, down = plan[0]
+    d = torch.mm(up[i:j], down)
+    for up, down in plan[1:]:
+        d.addmm_(up[i:j], down)
+    return d
+
+
+def _block_estimate(wf_blk: Tensor, d: Tensor) -> Tensor:
+    """``wf - D`` for one block: fp32 (fp64 for an fp32 weight, so the subtraction adds no rounding)."""
+    if wf_blk.dtype == torch.float32:
+        return wf_blk.double().sub_(d.double())
+    return wf_blk.float().sub_(d)
+
+
+def _block_fuse(w0_blk: Tensor, d: Tensor) -> Tensor:
+    """``round(W0 + D)`` for one block, in W0's dtype (the one rounding of the whole scheme)."""
+    if w0_blk.dtype == torch.float32:
+        return torch.add(w0_blk, d)
+    return w0_blk.float().add_(d).to(w0_blk.dtype)
+
+
+def _is_block_record(rec) -> bool:
+    return rec is not None and rec.block_sums is not None
+
+
+def _lowrank_pass(dst: Tensor, *, src: Optional[Tensor] = None, w0: Optional[Tensor] = None, old=None,
+                  plan=None, items=()):
+    """One pass over the row blocks of a weight; returns (new record or None, dst changed).
+
+    The pristine block comes from ``w0`` (may be ``dst`` itself), or, with ``old = (record,
+    plan)``, is decoded from the fused ``src`` (default ``dst``) and checked against the
+    record's block checksum. With ``plan`` the block is fused and recorded; without, W0 is
+    written. ``dst`` is written only where its bits change, and if anything fails the blocks
+    already written are put back (``dst`` a fresh buffer: written throughout, never undone).
+    """
+    dtype = dst.dtype
+    out = dst.shape[0]
+    k = dst.numel() // out
+    n = dst.numel()
+    d2 = dst.detach().view(out, k)
+    s2 = d2 if src is None else src.detach().reshape(out, k)
+    fresh = src is not None and src.data_ptr() != dst.data_ptr()
+    in_place = w0 is not None and w0.data_ptr() == dst.data_ptr()
+    w2 = None if w0 is None else w0.detach().reshape(out, k)
+    blocks = list(_blocks(out, k))
+    if old is not None:
+        rec_old, plan_old = old
+        pos = rec_old.exception_positions().to(dst.device)
+        old_vals = rec_old.exc_val.to(dst.device)
+        starts = torch.tensor([i * k for i, _ in blocks] + [n], dtype=torch.int64, device=pos.device)
+        bounds = torch.searchsorted(pos, starts).tolist()
+        sums_old = [tuple(x) for x in rec_old.block_sums.tolist()]
+    new_exc = {}  # block -> (local positions, original bits) of the new record's exceptions
+    sums = []
+    written = []
+    changed = differs = False
+    try:
+        for t, (i, j) in enumerate(blocks):
+            if old is not None:
+                w0b = _block_estimate(s2[i:j], _block_delta(plan_old, i, j)).to(dtype)
+                lo, hi = bounds[t], bounds[t + 1]
+                if hi > lo:
+                    scatter(int_view(w0b), pos[lo:hi] - i * k, old_vals[lo:hi])
+                if checksum(int_view(w0b)) != sums_old[t]:
+                    raise RestoreError("restoring did not reproduce the pristine weight (block checksum mismatch)")
+            else:
+                w0b = w2[i:j]
+            if plan is None:
+                target = w0b
+            else:
+                d = _block_delta(plan, i, j)
+                target = _block_fuse(w0b, d)
+                w0i = int_view(w0b)
+                bad, vals = gather_diff(w0i, int_view(_block_estimate(target, d).to(dtype)))
+                if bad.numel():
+                    new_exc[t] = (bad, vals)
+                sums.append(checksum(w0i))
+                if not differs:  # whether the fusion changes anything at all, told by the first change
+                    differs = not same_bits(target, w0b)
+                    if in_place and not differs:
+                        continue  # an unchanged block of a pristine weight: nothing to write
+            if not (fresh or in_place):
+                written.append(t)
+            d2[i:j] = target
+            changed = True
+        if plan is None or not differs:
+            return None, changed
+        return _finish_lowrank(dst, dtype, plan, items, blocks, k, new_exc, sums), changed
+    except BaseException:
+        if not fresh:
+            _undo(d2, blocks, written if not in_place else [t for t in range(len(blocks))], k, plan, new_exc,
+                  old, in_place, limit=t)
+        raise
+
+
+def _undo(d2, blocks, written, k, plan, new_exc, old, in_place, limit) -> None:
+    """Put back the blocks this pass overwrote (those before block ``limit``): their W0
+    again (from the new estimate and exceptions), then the old fusion of it."""
+    for t in written:
+        if t >= limit:
+            break
+        i, j = blocks[t]
+        cur = d2[i:j]
+        if plan is None:
+            w0b = cur.clone()
+        else:
+            w0b = _block_estimate(cur, _block_delta(plan, i, j)).to(cur.dtype)
+            if t in new_exc:
+                scatter(int_view(w0b), *new_exc[t])
+        d2[i:j] = _block_fuse(w0b, _block_delta(old[1], i, j)) if old is not None else w0b
+
+
+def _finish_lowrank(dst, dtype, plan, items, blocks, k, new_exc, sums):
+    """The record of a low-rank fuse, from what the block pass gathered."""
+    n = dst.numel()
+    item = dst.element_size()
+    order = sorted(new_exc)
+    idx = torch.cat([new_exc[t][0] + blocks[t][0] * k for t in order]) if order else \
+        torch.zeros(0, dtype=torch.int64, device=dst.device)
+    vals = torch.cat([new_exc[t][1] for t in order]) if order else idx.new_zeros(0).to(int_view(dst).dtype)
+    best_bits, best = 0, sparse_bytes(idx.numel(), n, item)
+    est = None
+    if order and best > SPARSE_BUDGET * n * item:
+        # price the code widths exactly: how far round(est) is off at the exceptions, and on
+        # which side est lies (the estimate again, from the fused weight now in dst)
+        est = _lowrank_estimate(plan, dst).reshape(-1)
+        e_at = int_view(est[idx].to(dtype))
+        err = ordered_diff(vals, e_at, dtype)
+        up = est[idx] >= e_at.view(dtype).to(est.dtype)
+        mag, wrong_side = err.abs(), (err > 0) != up
+        for b in BITS_CHOICES:
+            half = 1 << (b - 1)
+            misses = int(((mag > half) | ((mag == half) & wrong_side)).sum())
+            size = (n * b + 7) // 8 + sparse_bytes(misses, n, item)
+            if size < best:
+                best_bits, best = b, size
+    if best_bits == 0 and best < n * item:
+        rec = Record(dtype, tuple(dst.shape), tuple(items), bits=0)
+        _store_exceptions(rec, idx, vals, n)
+        rec.block_sums = torch.tensor(sums, dtype=torch.int64)
+        rec.sum_wf = checksum(int_view(dst.detach()))
+        return rec
+    # a code (or a full copy) is smaller: W0 again from the estimate and the exceptions,
+    # then the general encoder
+    if est is None:
+        est = _lowrank_estimate(plan, dst).reshape(-1)
+    w0_again = est.to(dtype)
+    if idx.numel():
+        scatter(int_view(w0_again), idx, vals)
+    return encode(w0_again.reshape(dst.shape), dst, est, items, wrong_idx=idx)
+
+
+def _lowrank_estimate(plan, wf: Tensor) -> Tensor:
+    out = wf.shape[0]
+    k = wf.numel() // out
+    wf_2d = wf.detach().reshape(out, k)
+    est = torch.empty((out, k), dtype=torch.float64 if wf.dtype == torch.float32 else torch.float32,
+                      device=wf.device)
+    for i, j in _blocks(out, k):
+        est[i:j] = _block_estimate(wf_2d[i:j], _block_delta(plan, i, j))
+    return est
+
+
+# --- public --------------------------------------------------------------------------------
+def _plan_for(items, w: Tensor):
+    plan = lowrank_plan(items, tuple(w.shape), w.device) if compact_dtype(w.dtype) else None
+    if plan is not None:
+        check_plan(plan, items)
+    return plan
+
+
+def refuse(param: Tensor, rec, items: tuple, what: str = "weight"):
+    """Move ``param`` from its current state (``rec``: its record, None if pristine) to the
+    fusion of ``items`` (W0 when empty); returns (new record or None, param changed).
+
+    On failure ``param`` is left as it was.
+    """
+    if rec is None:
+        if not items:
+            return None, False
+        plan = _plan_for(items, param)
+        if plan is not None:
+            return _lowrank_pass(param, w0=param, plan=plan, items=items)
+        return _fuse_generic(param, param.detach(), items)
+    old_plan = lowrank_plan(rec.items, tuple(param.shape), param.device) if _is_block_record(rec) else None
+    plan = _plan_for(items, param) if items else None
+    if old_plan is not None and (plan is not None or not items):
+        check_fused(rec, param, what)
+        return _lowrank_pass(param, old=(rec, old_plan), plan=plan, items=items)
+    # mixed or generic: the pristine weight as a tensor first, then the new state
+    w0 = restore_weight(rec, param, what)
+    if not items:
+        param.detach().copy_(w0)
+        return None, True
+    if plan is not None:
+        buf = torch.empty_like(param.detach())
+        new, _ = _lowrank_pass(buf, src=buf, w0=w0, plan=plan, items=items)
+        param.detach().copy_(buf)
+        return new, True
+    return _fuse_generic(param, w0, items)
+
+
+def _fuse_generic(param: Tensor, w0: Tensor, items: tuple):
+    dtype = w0.dtype
+    w32 = w0.detach().float()
+    d = delta_sum(items, w32, check=True)
+    wf = torch.add(w32, d).to(dtype)
+    if same_bits(wf, w0):
+        rec = None
+    elif not compact_dtype(dtype):
+        rec = full_record(w0, items)
+    else:
+        est = estimate(items, wf) if any(c.weight_dependent for _, c, _ in items) else estimate(items, wf, d_lin=d)
+        rec = encode(w0, wf, est, items)
+    changed = not same_bits(wf, param.detach())
+    if changed:
+        param.detach().copy_(wf)
+    return rec, changed
+
+
+def restore_weight(rec, wf: Tensor, what: str = "weight") -> Tensor:
+    """The pristine weight (a new tensor) from the fused ``wf`` and its record."""
+    if rec.full is not None:
+        return rec.full.clone()
+    check_fused(rec, wf, what)
+    plan = lowrank_plan(rec.items, tuple(wf.shape), wf.device) if _is_block_record(rec) else None
+    if plan is not None:
+        out = torch.empty_like(wf.detach())
+        _lowrank_pass(out, src=wf, old=(rec, plan))
+        return out
+    plan = lowrank_plan(rec.items, tuple(wf.shape), wf.device)
+    if plan is not None:
+        return decode(rec, _lowrank_estimate(plan, wf), what)
+    return decode(rec, estimate(rec.items, wf.detach()), what)
+
+
+__all__ = ["refuse", "restore_weight", "RestoreError"]

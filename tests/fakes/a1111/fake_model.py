@@ -1,0 +1,100 @@
+"""A tiny stand-in for the model object A1111 v1.10.1 holds in ``shared.sd_model`` (an ldm
+``LatentDiffusion`` after ``sd_hijack``): ``.model.diffusion_model`` is a compvis
+``UNetModel`` (modules named ``input_blocks.1.1.proj_in`` ...), ``.cond_stage_model`` is
+``FrozenCLIPEmbedderWithCustomWords`` whose ``.wrapped`` is ``FrozenCLIPEmbedder`` with the
+transformers CLIP in ``.transformer`` (SD1), or ``FrozenOpenCLIPEmbedder`` whose ``.model``
+holds OpenCLIP's modules (``transformer.resblocks.N.attn`` an ``nn.MultiheadAttention`` with
+q/k/v fused in ``in_proj_weight``) for SD2; flags ``is_sd1``/``is_sd2``/``is_sdxl``.
+
+The compvis tree is built by re-parenting the modules of a tiny diffusers UNet under their
+ldm names (lora-ext's own module table gives the names), so both trees share the very same
+module objects: ``apply_model`` runs the diffusers one, which exercises whatever lora-ext did
+to those modules (fused weights or forward hooks).
+"""
+import types
+
+import torch
+from torch import nn
+
+
+def ldm_tree(table, model):
+    root = nn.Module()
+    for path, info in table.items():
+        if info.ldm_path is None:
+            continue
+        parts = info.ldm_path.split(".")
+        cur = root
+        for q in parts[:-1]:
+            if not hasattr(cur, q):
+                cur.add_module(q, nn.Module())
+            cur = getattr(cur, q)
+        cur.add_module(parts[-1], model.get_submodule(path))
+    return root
+
+
+def openclip_tree(te):
+    """OpenCLIP-named modules holding the weights of a tiny transformers CLIP (copies)."""
+    cfg = te.config
+    root = nn.Module()
+    root.token_embedding = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+    root.positional_embedding = nn.Parameter(torch.empty(cfg.max_position_embeddings, cfg.hidden_size))
+    root.transformer = nn.Module()
+    root.transformer.resblocks = nn.ModuleList()
+    tm = te.text_model if hasattr(te, "text_model") else te
+    with torch.no_grad():
+        root.token_embedding.weight.copy_(tm.embeddings.token_embedding.weight)
+        root.positional_embedding.copy_(tm.embeddings.position_embedding.weight)
+        for layer in tm.encoder.layers:
+            blk = nn.Module()
+            blk.ln_1 = nn.LayerNorm(cfg.hidden_size)
+            blk.ln_2 = nn.LayerNorm(cfg.hidden_size)
+            blk.attn = nn.MultiheadAttention(cfg.hidden_size, cfg.num_attention_heads)
+            sa = layer.self_attn
+            blk.attn.in_proj_weight.copy_(torch.cat([sa.q_proj.weight, sa.k_proj.weight, sa.v_proj.weight]))
+            blk.attn.in_proj_bias.copy_(torch.cat([sa.q_proj.bias, sa.k_proj.bias, sa.v_proj.bias]))
+            blk.attn.out_proj.weight.copy_(sa.out_proj.weight)
+            blk.attn.out_proj.bias.copy_(sa.out_proj.bias)
+            blk.mlp = nn.Module()
+            blk.mlp.c_fc = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+            blk.mlp.c_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+            for a, b in ((blk.ln_1, layer.layer_norm1), (blk.ln_2, layer.layer_norm2),
+                         (blk.mlp.c_fc, layer.mlp.fc1), (blk.mlp.c_proj, layer.mlp.fc2)):
+                a.weight.copy_(b.weight)
+                a.bias.copy_(b.bias)
+            root.transformer.resblocks.append(blk)
+        root.ln_final = nn.LayerNorm(cfg.hidden_size)
+        root.ln_final.weight.copy_(tm.final_layer_norm.weight)
+        root.ln_final.bias.copy_(tm.final_layer_norm.bias)
+    return root
+
+
+class FakeSDModel:
+    def __init__(self, unet, unet_table, te=None, openclip=None, name="tiny.safetensors"):
+        self.model = types.SimpleNamespace(diffusion_model=ldm_tree(unet_table, unet))
+        self.diffusers_unet = unet
+        self.te = te
+        if openclip is not None:
+            wrapped = types.SimpleNamespace(model=openclip)
+            self.is_sd1, self.is_sd2 = False, True
+        else:
+            wrapped = types.SimpleNamespace(transformer=te)
+            self.is_sd1, self.is_sd2 = True, False
+        self.is_sdxl = False
+        self.cond_stage_model = types.SimpleNamespace(wrapped=wrapped)
+        self.sd_checkpoint_info = types.SimpleNamespace(name_for_extra=name.rsplit(".", 1)[0], filename=name)
+        self.observers = []  # called as observer(stage, info) while generating
+
+    def get_learned_conditioning(self, prompts):
+        out = None
+        if self.te is not None:
+            ids = torch.arange(2, 8).reshape(1, 6)
+            out = self.te(ids).last_hidden_state
+        for obs in self.observers:
+            obs("te", {"prompts": list(prompts), "cond": out})
+        return out
+
+    def apply_model(self, x, sigma, cond):
+        for obs in self.observers:
+            obs("unet", {"sigma": sigma})
+        ctx = torch.zeros(x.shape[0], 5, self.diffusers_unet.config.cross_attention_dim)
+        return self.diffusers_unet(x, sigma.reshape(-1) * 100, encoder_hidden_states=ctx).sample

@@ -1,0 +1,200 @@
+"""The ComfyUI nodes driven through a fake of ComfyUI (tests/fakes/comfyui, mirroring ComfyUI
+0.3.64): the custom-node package is loaded the way ComfyUI loads it (the repository's
+``__init__.py``), the nodes patch MODEL/CLIP clones, sampling goes through CFGGuider with
+its wrappers and callbacks, and at every model evaluation the UNet must compute what the
+independent reference computes at that step; afterwards ComfyUI's unpatching gives the
+pristine weights back bit-exactly and no hook is left."""
+from __future__ import annotations
+
+import copy
+import importlib.util
+import os
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+
+from host_common import FAKES, ROOT, bits, close_weights, make_loras, one_thread_fixture, purge, reference, same_bits, tables
+from lora_ext import hostmodel
+from lora_ext.spec import Keyframes, LoraSpec
+from test_engine import no_hooks
+from tiny_models import max_rel_err, tiny_text_encoder, tiny_unet, unet_out
+
+one_thread = one_thread_fixture()
+HOST_MODULES = ("comfy", "folder_paths", "lora_ext.hosts.comfyui", "lora_ext_custom_nodes")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_unet(), tiny_text_encoder()
+
+
+@pytest.fixture
+def comfy(tiny, tmp_path, monkeypatch):
+    unet, te = copy.deepcopy(tiny[0]), copy.deepcopy(tiny[1])
+    purge(*HOST_MODULES)
+    monkeypatch.syspath_prepend(os.path.join(FAKES, "comfyui"))
+    import comfy.model_base
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.samplers
+    import comfy.sd
+    import folder_paths
+
+    loras = make_loras(str(tmp_path / "loras"), unet, te)
+    folder_paths.folder_names_and_paths["loras"] = ([str(tmp_path / "loras")], folder_paths.supported_pt_extensions)
+    hostmodel.register_layout("tiny-sd", tables(unet, te))
+    base = comfy.model_base.BaseModel(unet, tables(unet, te)["unet"])
+    model = comfy.model_patcher.ModelPatcher(base, torch.device("cpu"), torch.device("cpu"))
+    clip = comfy.sd.CLIP(te)
+    # ComfyUI's load_custom_node: the folder's __init__.py under the folder's name
+    spec = importlib.util.spec_from_file_location("lora_ext_custom_nodes", os.path.join(ROOT, "__init__.py"))
+    package = importlib.util.module_from_spec(spec)
+    sys.modules["lora_ext_custom_nodes"] = package
+    spec.loader.exec_module(package)
+    ns = types.SimpleNamespace(nodes=package.NODE_CLASS_MAPPINGS, names=package.NODE_DISPLAY_NAME_MAPPINGS,
+                               model=model, clip=clip, unet=unet, te=te, loras=loras, comfy=comfy,
+                               samplers=comfy.samplers, mm=comfy.model_management,
+                               base_unet=copy.deepcopy(unet), base_te=copy.deepcopy(te))
+    yield ns
+    comfy.model_management.unload_all_models()
+    hostmodel.unregister_layout("tiny-sd")
+    purge(*HOST_MODULES)
+
+
+def sample(ns, model, steps=4, second_order=False, observe=None):
+    if observe is not None:
+        model.add_callback_with_key(ns.comfy.patcher_extension.CallbacksMP.ON_PREPARE_STATE, "test-observer", observe)
+    sigmas = torch.linspace(10.0, 0.0, steps + 1)
+    return ns.samplers.sample(model, torch.zeros(1, 4, 8, 8), None, sigmas,
+                              sampler=ns.samplers.KSAMPLER(second_order=second_order))
+
+
+def test_node_list_and_inputs(comfy):
+    ns = comfy
+    assert set(ns.nodes) == {"LoraExtLoader", "LoraExtPromptLoader", "LoraExtInspector"}
+    assert set(ns.names) == set(ns.nodes)
+    inputs = ns.nodes["LoraExtLoader"].INPUT_TYPES()
+    assert inputs["required"]["lora_name"][0] == ["alpha.safetensors", "beta.safetensors", "gamma.safetensors"]
+    assert {"block_weights", "keyframes"} <= set(inputs["optional"])
+    assert ns.nodes["LoraExtLoader"].RETURN_TYPES == ("MODEL", "CLIP")
+
+
+def test_constant_loras_are_weight_patches_comfy_computes_exactly(comfy):
+    ns = comfy
+    pristine_u, pristine_t = bits(ns.unet), bits(ns.te)
+    loader = ns.nodes["LoraExtLoader"]()
+    m1, c1 = loader.load(ns.model, ns.clip, "alpha.safetensors", 0.8, 0.5)
+    m2, c2 = loader.load(m1, c1, "beta.safetensors", -0.4, 1.0, block_weights="in=0.5:mid=0:out=1")
+    assert ns.model.patches == {} and ns.clip.patcher.patches == {}, "the inputs are not changed (clones)"
+    assert not m2.get_wrappers(ns.comfy.patcher_extension.WrappersMP.SAMPLER_SAMPLE, "lora_ext")
+    specs = [LoraSpec("alpha", path=ns.loras["alpha"], te=0.5, unet=0.8),
+             LoraSpec("beta", path=ns.loras["beta"], te=1.0, unet=-0.4,
+                      blocks={**{f"IN{i:02d}": 0.5 for i in range(12)}, "M00": 0.0,
+                              **{f"OUT{i:02d}": 1.0 for i in range(12)}})]
+    # CLIP: encoding loads the clip patcher, ComfyUI patches the weights
+    c2.encode_from_tokens(torch.arange(2, 8).reshape(1, 6))
+    assert close_weights(ns.te, reference({"te1": ns.base_te}, specs, 0)["te1"])
+    sample(ns, m2)
+    assert close_weights(ns.unet, reference({"unet": ns.base_unet}, specs, 0)["unet"])
+    assert no_hooks(ns.unet)
+    # sampling with the original MODEL: ComfyUI unpatches the clone, the weights are pristine again
+    sample(ns, ns.model)
+    ns.clip.encode_from_tokens(torch.arange(2, 8).reshape(1, 6))
+    assert same_bits(ns.unet, pristine_u) and same_bits(ns.te, pristine_t)
+
+
+def test_keyframes_per_step_with_other_nodes_wrappers(comfy):
+    ns = comfy
+    pe = ns.comfy.patcher_extension
+    loader = ns.nodes["LoraExtLoader"]()
+    m1, c1 = loader.load(ns.model, ns.clip, "gamma.safetensors", 0.7, 0.0)  # constant: a weight patch
+    m2, _ = loader.load(m1, c1, "beta.safetensors", 1.0, 1.0, block_weights="in=0.5:mid=1:out=1",
+                        keyframes="0@0,1@1")
+    m3, _ = loader.load(m2, c1, "alpha.safetensors", 0.9, 1.0, keyframes="1@0,0@2")
+    # another custom node's wrappers and callbacks, added before and after ours
+    calls = []
+
+    def foreign_outer(executor, *args, **kwargs):
+        calls.append("outer")
+        return executor(*args, **kwargs)
+
+    def foreign_sampler(executor, *args, **kwargs):
+        calls.append("sampler")
+        return executor(*args, **kwargs)
+
+    m3 = m3.clone()
+    m3.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, "other-node", foreign_outer)
+    m3.add_wrapper_with_key(pe.WrappersMP.SAMPLER_SAMPLE, "other-node", foreign_sampler)
+    assert len(m3.get_wrappers(pe.WrappersMP.SAMPLER_SAMPLE, "lora_ext")) == 1, "one wrapper for all our LoRAs"
+    gamma = LoraSpec("gamma", path=ns.loras["gamma"], te=0.0, unet=0.7)
+    beta = LoraSpec("beta", path=ns.loras["beta"], unet=Keyframes(((0.0, 0.0), (1.0, 1.0))),
+                    blocks={**{f"IN{i:02d}": 0.5 for i in range(12)}, "M00": 1.0, **{f"OUT{i:02d}": 1.0 for i in range(12)}})
+    alpha = LoraSpec("alpha", path=ns.loras["alpha"], unet=Keyframes(((0.9, 0.0), (0.0, 2.0))))
+    seen = []
+    refs = {}
+
+    def observe(patcher, timestep):
+        step = {10.0: 0, 7.5: 1, 5.0: 2, 2.5: 3}[round(float(timestep), 3)]
+        if step not in refs:
+            refs[step] = unet_out(reference({"unet": ns.base_unet}, [gamma, beta, alpha], step, 4)["unet"])
+        assert max_rel_err(unet_out(ns.unet), refs[step]) <= 1e-5, f"step {step}"
+        seen.append(step)
+
+    sample(ns, m3, steps=4, observe=observe)
+    assert seen == [0, 1, 2, 3]
+    assert calls == ["outer", "sampler"]
+    assert max_rel_err(refs[0], refs[3]) > 1e-3, "the schedule changes the output"
+    assert no_hooks(ns.unet), "hooks are taken off when sampling ends"
+    assert close_weights(ns.unet, reference({"unet": ns.base_unet}, [gamma], 0)["unet"])
+    # a failing sampling run still takes the hooks off
+    m4 = m3.clone()
+
+    def boom(patcher, timestep):
+        raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError, match="interrupted"):
+        sample(ns, m4, observe=boom)
+    assert no_hooks(ns.unet)
+    ns.mm.unload_all_models()
+    assert same_bits(ns.unet, bits(ns.base_unet))
+
+
+def test_second_order_sampler_steps(comfy):
+    ns = comfy
+    m, _ = ns.nodes["LoraExtLoader"]().load(ns.model, ns.clip, "alpha.safetensors", 1.0, 1.0, keyframes="0@0,1@1")
+    steps = []
+
+    def observe(patcher, timestep):
+        steps.append(patcher.get_attachment("lora_ext").run[0].step)
+
+    sample(ns, m, steps=3, second_order=True, observe=observe)
+    assert steps == [0, 1, 1, 2, 2], "the evaluation at sigma_i+1 belongs to the next step's strengths"
+
+
+def test_prompt_tag_loader_and_inspector(comfy):
+    ns = comfy
+    m, c, text = ns.nodes["LoraExtPromptLoader"]().load(
+        ns.model, ns.clip, "a castle, <lora:alpha:0.7:te=0.3>, snow <lyco:gamma:1:unet=0@0,1@1>")
+    assert text == "a castle, snow"
+    assert m.get_attachment("lora_ext").specs[0].name == "gamma"
+    c.encode_from_tokens(torch.arange(2, 8).reshape(1, 6))
+    spec = LoraSpec("alpha", path=ns.loras["alpha"], te=0.3, unet=0.3)
+    assert close_weights(ns.te, reference({"te1": ns.base_te}, [spec], 0)["te1"])
+    with pytest.raises(Exception, match="nope"):
+        ns.nodes["LoraExtPromptLoader"]().load(ns.model, ns.clip, "<lora:nope:1>")
+    out = ns.nodes["LoraExtInspector"]().inspect("beta.safetensors")
+    report = out["result"][0]
+    assert "lokr" in report and "oft" in report and "base model" in report and "NOT APPLIED" in report
+
+
+def test_repository_init_is_import_light():
+    code = ("import importlib.util, sys\n"
+            f"spec = importlib.util.spec_from_file_location('lora_ext_nodes', {os.path.join(ROOT, '__init__.py')!r})\n"
+            "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
+            "assert set(m.NODE_CLASS_MAPPINGS) == {'LoraExtLoader', 'LoraExtPromptLoader', 'LoraExtInspector'}\n"
+            "heavy = [x for x in ('torch', 'comfy', 'diffusers', 'transformers') if x in sys.modules]\n"
+            "assert not heavy, heavy\n")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd="/")
