@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import random
+from collections import Counter
 
 import pytest
 import torch
@@ -501,6 +502,7 @@ def test_thousand_cycles_bit_identical(unet0, tmp_path, dtype):
 
     cycles = 1000
     record_fraction = []
+    schemes = Counter()
     for cycle in range(cycles):
         # preloaded Lora objects; the specs' paths point at them, tuples carry the strengths
         h = lora_ext.apply(unet, [(loras[s.name], m) if not s.is_scheduled() and s.unet == 1.0 else (s, m)
@@ -509,6 +511,7 @@ def test_thousand_cycles_bit_identical(unet0, tmp_path, dtype):
             h.update(rnd.randint(0, 4), 5)
         if h.patched_bytes:
             record_fraction.append(h.restore_record_bytes / h.patched_bytes)
+            schemes.update(h.record_schemes)
         h.set(pick())
         if rnd.random() < 0.5:
             h.update(rnd.randint(0, 4), 5)
@@ -519,7 +522,10 @@ def test_thousand_cycles_bit_identical(unet0, tmp_path, dtype):
             assert no_hooks(unet)
     assert_bit_identical(unet, base)
     assert no_hooks(unet)
-    print(f"{dtype}: mean restore record {sum(record_fraction) / len(record_fraction):.1%} of the patched bytes")
+    print(f"{dtype}: mean restore record {sum(record_fraction) / len(record_fraction):.1%} of the patched bytes; "
+          f"schemes {dict(schemes)}")
+    # every record form took part: sparse, codes, full copies (the small norm/bias ones)
+    assert schemes["sparse"] and schemes["full"] and any(schemes[f"{b}-bit"] for b in (1, 2, 4, 8))
 
 
 # --- transactional: a failure midway leaves the model bit-identical, with no hook ---------------------
@@ -727,3 +733,22 @@ def test_onthefly_with_autograd(unet, tmp_path):
             out.square().mean().backward()
     assert max_rel_err(out.detach(), ref) <= 1e-6
     assert unet.get_submodule(LIN).weight.grad is not None
+
+
+def test_pipeline_object_and_abandon(unet, te, tmp_path):
+    path = write_lora(tmp_path / "p.safetensors", [
+        ("unet", LIN, "lora", _shape(unet, LIN)), ("te", TE_Q, "lora", tuple(_te_module(te, TE_Q).weight.shape))])
+
+    class Pipe:  # what a diffusers pipeline exposes
+        def __init__(self, unet, te):
+            self.unet, self.text_encoder = unet, te
+
+    base_u, base_t = state_bits(unet), state_bits(te)
+    h = lora_ext.apply(Pipe(unet, te), [path], method="onthefly")
+    assert h.reports[0].applied == 2 and not no_hooks(unet, te)
+    h.abandon()  # the host replaced the weights: nothing is written, hooks go
+    assert no_hooks(unet, te) and not h.alive
+    assert_bit_identical(unet, base_u)
+    assert_bit_identical(te, base_t)
+    with pytest.raises(LoraExtError, match="cannot apply LoRAs to a"):
+        lora_ext.apply(object(), [path])

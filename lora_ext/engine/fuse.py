@@ -4,7 +4,7 @@
 with ``record``) to ``round(W0 + sum s*delta)`` over ``items`` (W0 when empty) and returns the
 new restore record; ``restore_weight(record, wf)`` returns ``W0`` as a new tensor.
 
-The common case, every item low-rank (LoRA/LoCon), runs in row blocks of ~128K elements:
+The common case, every item low-rank (LoRA/LoCon), runs in row blocks of ~256K elements:
 per block one GEMM per delta and a handful of elementwise steps whose temporaries stay in
 cache, so the weight itself is read and written about once, even for a switch (decode the
 old fusion, fuse the new one, in the same pass). Each block's W0 is checked against a
@@ -27,7 +27,7 @@ from .record import (BITS_CHOICES, Record, RestoreError, check_fused, checksum, 
                      store_exceptions as _store_exceptions)
 
 Tensor = torch.Tensor
-CHUNK = 1 << 17  # elements per row block of the low-rank path
+CHUNK = 1 << 18  # elements per row block of the low-rank path (fp32 temporaries stay in L2/L3)
 FP32_MAX = float(torch.finfo(torch.float32).max)
 # Sparse records need no second pass over the weight: kept while they stay under this share
 # of the weight's bytes, even when a code would be a little smaller.
@@ -152,26 +152,22 @@ def _lowrank_pass(dst: Tensor, *, src: Optional[Tensor] = None, w0: Optional[Ten
                     differs = not same_bits(target, w0b)
                     if in_place and not differs:
                         continue  # an unchanged block of a pristine weight: nothing to write
-            if not (fresh or in_place):
-                written.append(t)
             d2[i:j] = target
             changed = True
+            if not fresh:
+                written.append(t)
         if plan is None or not differs:
             return None, changed
         return _finish_lowrank(dst, dtype, plan, items, blocks, k, new_exc, sums), changed
     except BaseException:
-        if not fresh:
-            _undo(d2, blocks, written if not in_place else [t for t in range(len(blocks))], k, plan, new_exc,
-                  old, in_place, limit=t)
+        _undo(d2, blocks, written, k, plan, new_exc, old)
         raise
 
 
-def _undo(d2, blocks, written, k, plan, new_exc, old, in_place, limit) -> None:
-    """Put back the blocks this pass overwrote (those before block ``limit``): their W0
-    again (from the new estimate and exceptions), then the old fusion of it."""
+def _undo(d2, blocks, written, k, plan, new_exc, old) -> None:
+    """Put back the blocks this pass overwrote: their W0 again (from the new estimate and
+    exceptions), then the old fusion of it."""
     for t in written:
-        if t >= limit:
-            break
         i, j = blocks[t]
         cur = d2[i:j]
         if plan is None:

@@ -20,7 +20,7 @@ import torch
 
 from ..errors import LoraExtError
 from ..keys import KeyMap
-from ..network import Lora, load_lora
+from ..network import Lora, Unmatched, load_lora
 from ..spec import LoraSpec
 from .auto import decide
 from .contrib import Contribution, bias_sum
@@ -233,6 +233,16 @@ class Handle:
         self._mods.clear()
         self._alive = False
 
+    def abandon(self) -> None:
+        """Forget everything without writing a weight (the host replaced the model's weights,
+        so there is nothing left to restore): hooks off, records dropped, handle dead."""
+        for m in self._mods.values():
+            if m.live is not None:
+                m.live.remove_hook()
+        self._mods.clear()
+        self._entries = []
+        self._alive = False
+
     def __enter__(self):
         return self
 
@@ -338,8 +348,6 @@ class Handle:
         for b in res.bindings:
             targets = b.targets
             if len(targets) > 1 and getattr(b.adapter, "weight_dependent", False):
-                from ..network import Unmatched
-
                 entry.report.unmatched.extend(
                     Unmatched(k, "a weight-dependent adapter spanning fused q/k/v cannot be applied to a live model")
                     for k in sorted(b.group.keys.values()))
@@ -522,6 +530,9 @@ class Handle:
         """Make the module's weight ``round(W0 + sum s*delta)`` over ``items`` (W0 if empty)."""
         module = m.module
         w = module.weight
+        if items and not w.is_floating_point():
+            raise LoraExtError(f"{m.component}:{m.key[1]}: cannot fuse into a {w.dtype} weight "
+                               "(quantised?); apply with method='onthefly'")
         b = getattr(module, "bias", None)
         b = b if isinstance(b, torch.Tensor) else None
         # the bias first: everything that can fail before the weight is written runs here

@@ -281,7 +281,7 @@ def _price_codes(w0b: Tensor, e: Tensor, est: Tensor, dtype) -> dict:
 
 
 def encode(w0: Tensor, wf: Tensor, est: Tensor, items=(), wrong_idx: Optional[Tensor] = None,
-           sparse_budget: float = 0.0) -> Record:
+           sparse_budget: float = 0.125) -> Record:
     """The smallest exact record of ``w0`` given the fused ``wf`` and the estimate ``est``.
 
     ``est`` must be exactly what the restore will compute from ``wf`` (``contrib.estimate``).
@@ -301,7 +301,7 @@ def encode(w0: Tensor, wf: Tensor, est: Tensor, items=(), wrong_idx: Optional[Te
     if wrong_idx is None:
         wrong_idx = diff_positions(w0b, int_view(e))
     best_bits, best_size = 0, sparse_bytes(wrong_idx.numel(), n, item)
-    if best_size > min((n + 7) // 8, sparse_budget * full_bytes):  # price the code widths
+    if best_size > max((n + 7) // 8, sparse_budget * full_bytes):  # price the code widths
         for b, frac in _price_codes(w0b, e, est, dtype).items():
             size = (n * b + 7) // 8 + sparse_bytes(int(frac * n), n, item)
             if size < best_size:
