@@ -1,8 +1,9 @@
 """Benchmark: lora-ext's apply engine vs diffusers' own LoRA path, on a full-size SD1.5 UNet.
 
-Not a test: run it by hand (CPU, a few minutes on 2 cores, ~8 GB of RAM)::
+Not a test: run it by hand (CPU, 3-5 minutes on 2 quiet cores, ~8 GB of RAM)::
 
-    python benchmarks/apply.py [--dtype fp16|bf16|fp32] [--steps 8] [--latent 16] [--rank 32]
+    python benchmarks/apply.py [--dtype fp16|bf16|fp32] [--threads N] [--rounds 2] [--steps 4]
+                               [--latent 16] [--rank 32] [--skip-diffusers] [--skip-steps]
 
 What it does, all in one process on the same UNet:
 
@@ -13,6 +14,7 @@ What it does, all in one process on the same UNet:
    sized so that the weight change is ~5% of the weight.
 2. lora-ext (``method="fuse"``): apply LoRA A, switch to B (``set``), remove; checks the
    restore is bit-exact and reports the restore record as a fraction of the patched bytes.
+   Phases 2 and 3 alternate for ``--rounds`` rounds; the best round of each is compared.
 3. diffusers 0.42 on the same UNet: there is no pipeline (a bare UNet), so a minimal object
    with ``StableDiffusionLoraLoaderMixin`` holds it; that is exactly diffusers' own code path
    for a kohya file: ``load_lora_weights`` (kohya -> diffusers key conversion, PEFT layers
@@ -23,7 +25,7 @@ What it does, all in one process on the same UNet:
    convolutions are not representative): ``--steps`` forward passes at a small latent size
    (batch 2, 77 text tokens), ``update(step, total)`` before each, ``method="auto"``:
    the constant LoRA is fused; the scheduled one (a keyframe ramp, a new strength every step)
-   goes where the auto rule puts it.
+   goes where the auto rule puts it. The configurations are interleaved per round.
 
 Peak memory is the process's peak RSS above its RSS before each phase (``/proc`` on Linux).
 Times are wall clock and CPU time of the process (on a machine shared with other work, CPU

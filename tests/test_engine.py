@@ -464,15 +464,15 @@ def test_set_touches_only_changed_modules(unet, unet0, tmp_path):
 
 
 # --- 1000 apply / switch / remove cycles end bit-identical (fp16, bf16) ------------------------------
-CYCLE_FILES = {
-    "lora": ("lora", [LIN, FF, PROJ, C3, DOWNS]),
+CYCLE_FILES = {  # every module is shared by several types, 1x1 and 3x3 convs included
+    "lora": ("lora", [LIN, PROJ, C3]),
     "loha": ("loha", [FF, C3]),
-    "lokr": ("lokr", [FF, LIN]),
-    "dora": ("dora", [LIN, C3]),
-    "ia3": ("ia3", [LIN, PROJ]),
-    "oft": ("oft", [FF, MID_Q]),
+    "lokr": ("lokr", [LIN]),
+    "dora": ("dora", [C3]),
+    "ia3": ("ia3", [PROJ]),
+    "oft": ("oft", [FF, LIN]),
     "full": ("full", [FF]),
-    "norm": ("norm", [GN, LN]),
+    "norm": ("norm", [GN]),
 }
 
 
@@ -490,7 +490,7 @@ def test_thousand_cycles_bit_identical(unet0, tmp_path, dtype):
 
     def pick():
         out = []
-        for name in rnd.sample(names, rnd.randint(1, 4)):
+        for name in rnd.sample(names, rnd.randint(1, 3)):
             spec = LoraSpec(name, path=loras[name].path)
             r = rnd.random()
             if r < 0.2:
@@ -507,13 +507,13 @@ def test_thousand_cycles_bit_identical(unet0, tmp_path, dtype):
         # preloaded Lora objects; the specs' paths point at them, tuples carry the strengths
         h = lora_ext.apply(unet, [(loras[s.name], m) if not s.is_scheduled() and s.unet == 1.0 else (s, m)
                                   for s, m in pick()], method=rnd.choice(["fuse", "fuse", "onthefly", "auto"]))
-        if rnd.random() < 0.5:
+        if rnd.random() < 0.3:
             h.update(rnd.randint(0, 4), 5)
         if h.patched_bytes:
             record_fraction.append(h.restore_record_bytes / h.patched_bytes)
             schemes.update(h.record_schemes)
         h.set(pick())
-        if rnd.random() < 0.5:
+        if rnd.random() < 0.3:
             h.update(rnd.randint(0, 4), 5)
             h.update(rnd.randint(0, 4), 5)
         h.remove()
@@ -645,14 +645,14 @@ def test_restore_record_is_small(unet0, tmp_path, dtype):
 @pytest.mark.parametrize("workers", [1, 2])
 def test_failure_inside_a_block_loop_and_in_parallel(unet0, tmp_path, monkeypatch, workers):
     """Small blocks (several per weight), modules re-fused on worker threads, failure midway."""
-    from lora_ext.engine import fuse, handle
+    from lora_ext.engine import fuse, transact
 
     unet = copy.deepcopy(unet0).half()
     mods = [LIN, LIN_K, FF, MID_Q, OUT3_V, PROJ, SHORT, C3, C3_MID, C3_OUT, DOWNS]
     path = write_lora(tmp_path / "p.safetensors", [("unet", m, "lora", _shape(unet, m)) for m in mods], mag=0.3)
     monkeypatch.setattr(fuse, "CHUNK", 24)
-    monkeypatch.setattr(handle, "WORKERS", workers)
-    monkeypatch.setattr(handle, "PARALLEL_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(transact, "WORKERS", workers)
+    monkeypatch.setattr(transact, "PARALLEL_MIN_ELEMENTS", 0)
     base = state_bits(unet)
     with lora_ext.apply(unet, [(path, 0.9)], method="fuse") as h:  # the parallel path works
         assert h.stats["writes"] == len(mods)

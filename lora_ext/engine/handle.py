@@ -3,16 +3,16 @@
 State is kept per module: which contributions are fused into its weight (with the record
 that gives the pristine weight back) and which run live in a forward hook. Every change
 (``apply``, ``set``, ``update``, ``remove``) computes the wanted state of the modules it
-concerns and moves each module there; a module whose wanted state equals its current one is
-not touched. A change is a transaction: if anything fails, every module already moved is
-moved back, so the model is bit-identical to before and has no hook left from it.
+concerns and moves each module there (``transact``); a module whose wanted state equals its
+current one is not touched. A change is a transaction: if anything fails, every module
+already moved is moved back, so the model is bit-identical to before and has no hook left
+from it.
 """
 from __future__ import annotations
 
 import os
 import threading
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -23,11 +23,9 @@ from ..keys import KeyMap
 from ..network import Lora, Unmatched, load_lora
 from ..spec import LoraSpec
 from .auto import decide
-from .contrib import Contribution, bias_sum
-from .fuse import refuse, restore_weight
+from .contrib import Contribution
 from .models import as_spec, cached_lora, components_of, keymap_for, live_index, remember_lora
-from .onthefly import LiveModule
-from .record import Record, full_record, same_bits
+from .transact import Transactions, _Mod
 
 METHODS = ("auto", "fuse", "onthefly")
 
@@ -75,77 +73,8 @@ class _Entry:
         return s
 
 
-class _Mod:
-    """Engine state of one module."""
-
-    __slots__ = ("key", "module", "component", "block", "contribs", "fused", "rec_w", "rec_b", "live")
-
-    def __init__(self, key, module, component, block):
-        self.key = key
-        self.module = module
-        self.component = component
-        self.block = block
-        self.contribs: list = []
-        self.fused: tuple = ()  # ((key, contribution, strength), ...) sorted by key
-        self.rec_w: Optional[Record] = None  # None: the weight is pristine
-        self.rec_b: Optional[Record] = None
-        self.live: Optional[LiveModule] = None
-
-    @property
-    def idle(self) -> bool:
-        return not self.contribs and self.rec_w is None and self.rec_b is None and (
-            self.live is None or not (self.live.items or self.live.probe))
-
-
-def _bias_delta_sum(items, shape, pristine_weight, b0):
-    """fp32 sum of the items' bias changes (None if none changes the bias).
-
-    ``pristine_weight()`` gives W0, asked for only when an item's bias change may depend on it.
-    """
-    if not any(_may_change_bias(c) for _, c, _ in items):
-        return None
-    needs_w = any(_may_change_bias(c) and c.lowrank(shape) is None for _, c, _ in items)
-    w32 = pristine_weight().float() if needs_w else None
-    # an adapter that changes a bias the module lacks is an error (raised by bias_sum)
-    return bias_sum(items, None if b0 is None else b0.float(), w32)
-
-
-def _may_change_bias(c) -> bool:
-    """False for adapters known to leave the bias alone (plain LoRA without lora_up.bias)."""
-    t = getattr(c.adapter, "tensors", None) or {}
-    if getattr(c.adapter, "type_name", "") == "lora" and "lora_up.bias" not in t:
-        return False
-    return True
-
-
-# Re-fusing many big CPU weights runs on this many threads, each with one intra-op thread
-# (block-sized ops parallelise badly inside torch, whole modules side by side do well).
-# None: torch.get_num_threads(). 1: off.
-WORKERS = None
-PARALLEL_MIN_ELEMENTS = 1 << 20  # below this much work, threads cost more than they save
-
-
-def _workers(work) -> int:
-    if len(work) < 2:
-        return 1
-    n = WORKERS if WORKERS is not None else torch.get_num_threads()
-    if n <= 1:
-        return 1
-    total = 0
-    for m, _ in work:
-        w = m.module.weight
-        if w.device.type != "cpu":
-            return 1
-        total += w.numel()
-    return min(n, len(work)) if total >= PARALLEL_MIN_ELEMENTS else 1
-
-
-def _signature(items) -> tuple:
-    return tuple((k, s) for k, _, s in items)
-
-
 # --------------------------------------------------------------------------------------------
-class Handle:
+class Handle(Transactions):
     """LoRAs applied to a live model. See ``apply``."""
 
     def __init__(self, model, method: str = "auto", keymap: Optional[KeyMap] = None):
@@ -422,148 +351,6 @@ class Handle:
         fused_items = tuple((k, c, s) for k, (c, s) in sorted(fused.items(), key=lambda t: t[0]) if s != 0.0)
         live = {k: v for k, v in live.items() if v[1] != 0.0}
         return fused_items, live
-
-    # --- moving modules ----------------------------------------------------------------------
-    def _reconcile(self, keys) -> None:
-        """Move the modules ``keys`` to their wanted state, all or nothing."""
-        journal = []
-        try:
-            with torch.no_grad():
-                refuse, live = [], []
-                for k in keys:
-                    m = self._mods.get(k)
-                    if m is None:
-                        continue
-                    fused, items = self._wanted(m)
-                    if _signature(fused) != _signature(m.fused):
-                        refuse.append((m, fused))
-                    probe = self.method == "auto" and any(
-                        c.entry.placement == "onthefly" and c.entry.scheduled and c.entry.decided_for is None
-                        for c in m.contribs)
-                    current = m.live.items if m.live is not None else {}
-                    current_probe = m.live.probe if m.live is not None else False
-                    if items != current or probe != current_probe:
-                        live.append((m, items, probe, (dict(current), current_probe)))
-                self._refuse_all(refuse, journal)
-                for m, items, probe, old in live:
-                    journal.append((m, "live", old))
-                    self._set_live(m, items, probe)
-        except BaseException as exc:
-            problems = self._rollback(journal)
-            if problems:
-                raise LoraExtError(f"{exc}; and rolling back failed for {len(problems)} modules "
-                                   f"(first: {problems[0]})") from exc
-            raise
-
-    def _refuse_all(self, work, journal) -> None:
-        """Re-fuse modules, in parallel on CPU (one intra-op thread per worker) when it pays."""
-        workers = _workers(work)
-        if workers <= 1:
-            for m, fused in work:
-                old = m.fused
-                self._refuse(m, fused)
-                journal.append((m, "fused", old))
-            return
-        work = sorted(work, key=lambda mf: -mf[0].module.weight.numel())  # big ones first
-        errors = []
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            with ThreadPoolExecutor(max_workers=workers) as pool:
-                def run(m, fused):
-                    if errors:
-                        return
-                    old = m.fused
-                    try:
-                        with torch.no_grad():
-                            self._refuse(m, fused)
-                    except BaseException as exc:
-                        errors.append(exc)
-                        return
-                    with self._lock:
-                        journal.append((m, "fused", old))
-
-                for f in [pool.submit(run, m, fused) for m, fused in work]:
-                    f.result()
-        finally:
-            torch.set_num_threads(threads)
-        if errors:
-            raise errors[0]
-
-    def _rollback(self, journal) -> list:
-        problems = []
-        with torch.no_grad():
-            for m, what, old in reversed(journal):
-                try:
-                    if what == "fused":
-                        self._refuse(m, old)
-                    else:
-                        self._set_live(m, *old)
-                except Exception as exc:  # keep going: restore as much as possible
-                    problems.append(f"{m.component}:{m.key[1]}: {exc}")
-        return problems
-
-    def _pristine(self, m: _Mod) -> tuple:
-        """(W0, b0) in the model's dtype: decoded from the records, or the parameters themselves."""
-        w = m.module.weight
-        if m.rec_w is None:
-            w0 = w.detach()
-        else:
-            w0 = restore_weight(m.rec_w, w, f"{m.component}:{m.key[1]}.weight")
-            self._bump("decoded")
-        b = getattr(m.module, "bias", None)
-        if m.rec_b is not None:
-            b0 = m.rec_b.full.clone()
-        else:
-            b0 = b.detach() if isinstance(b, torch.Tensor) else None
-        return w0, b0
-
-    def _write(self, param: torch.Tensor, value: torch.Tensor) -> None:
-        param.copy_(value)  # under no_grad; bumps the parameter's version counter
-        self._bump("writes")
-
-    def _bump(self, what: str) -> None:
-        with self._lock:
-            self.stats[what] += 1
-
-    def _refuse(self, m: _Mod, items: tuple) -> None:
-        """Make the module's weight ``round(W0 + sum s*delta)`` over ``items`` (W0 if empty)."""
-        module = m.module
-        w = module.weight
-        if items and not w.is_floating_point():
-            raise LoraExtError(f"{m.component}:{m.key[1]}: cannot fuse into a {w.dtype} weight "
-                               "(quantised?); apply with method='onthefly'")
-        b = getattr(module, "bias", None)
-        b = b if isinstance(b, torch.Tensor) else None
-        # the bias first: everything that can fail before the weight is written runs here
-        b0 = m.rec_b.full if m.rec_b is not None else (None if b is None else b.detach())
-        bf, new_rec_b, write_b = None, m.rec_b, False
-        db = _bias_delta_sum(items, tuple(w.shape), lambda: self._pristine(m)[0], b0) if items else None
-        if db is not None:
-            bf = torch.add(b0.float(), db).to(b.dtype)
-            write_b = not same_bits(bf, b.detach())
-            if new_rec_b is None and write_b:
-                new_rec_b = full_record(b0)
-        elif m.rec_b is not None:
-            bf, write_b, new_rec_b = b0.clone(), True, None
-        # the weight: block by block where its bits change; undoes itself on failure
-        new_rec_w, changed = refuse(w, m.rec_w, items, f"{m.component}:{m.key[1]}.weight")
-        if changed:
-            self._bump("writes")
-        if write_b:
-            self._write(b, bf)
-        m.rec_w, m.rec_b = new_rec_w, new_rec_b
-        m.fused = items
-        self._bump("refused" if items else "restored")
-
-    def _set_live(self, m: _Mod, items: dict, probe: bool = False) -> None:
-        if m.live is None:
-            if not items and not probe:
-                return
-            m.live = LiveModule(m.module, lambda m=m: tuple(
-                None if t is None else t.float() for t in self._pristine(m)))
-        m.live.set(items, probe)
-
 
 # --------------------------------------------------------------------------------------------
 def apply(model, specs, method: str = "auto", *, keymap: Optional[KeyMap] = None) -> Handle:
