@@ -248,6 +248,7 @@ def main(argv=None) -> int:
         res.setdefault("ours remove", []).append(ph)
         ours_diff = compare(unet, snap)
         assert ours_diff[0] == 0, "lora-ext's restore was not bit-exact"
+        del h  # the next round reads and parses the files again, as diffusers does
         if holder is None:
             continue
         with Phase("apply") as ph:

@@ -20,6 +20,11 @@ from typing import Optional
 
 import torch
 
+try:
+    import numpy as _numpy
+except ImportError:  # pragma: no cover
+    _numpy = None
+
 from ..errors import AdapterError
 from .contrib import delta_sum, estimate
 from .record import (BITS_CHOICES, Record, RestoreError, check_fused, checksum, compact_dtype, decode, encode,
@@ -70,26 +75,60 @@ def _blocks(out: int, k: int):
         yield i, min(out, i + rows)
 
 
-def _block_delta(plan, i: int, j: int) -> Tensor:
+class _Scratch:
+    """Block-sized buffers reused by every block of a pass.
+
+    Fresh temporaries per block cost more than the arithmetic: each is a new allocation whose
+    pages the kernel has to fault in and zero. One set per pass (and so per worker thread).
+    """
+
+    def __init__(self, rows: int, k: int, dtype, device):
+        n = rows * k
+        self.k = k
+        self.d = torch.empty(n, dtype=torch.float32, device=device)  # the block's delta
+        self.f = torch.empty(n, dtype=torch.float32, device=device)  # fp32 working copy
+        self.t = torch.empty(n, dtype=dtype, device=device)  # the fused block
+        self.e = torch.empty(n, dtype=dtype, device=device)  # round(estimate)
+        self.w = torch.empty(n, dtype=dtype, device=device)  # W0 decoded from an old fusion
+        self.mask = _numpy.empty(n, dtype=bool) if _numpy is not None and device.type == "cpu" else None
+
+    def view(self, name: str, rows: int) -> Tensor:
+        return getattr(self, name)[:rows * self.k].view(rows, self.k)
+
+
+def _block_delta(plan, i: int, j: int, out: Optional[Tensor] = None) -> Tensor:
     up, down = plan[0]
-    d = torch.mm(up[i:j], down)
+    d = torch.mm(up[i:j], down, out=out) if out is not None else torch.mm(up[i:j], down)
     for up, down in plan[1:]:
         d.addmm_(up[i:j], down)
     return d
 
 
-def _block_estimate(wf_blk: Tensor, d: Tensor) -> Tensor:
-    """``wf - D`` for one block: fp32 (fp64 for an fp32 weight, so the subtraction adds no rounding)."""
+def _block_estimate(wf_blk: Tensor, d: Tensor, out: Optional[Tensor] = None, buf: Optional[Tensor] = None) -> Tensor:
+    """``wf - D`` for one block: fp32 (fp64 for an fp32 weight, so the subtraction adds no rounding).
+
+    With ``out`` (the weight's dtype) the estimate is written there rounded, through the fp32
+    ``buf``; the values are the same as ``_block_estimate(wf, d).to(dtype)``.
+    """
     if wf_blk.dtype == torch.float32:
-        return wf_blk.double().sub_(d.double())
-    return wf_blk.float().sub_(d)
+        est = wf_blk.double().sub_(d.double())
+        return est if out is None else out.copy_(est)
+    if out is None:
+        return wf_blk.float().sub_(d)
+    buf.copy_(wf_blk)
+    buf.sub_(d)
+    return out.copy_(buf)
 
 
-def _block_fuse(w0_blk: Tensor, d: Tensor) -> Tensor:
+def _block_fuse(w0_blk: Tensor, d: Tensor, out: Optional[Tensor] = None, buf: Optional[Tensor] = None) -> Tensor:
     """``round(W0 + D)`` for one block, in W0's dtype (the one rounding of the whole scheme)."""
     if w0_blk.dtype == torch.float32:
-        return torch.add(w0_blk, d)
-    return w0_blk.float().add_(d).to(w0_blk.dtype)
+        return torch.add(w0_blk, d) if out is None else torch.add(w0_blk, d, out=out)
+    if out is None:
+        return w0_blk.float().add_(d).to(w0_blk.dtype)
+    buf.copy_(w0_blk)
+    buf.add_(d)
+    return out.copy_(buf)
 
 
 def _is_block_record(rec) -> bool:
@@ -116,6 +155,7 @@ def _lowrank_pass(dst: Tensor, *, src: Optional[Tensor] = None, w0: Optional[Ten
     in_place = w0 is not None and w0.data_ptr() == dst.data_ptr()
     w2 = None if w0 is None else w0.detach().reshape(out, k)
     blocks = list(_blocks(out, k))
+    sc = _Scratch(blocks[0][1] - blocks[0][0], k, dtype, dst.device)
     if old is not None:
         rec_old, plan_old = old
         pos = rec_old.exception_positions().to(dst.device)
@@ -129,8 +169,10 @@ def _lowrank_pass(dst: Tensor, *, src: Optional[Tensor] = None, w0: Optional[Ten
     changed = differs = False
     try:
         for t, (i, j) in enumerate(blocks):
+            r = j - i
+            d, f = sc.view("d", r), sc.view("f", r)
             if old is not None:
-                w0b = _block_estimate(s2[i:j], _block_delta(plan_old, i, j)).to(dtype)
+                w0b = _block_estimate(s2[i:j], _block_delta(plan_old, i, j, d), sc.view("w", r), f)
                 lo, hi = bounds[t], bounds[t + 1]
                 if hi > lo:
                     scatter(int_view(w0b), pos[lo:hi] - i * k, old_vals[lo:hi])
@@ -141,10 +183,11 @@ def _lowrank_pass(dst: Tensor, *, src: Optional[Tensor] = None, w0: Optional[Ten
             if plan is None:
                 target = w0b
             else:
-                d = _block_delta(plan, i, j)
-                target = _block_fuse(w0b, d)
+                d = _block_delta(plan, i, j, d)
+                target = _block_fuse(w0b, d, sc.view("t", r), f)
                 w0i = int_view(w0b)
-                bad, vals = gather_diff(w0i, int_view(_block_estimate(target, d).to(dtype)))
+                est = _block_estimate(target, d, sc.view("e", r), f)
+                bad, vals = gather_diff(w0i, int_view(est), None if sc.mask is None else sc.mask[:r * k])
                 if bad.numel():
                     new_exc[t] = (bad, vals)
                 sums.append(checksum(w0i))
@@ -152,7 +195,7 @@ def _lowrank_pass(dst: Tensor, *, src: Optional[Tensor] = None, w0: Optional[Ten
                     differs = not same_bits(target, w0b)
                     if in_place and not differs:
                         continue  # an unchanged block of a pristine weight: nothing to write
-            d2[i:j] = target
+            d2[i:j].copy_(target)
             changed = True
             if not fresh:
                 written.append(t)

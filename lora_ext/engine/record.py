@@ -99,11 +99,14 @@ def diff_positions(a: Tensor, b: Tensor) -> Tensor:
     return (a != b).nonzero().reshape(-1)
 
 
-def gather_diff(a: Tensor, b: Tensor) -> tuple:
-    """(flat positions where two int views differ, ``a``'s values there)."""
+def gather_diff(a: Tensor, b: Tensor, mask=None) -> tuple:
+    """(flat positions where two int views differ, ``a``'s values there).
+
+    ``mask``: a numpy bool scratch array of the same length, for the comparison.
+    """
     na, nb = _np(a), _np(b)
     if na is not None and nb is not None:
-        idx = _numpy.flatnonzero(na != nb)
+        idx = _numpy.flatnonzero(_numpy.not_equal(na, nb, out=mask) if mask is not None else na != nb)
         return torch.from_numpy(idx), torch.from_numpy(na[idx])
     idx = (a != b).nonzero().reshape(-1)
     return idx, a[idx]
