@@ -62,6 +62,7 @@ __all__ = [
     "te_layout",
     "module_table",
     "table_for_model",
+    "model_config",
     "table_for_config",
     "ldm_index",
     "ldm_to_diffusers",
@@ -381,12 +382,22 @@ _CUSTOM_ROOTS = {"unet": "model.diffusion_model.", "te1": "cond_stage_model.tran
                  "te2": "conditioner.embedders.1.model."}
 
 
+def model_config(model) -> dict:
+    """A model's config as a plain dict: diffusers' FrozenDict or transformers' PretrainedConfig."""
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        return {}
+    if hasattr(cfg, "to_dict"):  # transformers: a PretrainedConfig is not a mapping
+        return cfg.to_dict()
+    return dict(cfg)
+
+
 def table_for_model(component: str, model: torch.nn.Module, config: Mapping | None = None) -> dict[str, ModuleInfo]:
     """Module table of a concrete model (any size), with the same naming rules as the archs."""
     if component not in _CUSTOM_ROOTS:
         raise ValueError(f"unknown component {component!r}")
     if config is None:
-        config = dict(getattr(model, "config", {}) or {})
+        config = model_config(model)
     layout = None if component == "unet" else "hf"
     return dict(_build_table(component, model, config, _CUSTOM_ROOTS[component], layout))
 

@@ -391,3 +391,15 @@ def test_old_sd1_text_encoder_prefix():
 def test_fused_tensor_must_split_in_three():
     with pytest.raises(ValueError, match="3 equal row blocks"):
         A.ldm_to_diffusers({"cond_stage_model.model.transformer.resblocks.0.attn.in_proj_bias": torch.zeros(4)}, "sd2")
+
+
+def test_table_for_a_live_transformers_text_encoder():
+    """A transformers config is not a mapping: the table reads it through ``to_dict``."""
+    from tests.tiny_models import tiny_text_encoder
+
+    te = tiny_text_encoder()
+    table = A.table_for_model("te1", te)
+    q = [k for k in table if k.endswith("layers.0.self_attn.q_proj")]
+    assert q, sorted(table)[:5]
+    assert tuple(table[q[0]].weight_shape) == tuple(te.get_submodule(q[0]).weight.shape)
+    assert A.model_config(te)["hidden_size"] == te.config.hidden_size

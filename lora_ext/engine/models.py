@@ -50,12 +50,9 @@ def components_of(model) -> dict:
 
 
 def config_of(model) -> dict:
-    cfg = getattr(model, "config", None)
-    if cfg is None:
-        return {}
-    if hasattr(cfg, "to_dict"):
-        return cfg.to_dict()
-    return dict(cfg)
+    from ..arch import model_config
+
+    return model_config(model)
 
 
 def live_index(component: str, model: nn.Module) -> dict:
