@@ -120,6 +120,15 @@ class DoRAAdapter(BaseAdapter):
         d["dora"] = True
         return d
 
+    def rows_independent(self, shape, parts):
+        if not self.inner.rows_independent(shape, parts):
+            return False
+        try:
+            axis, _ = dora_axis(self.tensors["dora_scale"].shape, tuple(shape), self.axis_hint)
+        except AdapterError:
+            return False
+        return axis == "out"  # a norm per output row; per-input norms run down whole columns
+
     def delta(self, weight):
         self.check_weight(weight)
         w = weight.float()

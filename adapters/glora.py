@@ -97,6 +97,9 @@ class GLoRAAdapter(BaseAdapter):
         d["layout"] = self.layout
         return d
 
+    def rows_independent(self, shape, parts):
+        return True  # W @ (a1 a2) + b: row i of the delta reads row i of W only
+
     def delta(self, weight):
         self.check_weight(weight)
         w = weight.float()

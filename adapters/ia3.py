@@ -46,6 +46,9 @@ class IA3Adapter(BaseAdapter):
         d["on_input"] = self.on_input
         return d
 
+    def rows_independent(self, shape, parts):
+        return True  # an elementwise scaling: every row of the delta is that row of W, scaled
+
     def delta(self, weight):
         self.check_weight(weight)
         w = self.t("weight", weight).reshape(-1)

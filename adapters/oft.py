@@ -68,6 +68,12 @@ class Orthogonal(BaseAdapter):
         return len(target_shape) >= 2 and target_shape[0] == self._out
 
 
+def _blocks_within_parts(blocks: torch.Tensor, shape: tuple, parts: int) -> bool:
+    """A block-diagonal rotation of the rows keeps each part's rows to itself when every
+    block lies inside one part (the part size is a multiple of the block size)."""
+    return parts > 0 and shape[0] % parts == 0 and (shape[0] // parts) % int(blocks.shape[1]) == 0
+
+
 class OFTAdapter(Orthogonal):
     type_name = "oft"
     required = frozenset({"oft_blocks"})
@@ -117,6 +123,9 @@ class OFTAdapter(Orthogonal):
             d["flavour"] = self.flavour
         return d
 
+    def rows_independent(self, shape, parts):
+        return _blocks_within_parts(self.tensors["oft_blocks"], shape, parts)
+
     def rotation(self, like=None):
         blocks = self.t("oft_blocks", like)
         return cayley(blocks, self.alpha * self._out, self.flavour)
@@ -159,6 +168,9 @@ class OFTDiagAdapter(BaseAdapter):
 
     def fits(self, target_shape):
         return len(target_shape) >= 2 and target_shape[0] == self._out
+
+    def rows_independent(self, shape, parts):
+        return _blocks_within_parts(self.tensors["oft_diag"], shape, parts)
 
     def delta(self, weight):
         self.check_weight(weight)

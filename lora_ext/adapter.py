@@ -88,6 +88,16 @@ class Adapter:
         """fp32 change of the module's bias at strength 1, or None if the type leaves it alone."""
         return None
 
+    def rows_independent(self, shape: tuple, parts: int) -> bool:
+        """Whether, on a weight of ``shape`` stacked from ``parts`` equal row slices (OpenCLIP's
+        in_proj holds q, k and v), each slice's delta depends on that slice of the weight alone.
+
+        Then an adapter trained on the fused weight applies exactly to separate q/k/v modules.
+        True for every type whose delta ignores the weight; a weight-dependent type says when
+        its maths keeps to rows (the default, False, refuses the split rather than guess).
+        """
+        return not self.weight_dependent
+
     @property
     def rank(self) -> Optional[int]:
         return None

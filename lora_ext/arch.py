@@ -380,6 +380,7 @@ def _table(arch: str, component: str) -> Mapping[str, ModuleInfo]:
 # SD1's roots and naming, the layout compvis-style LoRAs for such models assume.
 _CUSTOM_ROOTS = {"unet": "model.diffusion_model.", "te1": "cond_stage_model.transformer.text_model.",
                  "te2": "conditioner.embedders.1.model."}
+_OPENCLIP_ROOTS = {"te1": "cond_stage_model.model.", "te2": "conditioner.embedders.1.model."}
 
 
 def model_config(model) -> dict:
@@ -398,8 +399,12 @@ def table_for_model(component: str, model: torch.nn.Module, config: Mapping | No
         raise ValueError(f"unknown component {component!r}")
     if config is None:
         config = model_config(model)
-    layout = None if component == "unet" else "hf"
-    return dict(_build_table(component, model, config, _CUSTOM_ROOTS[component], layout))
+    layout, root = (None if component == "unet" else "hf"), _CUSTOM_ROOTS[component]
+    if component != "unet" and config.get("hidden_act") == "gelu":
+        # converted from OpenCLIP (SD2's ViT-H, SDXL's bigG; OpenAI's CLIP uses quick_gelu):
+        # LoRAs may name its modules the OpenCLIP way, q/k/v fused in one in_proj
+        layout, root = "openclip", _OPENCLIP_ROOTS[component]
+    return dict(_build_table(component, model, config, root, layout))
 
 
 def table_for_config(component: str, config: Mapping) -> dict[str, ModuleInfo]:

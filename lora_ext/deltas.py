@@ -51,3 +51,50 @@ def binding_deltas(binding, read: Reader) -> dict:
 def check_finite(t: Tensor, what: str) -> None:
     if t.is_floating_point() and not torch.isfinite(t).all():
         raise AdapterError(f"{what} is not finite (NaN or Inf)")
+
+
+# --- one part of a fused weight (OpenCLIP's in_proj spanning q, k and v) ----------------------
+def _stacked(part: Tensor, stacked_shape: tuple, rows: tuple) -> Tensor:
+    """A stand-in for the fused weight around one part: the part repeated in every slot.
+
+    Used only for adapters whose delta rows depend on the same rows of the weight alone
+    (``Adapter.rows_independent``), so what fills the other slots cannot matter; the part's
+    own values keep the stand-in finite and realistic (a zero row would make a DoRA norm 0).
+    """
+    n = rows[1] - rows[0]
+    parts = stacked_shape[0] // n
+    p = part.reshape(n, *stacked_shape[1:]) if len(stacked_shape) > 1 else part.reshape(n)
+    return p.repeat(parts, *([1] * (p.dim() - 1)))
+
+
+def _check_parts(adapter, stacked_shape: tuple, rows: tuple) -> None:
+    n = rows[1] - rows[0]
+    if n <= 0 or stacked_shape[0] % n or rows[0] % n or not adapter.rows_independent(
+            tuple(stacked_shape), stacked_shape[0] // n):
+        raise AdapterError(f"a {adapter.type_name} adapter spanning fused q/k/v mixes the parts' rows; "
+                           "it cannot be applied to separate q/k/v modules")
+
+
+def part_delta(adapter, stacked_shape: tuple, rows: tuple, w32: Tensor) -> Tensor:
+    """fp32 delta (strength 1) of rows ``rows`` of a fused weight, given that part's own weight."""
+    if getattr(adapter, "weight_dependent", False):
+        _check_parts(adapter, stacked_shape, rows)
+        full = _stacked(w32.float(), stacked_shape, rows)
+    else:  # the delta does not look at the weight
+        full = torch.zeros(stacked_shape, dtype=torch.float32, device=w32.device)
+    return adapter.delta(full).reshape(stacked_shape)[rows[0]:rows[1]]
+
+
+def part_bias_delta(adapter, stacked_shape: tuple, rows: tuple, b32: Optional[Tensor],
+                    w32: Tensor) -> Optional[Tensor]:
+    """fp32 bias delta (strength 1) of rows ``rows`` of a fused module, or None."""
+    n = stacked_shape[0]
+    if getattr(adapter, "weight_dependent", False):
+        _check_parts(adapter, stacked_shape, rows)
+        full_w = _stacked(w32.float(), stacked_shape, rows)
+        full_b = None if b32 is None else _stacked(b32.float(), (n,), rows)
+    else:
+        full_w = torch.zeros(stacked_shape, dtype=torch.float32, device=w32.device)
+        full_b = torch.zeros(n, dtype=torch.float32, device=w32.device)
+    db = adapter.bias_delta(full_b, full_w)
+    return None if db is None else db.reshape(-1)[rows[0]:rows[1]]

@@ -24,6 +24,7 @@ from typing import Iterable, Mapping, Optional
 import torch
 
 from . import arch
+from .deltas import part_bias_delta, part_delta
 from .errors import AdapterError, LoraExtError
 from .keys import KeyMap
 
@@ -313,11 +314,9 @@ def _contribution_delta(binding, index: int, w32: torch.Tensor) -> torch.Tensor:
     if len(binding.targets) == 1:
         d = adapter.delta(w32)
     else:
-        if getattr(adapter, "weight_dependent", False):
-            raise AdapterError("a weight-dependent adapter spanning fused q/k/v cannot be applied per module")
         shape = tuple(binding.candidate.weight_shape)
         n = shape[0] // len(binding.targets)
-        d = adapter.delta(torch.zeros(shape, dtype=torch.float32)).reshape(shape)[index * n:(index + 1) * n]
+        d = part_delta(adapter, shape, (index * n, (index + 1) * n), w32)
     if d.shape != w32.shape:
         if d.numel() != w32.numel():
             raise AdapterError(f"delta of shape {tuple(d.shape)} does not fit weight {tuple(w32.shape)}")
@@ -332,8 +331,7 @@ def _contribution_bias(binding, index: int, b32, w32) -> Optional[torch.Tensor]:
     else:
         shape = tuple(binding.candidate.weight_shape)
         n = shape[0] // len(binding.targets)
-        db = adapter.bias_delta(torch.zeros(shape[0]), torch.zeros(shape))
-        db = None if db is None else db.reshape(-1)[index * n:(index + 1) * n]
+        db = part_bias_delta(adapter, shape, (index * n, (index + 1) * n), b32, w32)
     if db is None:
         return None
     if b32 is None:

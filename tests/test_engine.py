@@ -752,3 +752,69 @@ def test_pipeline_object_and_abandon(unet, te, tmp_path):
     assert_bit_identical(te, base_t)
     with pytest.raises(LoraExtError, match="cannot apply LoRAs to a"):
         lora_ext.apply(object(), [path])
+
+
+# --- a LoRA trained on OpenCLIP's fused q/k/v, applied to separate q/k/v modules -------------------
+IN_PROJ = "lora_te_model_transformer_resblocks_0_attn_in_proj"
+
+
+def _openclip_born_te():
+    """A tiny text encoder converted from OpenCLIP (gelu): LoRAs may name its q/k/v as one in_proj."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    cfg = {k: v for k, v in tiny_text_encoder().config.to_dict().items()
+           if not k.startswith("_") and k not in ("architectures", "dtype", "torch_dtype")}
+    cfg["hidden_act"] = "gelu"
+    torch.manual_seed(5)
+    return CLIPTextModel(CLIPTextConfig(**cfg)).eval()
+
+
+def _in_proj_file(path, te, kind, **kw):
+    d = _te_module(te, "encoder.layers.0.self_attn.q_proj").weight.shape[1]
+    g = torch.Generator().manual_seed(11)
+    t = adapter_tensors("dora" if kind == "dora_in" else kind, (3 * d, d), g, rank=2, mag=0.3)
+    if kind == "dora_in":  # a norm per input column: runs across q, k and v
+        t["dora_scale"] = torch.rand(1, d, generator=g) + 0.5
+    if kind == "oft" and kw.get("block"):
+        b = kw["block"]
+        t["oft_blocks"] = torch.randn(3 * d // b, b, b, generator=g) * 0.05
+    save_file({f"{IN_PROJ}.{k}": v.contiguous() for k, v in t.items()}, str(path))
+    return str(path)
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora", "ia3", "oft"])
+def test_fused_qkv_adapter_on_separate_modules(tmp_path, kind):
+    """Each of q, k, v gets its rows of the delta the adapter makes on the fused weight
+    (weight-dependent types included, when their maths keeps to rows)."""
+    te = _openclip_born_te()
+    path = _in_proj_file(tmp_path / f"{kind}.safetensors", te, kind)
+    qkv = [_te_module(te, f"encoder.layers.0.self_attn.{p}_proj") for p in "qkv"]
+    stacked = torch.cat([m.weight.detach() for m in qkv]).float()
+    base = state_bits(te)
+    t0 = te_out(te)
+    with lora_ext.apply(te, [(path, 0.7)], method="fuse") as h:
+        assert h.unmatched == [] and h.reports[0].applied == 1
+        adapter = h._entries[0].contribs[0].adapter
+        want = stacked + 0.7 * adapter.delta(stacked)  # the adapter on the real fused weight
+        got = torch.cat([m.weight.detach() for m in qkv])
+        assert float((got - want).abs().max()) <= 1e-6 * float(want.abs().max())
+        fused = te_out(te)
+    assert_bit_identical(te, base)
+    with lora_ext.apply(te, [(path, 0.7)], method="onthefly"):
+        live = te_out(te)
+    assert_bit_identical(te, base)
+    assert max_rel_err(fused, t0) > 1e-4
+    assert max_rel_err(live, fused) <= 1e-5
+
+
+@pytest.mark.parametrize("kind,kw", [("dora_in", {}), ("oft", {"block": 3})])
+def test_fused_qkv_adapter_mixing_rows_is_reported(tmp_path, kind, kw):
+    """A per-input DoRA norm, or OFT blocks straddling q|k|v, cannot be split: reported, model untouched."""
+    te = _openclip_born_te()
+    path = _in_proj_file(tmp_path / f"{kind}.safetensors", te, kind, **kw)
+    base = state_bits(te)
+    with lora_ext.apply(te, [(path, 1.0)], method="fuse") as h:
+        assert h.reports[0].applied == 0
+        assert h.unmatched and all("mixes the rows" in u["reason"] for u in h.unmatched)
+        assert_bit_identical(te, base)
+    assert_bit_identical(te, base)

@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from ..deltas import check_finite
+from ..deltas import check_finite, part_bias_delta, part_delta
 from ..errors import AdapterError
 
 Tensor = torch.Tensor
@@ -75,10 +75,7 @@ class Contribution:
         if self.rows is None:
             d = self.adapter.delta(w32)
         else:
-            if self.weight_dependent:
-                raise AdapterError("a weight-dependent adapter spanning several modules cannot be applied live")
-            stacked = torch.zeros(self.stacked_shape, dtype=torch.float32, device=w32.device)
-            d = self.adapter.delta(stacked).reshape(self.stacked_shape)[self.rows[0]:self.rows[1]]
+            d = part_delta(self.adapter, self.stacked_shape, self.rows, w32)
         if d.shape != w32.shape:
             if d.numel() != w32.numel():
                 raise AdapterError(f"delta of shape {tuple(d.shape)} does not fit weight {tuple(w32.shape)}")
@@ -89,11 +86,7 @@ class Contribution:
         if self.rows is None:
             db = self.adapter.bias_delta(b32, w32)
         else:
-            n = self.stacked_shape[0]
-            zb = torch.zeros(n, dtype=torch.float32, device=w32.device)
-            zw = torch.zeros(self.stacked_shape, dtype=torch.float32, device=w32.device)
-            db = self.adapter.bias_delta(zb, zw)
-            db = None if db is None else db.reshape(-1)[self.rows[0]:self.rows[1]]
+            db = part_bias_delta(self.adapter, self.stacked_shape, self.rows, b32, w32)
         if db is None:
             return None
         if b32 is None:

@@ -276,9 +276,10 @@ class Handle(Transactions):
         entry.report.unmatched = list(res.unmatched)
         for b in res.bindings:
             targets = b.targets
-            if len(targets) > 1 and getattr(b.adapter, "weight_dependent", False):
+            if len(targets) > 1 and not b.adapter.rows_independent(tuple(b.candidate.weight_shape), len(targets)):
                 entry.report.unmatched.extend(
-                    Unmatched(k, "a weight-dependent adapter spanning fused q/k/v cannot be applied to a live model")
+                    Unmatched(k, f"a {b.adapter.type_name} adapter spanning fused q/k/v mixes the rows of q, k "
+                                 "and v; it cannot be applied to separate q/k/v modules")
                     for k in sorted(b.group.keys.values()))
                 continue
             row = 0
