@@ -42,16 +42,26 @@ def parse_lora_arg(arg: str) -> tuple[str, float]:
     return arg, 1.0
 
 
+def check_output_path(out, source, what: str) -> str:
+    """Refuse a checkpoint output ``out`` written from ``source`` (the ``what`` checkpoint); returns it as a str.
+
+    It may not be ``source`` itself nor exist already, and beside a single-file ``source`` it
+    must be a ``.safetensors`` file (a folder source is written as a folder).
+    """
+    out = os.fspath(out)
+    if os.path.abspath(out) == os.path.abspath(os.fspath(source)):
+        raise LoraFileError(out, f"output would overwrite the {what} checkpoint")
+    if os.path.exists(out):
+        raise LoraFileError(out, "output already exists; choose a new path")
+    if not os.path.isdir(os.fspath(source)) and not out.endswith(".safetensors"):
+        raise LoraFileError(out, "a single-file output must end in .safetensors")
+    return out
+
+
 def merge(base, loras, out, *, log: Optional[Callable[[str], None]] = None) -> list:
     """Bake ``loras`` ([(path, strength)]) into ``base`` and write ``out``; returns reports."""
     log = log or (lambda s: None)
-    out = os.fspath(out)
-    if os.path.abspath(out) == os.path.abspath(os.fspath(base)):
-        raise LoraFileError(out, "output would overwrite the base checkpoint")
-    if os.path.exists(out):
-        raise LoraFileError(out, "output already exists; choose a new path")
-    if not os.path.isdir(os.fspath(base)) and not out.endswith(".safetensors"):
-        raise LoraFileError(out, "a single-file output must end in .safetensors")
+    out = check_output_path(out, base, "base")
     ckpt = open_checkpoint(base)
     try:
         keymap = KeyMap(ckpt.layout, label=f"this checkpoint ({LABELS.get(ckpt.family, ckpt.family)})")
@@ -110,4 +120,4 @@ def _check_base(lora, detected, family: str) -> None:
         raise BaseModelMismatch(f"{lora.path}: this is a {detected.label} LoRA ({detected.evidence}); it cannot be applied to {LABELS[family]}")
 
 
-__all__ = ["merge", "parse_lora_arg", "LoraReport", "LoraExtError", "torch"]
+__all__ = ["merge", "parse_lora_arg", "check_output_path", "LoraReport", "LoraExtError", "torch"]

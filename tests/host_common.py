@@ -14,6 +14,7 @@ from lora_ext.deltas import binding_deltas
 from lora_ext.keys import KeyMap
 from lora_ext.network import load_lora
 from test_engine import C3, FF, LIN, MID_Q, OUT3_V, TE_FC1, TE_Q, _shape, _te_module, write_lora  # noqa: F401
+from tiny_models import one_thread_fixture  # noqa: F401 (the host tests' one_thread)
 
 FAKES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fakes")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -94,17 +95,3 @@ def purge(*names) -> None:
     for mod in list(sys.modules):
         if any(mod == n or mod.startswith(n + ".") for n in names):
             del sys.modules[mod]
-
-
-def one_thread_fixture():
-    """Tiny tensors: a second intra-op thread only adds contention (as in test_engine)."""
-    import pytest
-
-    @pytest.fixture(scope="module", autouse=True)
-    def one_thread():
-        n = torch.get_num_threads()
-        torch.set_num_threads(1)
-        yield
-        torch.set_num_threads(n)
-
-    return one_thread

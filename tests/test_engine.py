@@ -22,7 +22,7 @@ from lora_ext.errors import AdapterError, LoraExtError
 from lora_ext.network import load_lora
 from lora_ext.spec import Keyframes, LoraSpec
 
-from tiny_models import max_rel_err, te_out, tiny_text_encoder, tiny_unet, unet_inputs, unet_out
+from tiny_models import max_rel_err, one_thread_fixture, te_out, tiny_text_encoder, tiny_unet, unet_inputs, unet_out
 
 # Modules of the tiny UNet (block ids from the compvis numbering) and of the tiny CLIP.
 LIN = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"  # IN01, (8, 8)
@@ -124,13 +124,7 @@ def no_hooks(*models):
     return all(not m._forward_hooks for model in models for m in model.modules())
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: a second intra-op thread only adds contention (10x slower on a busy box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+one_thread = one_thread_fixture()
 
 
 @pytest.fixture(scope="module")

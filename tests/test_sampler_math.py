@@ -14,6 +14,7 @@ from lora_ext.sampler.denoiser import Conditioning, Denoiser
 from lora_ext.sampler.noise import BrownianNoise, ImageNoise
 from lora_ext.sampler.schedules import SCHEDULES, TrainingSchedule, canonical_schedule, get_sigmas, schedule_label
 from lora_ext.sampler.tiny import tiny_components
+from tiny_models import one_thread_fixture
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -21,13 +22,7 @@ BASE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", n
 TS = TrainingSchedule.from_betas()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # the tiny models are all overhead: threads only add contention (10x slower on a busy box)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+one_thread = one_thread_fixture()
 
 
 class NearIdentity(torch.nn.Module):

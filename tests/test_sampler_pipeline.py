@@ -19,6 +19,7 @@ from lora_ext.sampler import tokenizer as tokmod
 from lora_ext.hookspecs import hookimpl
 from lora_ext.sampler.png import parse_infotext, read_parameters
 from lora_ext.sampler.tiny import SCHEDULER, save_diffusers, save_single_file, tiny_components, tiny_vocab
+from tiny_models import one_thread_fixture
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -27,12 +28,7 @@ PREDICTION = {"sd1": "epsilon", "sd2": "v_prediction", "sdxl": "epsilon"}
 QUIET = dict(progress=False, log=None)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: threads are pure overhead
-    yield
-    torch.set_num_threads(n)
+one_thread = one_thread_fixture()
 
 
 @pytest.fixture(scope="module")

@@ -7,16 +7,11 @@ from lora_ext.cli import main
 from lora_ext.errors import LoraExtError
 from lora_ext.tools import combine, resize
 from lora_ext.tools.common import parse_source_arg
+from tiny_models import one_thread_fixture
 from tools_util import kohya_name, lora_deltas, lora_modules, rel, tiny_base, write_kohya
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small matrices: one BLAS/LAPACK thread is fastest, and immune to busy neighbours' cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+one_thread = one_thread_fixture()
 
 
 @pytest.fixture(scope="module")

@@ -16,17 +16,11 @@ from safetensors.torch import load_file, save_file
 from lora_ext.cli import main
 from lora_ext.merge import merge
 from lora_ext.tools import FormatError, convert
-from tiny_models import load_pipeline
+from tiny_models import load_pipeline, one_thread_fixture
 from tools_util import kohya_name, lora_deltas, lora_modules, read_weights, rel, tiny_base, write_kohya
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small matrices: one BLAS/LAPACK thread is fastest, and immune to busy neighbours' cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+one_thread = one_thread_fixture()
 
 
 @pytest.fixture(scope="module")

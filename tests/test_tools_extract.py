@@ -15,16 +15,11 @@ from lora_ext.merge import merge
 from lora_ext.tools import extract, unmerge
 from lora_ext.tools.common import rounding_step
 from test_merge import SD1_MODULES, _weights, write_diffusers_folder, write_single_file
+from tiny_models import one_thread_fixture
 from tools_util import kohya_name, lora_deltas, lora_modules, read_weights, rel, tiny_base, write_kohya
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small matrices: one BLAS/LAPACK thread is fastest, and immune to busy neighbours' cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+one_thread = one_thread_fixture()
 
 
 @pytest.fixture(scope="module")

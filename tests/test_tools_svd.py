@@ -8,14 +8,10 @@ import torch
 from lora_ext.tools.common import rounding_step, ulp_distance
 from lora_ext.tools.progress import _SimpleBar, progress
 from lora_ext.tools.svd import RankError, choose_rank, factorize, factorize_product, randomized_svd
+from tiny_models import one_thread_fixture
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+one_thread = one_thread_fixture()
 
 
 def _known(m, n, s, seed=0):

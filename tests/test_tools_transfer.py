@@ -15,6 +15,7 @@ from lora_ext.cli import main
 from lora_ext.layouts import arch_layout
 from lora_ext.tools import transfer
 from test_merge import write_single_file
+from tiny_models import one_thread_fixture
 from tools_util import kohya_name
 
 ROTATED = [
@@ -27,13 +28,7 @@ UNRELATED = ("unet", "down_blocks.0.attentions.0.transformer_blocks.0.ff.net.2")
 RANK = 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small matrices: one BLAS/LAPACK thread is fastest, and immune to busy neighbours' cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+one_thread = one_thread_fixture()
 
 
 def _orth(n, k, g):

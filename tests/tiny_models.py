@@ -78,5 +78,40 @@ def load_pipeline(folder):
     return unet, te
 
 
+def ldm_tree(table, model):
+    """The compvis (ldm) view of ``model``: its modules re-parented under their ``ldm_path`` from
+    lora-ext's module ``table``, the very same module objects (the fake hosts' compvis UNets)."""
+    root = torch.nn.Module()
+    for path, info in table.items():
+        if info.ldm_path is None:
+            continue
+        parts = info.ldm_path.split(".")
+        cur = root
+        for q in parts[:-1]:
+            if not hasattr(cur, q):
+                cur.add_module(q, torch.nn.Module())
+            cur = getattr(cur, q)
+        cur.add_module(parts[-1], model.get_submodule(path))
+    return root
+
+
 def max_rel_err(a, b):
     return float((a - b).abs().max() / b.abs().max())
+
+
+def one_thread_fixture():
+    """A module-scoped autouse fixture running the module's tests on one intra-op thread.
+
+    Tiny models and small matrices are all overhead: a second BLAS/LAPACK thread only adds
+    contention (10x slower on a busy box). Use as ``one_thread = one_thread_fixture()``.
+    """
+    import pytest
+
+    @pytest.fixture(scope="module", autouse=True)
+    def one_thread():
+        n = torch.get_num_threads()
+        torch.set_num_threads(1)
+        yield
+        torch.set_num_threads(n)
+
+    return one_thread

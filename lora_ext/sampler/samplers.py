@@ -33,14 +33,16 @@ def _bar(total: int, disable):
 
 
 def _steps(sigmas: torch.Tensor, disable, on_step: Optional[Callable]):
-    """The step indices of a run: updates the progress bar and calls ``on_step`` first."""
+    """The steps of a run, ``(i, sigma, sigma_next)`` with float sigmas: updates the progress
+    bar and calls ``on_step`` first."""
     total = len(sigmas) - 1
     bar = _bar(total, disable)
     try:
         for i in range(total):
+            sigma = float(sigmas[i])
             if on_step is not None:
-                on_step(i, total, float(sigmas[i]))
-            yield i
+                on_step(i, total, sigma)
+            yield i, sigma, float(sigmas[i + 1])
             bar.update(1)
     finally:
         bar.close()
@@ -69,9 +71,25 @@ def default_noise_sampler(x: torch.Tensor):
     return lambda sigma, sigma_next: torch.randn_like(x)
 
 
-def _report(callback, x, i, sigma, sigma_hat, denoised):
+def _evaluate(model, x, i, sigma, extra_args, callback, sigma_hat=None):
+    """Step ``i``'s first model evaluation, at ``sigma_hat`` (``sigma`` unless churn raised it),
+    passed to ``callback``; returns the denoised estimate."""
+    sigma_hat = sigma if sigma_hat is None else sigma_hat
+    denoised = model(x, _sigma(x, sigma_hat), **extra_args)
     if callback is not None:
         callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma_hat, "denoised": denoised})
+    return denoised
+
+
+def _churn(x, sigmas, i, noise_sampler, s_churn, s_tmin, s_tmax, s_noise):
+    """Karras et al. 2022, algorithm 2, lines 4-7: for ``gamma > 0``, fresh noise raises ``x``
+    from ``sigmas[i]`` to ``sigma_hat = sigmas[i] * (1 + gamma)``; returns ``(x, sigma_hat)``."""
+    sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+    gamma = min(s_churn / (len(sigmas) - 1), 2 ** 0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
+    sigma_hat = sigma * (gamma + 1)
+    if gamma > 0:
+        x = x + noise_sampler(sigma, sigma_next) * s_noise * (sigma_hat ** 2 - sigma ** 2) ** 0.5
+    return x, sigma_hat
 
 
 # ---------------------------------------------------------------------------------------------
@@ -84,14 +102,9 @@ def sample_euler(model, x, sigmas, extra_args=None, callback=None, disable=None,
     """Euler's method (Karras et al. 2022, algorithm 2 with optional churn)."""
     extra_args = extra_args or {}
     noise_sampler = noise_sampler or default_noise_sampler(x)
-    for i in _steps(sigmas, disable, on_step):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        gamma = min(s_churn / (len(sigmas) - 1), 2 ** 0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
-        sigma_hat = sigma * (gamma + 1)
-        if gamma > 0:
-            x = x + noise_sampler(sigma, sigma_next) * s_noise * (sigma_hat ** 2 - sigma ** 2) ** 0.5
-        denoised = model(x, _sigma(x, sigma_hat), **extra_args)
-        _report(callback, x, i, sigma, sigma_hat, denoised)
+    for i, sigma, sigma_next in _steps(sigmas, disable, on_step):
+        x, sigma_hat = _churn(x, sigmas, i, noise_sampler, s_churn, s_tmin, s_tmax, s_noise)
+        denoised = _evaluate(model, x, i, sigma, extra_args, callback, sigma_hat)
         x = x + to_d(x, sigma_hat, denoised) * (sigma_next - sigma_hat)
     return x
 
@@ -102,10 +115,8 @@ def sample_euler_ancestral(model, x, sigmas, extra_args=None, callback=None, dis
     """Euler steps to ``sigma_down`` plus fresh noise of ``sigma_up`` ("Euler a")."""
     extra_args = extra_args or {}
     noise_sampler = noise_sampler or default_noise_sampler(x)
-    for i in _steps(sigmas, disable, on_step):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        denoised = model(x, _sigma(x, sigma), **extra_args)
-        _report(callback, x, i, sigma, sigma, denoised)
+    for i, sigma, sigma_next in _steps(sigmas, disable, on_step):
+        denoised = _evaluate(model, x, i, sigma, extra_args, callback)
         down, up = get_ancestral_step(sigma, sigma_next, eta)
         x = x + to_d(x, sigma, denoised) * (down - sigma)
         if sigma_next > 0 and up > 0:
@@ -125,10 +136,8 @@ def sample_ddim(model, x, sigmas, extra_args=None, callback=None, disable=None, 
     """
     extra_args = extra_args or {}
     noise_sampler = noise_sampler or default_noise_sampler(x)
-    for i in _steps(sigmas, disable, on_step):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        denoised = model(x, _sigma(x, sigma), **extra_args)
-        _report(callback, x, i, sigma, sigma, denoised)
+    for i, sigma, sigma_next in _steps(sigmas, disable, on_step):
+        denoised = _evaluate(model, x, i, sigma, extra_args, callback)
         down, up = get_ancestral_step(sigma, sigma_next, eta)
         eps = to_d(x, sigma, denoised)
         x = denoised + eps * down
@@ -148,10 +157,8 @@ def sample_lcm(model, x, sigmas, extra_args=None, callback=None, disable=None, o
     """
     extra_args = extra_args or {}
     noise_sampler = noise_sampler or default_noise_sampler(x)
-    for i in _steps(sigmas, disable, on_step):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        denoised = model(x, _sigma(x, sigma), **extra_args)
-        _report(callback, x, i, sigma, sigma, denoised)
+    for i, sigma, sigma_next in _steps(sigmas, disable, on_step):
+        denoised = _evaluate(model, x, i, sigma, extra_args, callback)
         x = denoised
         if sigma_next > 0:
             x = x + noise_sampler(sigma, sigma_next) * sigma_next
@@ -168,15 +175,9 @@ def sample_heun(model, x, sigmas, extra_args=None, callback=None, disable=None, 
     """Heun's method (Karras et al. 2022, algorithm 2); the step to sigma 0 is Euler."""
     extra_args = extra_args or {}
     noise_sampler = noise_sampler or default_noise_sampler(x)
-    for i in _steps(sigmas, disable, on_step):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        gamma = min(s_churn / (len(sigmas) - 1), 2 ** 0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
-        sigma_hat = sigma * (gamma + 1)
-        if gamma > 0:
-            x = x + noise_sampler(sigma, sigma_next) * s_noise * (sigma_hat ** 2 - sigma ** 2) ** 0.5
-        denoised = model(x, _sigma(x, sigma_hat), **extra_args)
-        _report(callback, x, i, sigma, sigma_hat, denoised)
-        d = to_d(x, sigma_hat, denoised)
+    for i, sigma, sigma_next in _steps(sigmas, disable, on_step):
+        x, sigma_hat = _churn(x, sigmas, i, noise_sampler, s_churn, s_tmin, s_tmax, s_noise)
+        d = to_d(x, sigma_hat, _evaluate(model, x, i, sigma, extra_args, callback, sigma_hat))
         dt = sigma_next - sigma_hat
         if sigma_next == 0:
             x = x + d * dt
@@ -197,15 +198,9 @@ def sample_dpm_2(model, x, sigmas, extra_args=None, callback=None, disable=None,
     """DPM-Solver-2 in Karras et al.'s form: the derivative at the log-midpoint ("DPM2")."""
     extra_args = extra_args or {}
     noise_sampler = noise_sampler or default_noise_sampler(x)
-    for i in _steps(sigmas, disable, on_step):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        gamma = min(s_churn / (len(sigmas) - 1), 2 ** 0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
-        sigma_hat = sigma * (gamma + 1)
-        if gamma > 0:
-            x = x + noise_sampler(sigma, sigma_next) * s_noise * (sigma_hat ** 2 - sigma ** 2) ** 0.5
-        denoised = model(x, _sigma(x, sigma_hat), **extra_args)
-        _report(callback, x, i, sigma, sigma_hat, denoised)
-        d = to_d(x, sigma_hat, denoised)
+    for i, sigma, sigma_next in _steps(sigmas, disable, on_step):
+        x, sigma_hat = _churn(x, sigmas, i, noise_sampler, s_churn, s_tmin, s_tmax, s_noise)
+        d = to_d(x, sigma_hat, _evaluate(model, x, i, sigma, extra_args, callback, sigma_hat))
         if sigma_next == 0:
             x = x + d * (sigma_next - sigma_hat)
             continue
@@ -222,10 +217,8 @@ def sample_dpm_2_ancestral(model, x, sigmas, extra_args=None, callback=None, dis
     """DPM2 to ``sigma_down``, then fresh noise of ``sigma_up`` ("DPM2 a")."""
     extra_args = extra_args or {}
     noise_sampler = noise_sampler or default_noise_sampler(x)
-    for i in _steps(sigmas, disable, on_step):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        denoised = model(x, _sigma(x, sigma), **extra_args)
-        _report(callback, x, i, sigma, sigma, denoised)
+    for i, sigma, sigma_next in _steps(sigmas, disable, on_step):
+        denoised = _evaluate(model, x, i, sigma, extra_args, callback)
         down, up = get_ancestral_step(sigma, sigma_next, eta)
         d = to_d(x, sigma, denoised)
         if down == 0:
@@ -266,10 +259,9 @@ def sample_lms(model, x, sigmas, extra_args=None, callback=None, disable=None, o
     extra_args = extra_args or {}
     t = [float(s) for s in sigmas]
     ds = []
-    for i in _steps(sigmas, disable, on_step):
-        denoised = model(x, _sigma(x, t[i]), **extra_args)
-        _report(callback, x, i, t[i], t[i], denoised)
-        ds.append(to_d(x, t[i], denoised))
+    for i, sigma, _ in _steps(sigmas, disable, on_step):
+        denoised = _evaluate(model, x, i, sigma, extra_args, callback)
+        ds.append(to_d(x, sigma, denoised))
         ds = ds[-order:]
         cur = min(i + 1, order)
         coeffs = [_lms_coefficient(cur, t, i, j) for j in range(cur)]
@@ -287,10 +279,8 @@ def sample_dpmpp_2s_ancestral(model, x, sigmas, extra_args=None, callback=None, 
     """Ancestral DPM-Solver++(2S): a single-step second-order solve to ``sigma_down``."""
     extra_args = extra_args or {}
     noise_sampler = noise_sampler or default_noise_sampler(x)
-    for i in _steps(sigmas, disable, on_step):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        denoised = model(x, _sigma(x, sigma), **extra_args)
-        _report(callback, x, i, sigma, sigma, denoised)
+    for i, sigma, sigma_next in _steps(sigmas, disable, on_step):
+        denoised = _evaluate(model, x, i, sigma, extra_args, callback)
         down, up = get_ancestral_step(sigma, sigma_next, eta)
         if down == 0:
             x = x + to_d(x, sigma, denoised) * (down - sigma)
@@ -316,10 +306,8 @@ def sample_dpmpp_sde(model, x, sigmas, extra_args=None, callback=None, disable=N
     """
     extra_args = extra_args or {}
     noise_sampler = noise_sampler or default_noise_sampler(x)
-    for i in _steps(sigmas, disable, on_step):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        denoised = model(x, _sigma(x, sigma), **extra_args)
-        _report(callback, x, i, sigma, sigma, denoised)
+    for i, sigma, sigma_next in _steps(sigmas, disable, on_step):
+        denoised = _evaluate(model, x, i, sigma, extra_args, callback)
         if sigma_next == 0:
             x = x + to_d(x, sigma, denoised) * (sigma_next - sigma)
             continue
@@ -347,10 +335,8 @@ def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=No
     order ("DPM++ 2M")."""
     extra_args = extra_args or {}
     old_denoised, h_last = None, None
-    for i in _steps(sigmas, disable, on_step):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        denoised = model(x, _sigma(x, sigma), **extra_args)
-        _report(callback, x, i, sigma, sigma, denoised)
+    for i, sigma, sigma_next in _steps(sigmas, disable, on_step):
+        denoised = _evaluate(model, x, i, sigma, extra_args, callback)
         if sigma_next == 0:
             x = denoised
         else:
@@ -375,10 +361,8 @@ def sample_dpmpp_2m_sde(model, x, sigmas, extra_args=None, callback=None, disabl
     extra_args = extra_args or {}
     noise_sampler = noise_sampler or default_noise_sampler(x)
     old_denoised, h_last = None, None
-    for i in _steps(sigmas, disable, on_step):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        denoised = model(x, _sigma(x, sigma), **extra_args)
-        _report(callback, x, i, sigma, sigma, denoised)
+    for i, sigma, sigma_next in _steps(sigmas, disable, on_step):
+        denoised = _evaluate(model, x, i, sigma, extra_args, callback)
         if sigma_next == 0:
             x = denoised
         else:

@@ -34,8 +34,9 @@ import torch
 from ..checkpoint import open_checkpoint
 from ..deltas import binding_deltas
 from ..detect import LABELS
-from ..errors import AdapterError, BaseModelMismatch, LoraExtError, LoraFileError
+from ..errors import AdapterError, BaseModelMismatch, LoraExtError
 from ..keys import KeyMap, Target
+from ..merge import check_output_path
 from ..network import load_lora
 from .common import Report, Row, emit, module_name, rounding_step
 from .progress import progress as progress_bar
@@ -208,13 +209,7 @@ def unmerge(merged, out, *, base=None, loras=None, rank: Optional[int] = None, p
 def restore_base(merged, loras, out, *, reference=None, max_iter: int = 30, progress: Optional[bool] = None,
                  log=None) -> Report:
     """Take the merged ``loras`` ([(path, strength)]) out of ``merged``; write the base to ``out``."""
-    out = os.fspath(out)
-    if os.path.abspath(out) == os.path.abspath(os.fspath(merged)):
-        raise LoraFileError(out, "output would overwrite the merged checkpoint")
-    if os.path.exists(out):
-        raise LoraFileError(out, "output already exists; choose a new path")
-    if not os.path.isdir(os.fspath(merged)) and not out.endswith(".safetensors"):
-        raise LoraFileError(out, "a single-file output must end in .safetensors")
+    out = check_output_path(out, merged, "merged")
     from ..detect import detect_base_model
     from ..merge import _check_base
 

@@ -5,26 +5,13 @@ class name SD15 / SD20 / SDXL), ``current_patcher`` (set by ModelPatcher.pre_run
 ``apply_model(x, t, c_crossattn, transformer_options)``.
 
 The compvis tree is the tiny diffusers UNet's modules re-parented under their ldm names
-(like tests/fakes/a1111/fake_model.py), so apply_model can run the diffusers forward on the
-very same modules."""
+(``ldm_tree`` from tests/tiny_models.py, as in tests/fakes/a1111/fake_model.py), so
+apply_model can run the diffusers forward on the very same modules."""
 
 import torch
 from torch import nn
 
-
-def ldm_tree(table, model):
-    root = nn.Module()
-    for path, info in table.items():
-        if info.ldm_path is None:
-            continue
-        parts = info.ldm_path.split(".")
-        cur = root
-        for q in parts[:-1]:
-            if not hasattr(cur, q):
-                cur.add_module(q, nn.Module())
-            cur = getattr(cur, q)
-        cur.add_module(parts[-1], model.get_submodule(path))
-    return root
+from tiny_models import ldm_tree  # a test helper (tests/tiny_models.py), not part of the host's layout
 
 
 class SD15:
