@@ -53,7 +53,42 @@ def check_finite(t: Tensor, what: str) -> None:
         raise AdapterError(f"{what} is not finite (NaN or Inf)")
 
 
-# --- one part of a fused weight (OpenCLIP's in_proj spanning q, k and v) ----------------------
+# --- one target's delta (a fused OpenCLIP in_proj spans q, k and v: one target per part) -----
+def target_delta(adapter, w32: Tensor, stacked_shape: Optional[tuple] = None,
+                 rows: Optional[tuple] = None) -> Tensor:
+    """fp32 delta (strength 1) for one target module, given its own fp32 weight.
+
+    ``rows``: the target's rows ``(start, stop)`` inside the fused weight of ``stacked_shape``
+    the adapter was trained on; None when the adapter is for this module alone.
+    """
+    d = adapter.delta(w32) if rows is None else _part_delta(adapter, stacked_shape, rows, w32)
+    if d.shape != w32.shape:
+        if d.numel() != w32.numel():
+            raise AdapterError(f"delta of shape {tuple(d.shape)} does not fit weight {tuple(w32.shape)}")
+        d = d.reshape(w32.shape)
+    return d.to(device=w32.device, dtype=torch.float32)
+
+
+def target_bias_delta(adapter, b32: Optional[Tensor], w32: Tensor, stacked_shape: Optional[tuple] = None,
+                      rows: Optional[tuple] = None) -> Optional[Tensor]:
+    """fp32 bias delta (strength 1) for one target module, or None; see ``target_delta``."""
+    if rows is None:
+        db = adapter.bias_delta(b32, w32)
+    else:
+        db = _part_bias_delta(adapter, stacked_shape, rows, b32, w32)
+    if db is None:
+        return None
+    if b32 is None:
+        raise AdapterError("the adapter changes a bias but the module has none")
+    return db.reshape(b32.shape).to(device=b32.device, dtype=torch.float32)
+
+
+def splits_into_parts(adapter, stacked_shape: tuple, parts: int) -> bool:
+    """Whether an adapter for a weight stacked from ``parts`` equal row slices applies to
+    each part on its own (``Adapter.rows_independent``, and the rows divide evenly)."""
+    return parts > 0 and stacked_shape[0] % parts == 0 and adapter.rows_independent(tuple(stacked_shape), parts)
+
+
 def _stacked(part: Tensor, stacked_shape: tuple, rows: tuple) -> Tensor:
     """A stand-in for the fused weight around one part: the part repeated in every slot.
 
@@ -69,14 +104,12 @@ def _stacked(part: Tensor, stacked_shape: tuple, rows: tuple) -> Tensor:
 
 def _check_parts(adapter, stacked_shape: tuple, rows: tuple) -> None:
     n = rows[1] - rows[0]
-    if n <= 0 or stacked_shape[0] % n or rows[0] % n or not adapter.rows_independent(
-            tuple(stacked_shape), stacked_shape[0] // n):
+    if n <= 0 or rows[0] % n or not splits_into_parts(adapter, stacked_shape, stacked_shape[0] // n):
         raise AdapterError(f"a {adapter.type_name} adapter spanning fused q/k/v mixes the parts' rows; "
                            "it cannot be applied to separate q/k/v modules")
 
 
-def part_delta(adapter, stacked_shape: tuple, rows: tuple, w32: Tensor) -> Tensor:
-    """fp32 delta (strength 1) of rows ``rows`` of a fused weight, given that part's own weight."""
+def _part_delta(adapter, stacked_shape: tuple, rows: tuple, w32: Tensor) -> Tensor:
     if getattr(adapter, "weight_dependent", False):
         _check_parts(adapter, stacked_shape, rows)
         full = _stacked(w32.float(), stacked_shape, rows)
@@ -85,9 +118,8 @@ def part_delta(adapter, stacked_shape: tuple, rows: tuple, w32: Tensor) -> Tenso
     return adapter.delta(full).reshape(stacked_shape)[rows[0]:rows[1]]
 
 
-def part_bias_delta(adapter, stacked_shape: tuple, rows: tuple, b32: Optional[Tensor],
-                    w32: Tensor) -> Optional[Tensor]:
-    """fp32 bias delta (strength 1) of rows ``rows`` of a fused module, or None."""
+def _part_bias_delta(adapter, stacked_shape: tuple, rows: tuple, b32: Optional[Tensor],
+                     w32: Tensor) -> Optional[Tensor]:
     n = stacked_shape[0]
     if getattr(adapter, "weight_dependent", False):
         _check_parts(adapter, stacked_shape, rows)

@@ -24,7 +24,7 @@ from typing import Iterable, Mapping, Optional
 import torch
 
 from . import arch
-from .deltas import part_bias_delta, part_delta
+from .deltas import target_bias_delta, target_delta
 from .errors import AdapterError, LoraExtError
 from .keys import KeyMap
 
@@ -308,35 +308,22 @@ def bind(host: HostModel, *, min_coverage: float = 0.9) -> BoundModel:
 # --------------------------------------------------------------------------------------------
 # static patches (for hosts that patch weights themselves)
 
+def _rows(binding, index: int):
+    """(stacked shape, rows of target ``index``) for a binding spanning fused q/k/v, else (None, None)."""
+    if len(binding.targets) == 1:
+        return None, None
+    shape = tuple(binding.candidate.weight_shape)
+    n = shape[0] // len(binding.targets)
+    return shape, (index * n, (index + 1) * n)
+
+
 def _contribution_delta(binding, index: int, w32: torch.Tensor) -> torch.Tensor:
     """fp32 change of target ``index`` of ``binding`` at strength 1, given that target's weight."""
-    adapter = binding.adapter
-    if len(binding.targets) == 1:
-        d = adapter.delta(w32)
-    else:
-        shape = tuple(binding.candidate.weight_shape)
-        n = shape[0] // len(binding.targets)
-        d = part_delta(adapter, shape, (index * n, (index + 1) * n), w32)
-    if d.shape != w32.shape:
-        if d.numel() != w32.numel():
-            raise AdapterError(f"delta of shape {tuple(d.shape)} does not fit weight {tuple(w32.shape)}")
-        d = d.reshape(w32.shape)
-    return d.float()
+    return target_delta(binding.adapter, w32, *_rows(binding, index))
 
 
 def _contribution_bias(binding, index: int, b32, w32) -> Optional[torch.Tensor]:
-    adapter = binding.adapter
-    if len(binding.targets) == 1:
-        db = adapter.bias_delta(b32, w32)
-    else:
-        shape = tuple(binding.candidate.weight_shape)
-        n = shape[0] // len(binding.targets)
-        db = part_bias_delta(adapter, shape, (index * n, (index + 1) * n), b32, w32)
-    if db is None:
-        return None
-    if b32 is None:
-        raise AdapterError("the adapter changes a bias but the module has none")
-    return db.reshape(b32.shape).float()
+    return target_bias_delta(binding.adapter, b32, w32, *_rows(binding, index))
 
 
 @dataclass

@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from ..deltas import check_finite, part_bias_delta, part_delta
+from ..deltas import check_finite, target_bias_delta, target_delta
 from ..errors import AdapterError
 
 Tensor = torch.Tensor
@@ -72,26 +72,10 @@ class Contribution:
     # --- dense form ------------------------------------------------------------------------
     def delta(self, w32: Tensor) -> Tensor:
         """fp32 delta at strength 1 for this module, given its (pristine or estimated) fp32 weight."""
-        if self.rows is None:
-            d = self.adapter.delta(w32)
-        else:
-            d = part_delta(self.adapter, self.stacked_shape, self.rows, w32)
-        if d.shape != w32.shape:
-            if d.numel() != w32.numel():
-                raise AdapterError(f"delta of shape {tuple(d.shape)} does not fit weight {tuple(w32.shape)}")
-            d = d.reshape(w32.shape)
-        return d.to(device=w32.device, dtype=torch.float32)
+        return target_delta(self.adapter, w32, self.stacked_shape, self.rows)
 
     def bias_delta(self, b32: Optional[Tensor], w32: Tensor) -> Optional[Tensor]:
-        if self.rows is None:
-            db = self.adapter.bias_delta(b32, w32)
-        else:
-            db = part_bias_delta(self.adapter, self.stacked_shape, self.rows, b32, w32)
-        if db is None:
-            return None
-        if b32 is None:
-            raise AdapterError("the adapter changes a bias but the module has none")
-        return db.reshape(b32.shape).to(device=b32.device, dtype=torch.float32)
+        return target_bias_delta(self.adapter, b32, w32, self.stacked_shape, self.rows)
 
 
 def delta_sum(items, w32: Tensor, *, check: bool = False) -> Tensor:

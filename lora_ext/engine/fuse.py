@@ -20,16 +20,11 @@ from typing import Optional
 
 import torch
 
-try:
-    import numpy as _numpy
-except ImportError:  # pragma: no cover
-    _numpy = None
-
 from ..errors import AdapterError
 from .contrib import delta_sum, estimate
-from .record import (BITS_CHOICES, Record, RestoreError, check_fused, checksum, compact_dtype, decode, encode,
-                     full_record, gather_diff, int_view, ordered_diff, same_bits, scatter, sparse_bytes,
-                     store_exceptions as _store_exceptions)
+from .record import (BITS_CHOICES, Record, RestoreError, check_fused, checksum, compact_dtype, decode,
+                     diff_scratch, encode, full_record, gather_diff, int_view, ordered_diff, same_bits, scatter,
+                     sparse_bytes, store_exceptions as _store_exceptions)
 
 Tensor = torch.Tensor
 CHUNK = 1 << 18  # elements per row block of the low-rank path (fp32 temporaries stay in L2/L3)
@@ -90,7 +85,7 @@ class _Scratch:
         self.t = torch.empty(n, dtype=dtype, device=device)  # the fused block
         self.e = torch.empty(n, dtype=dtype, device=device)  # round(estimate)
         self.w = torch.empty(n, dtype=dtype, device=device)  # W0 decoded from an old fusion
-        self.mask = _numpy.empty(n, dtype=bool) if _numpy is not None and device.type == "cpu" else None
+        self.mask = diff_scratch(n, device)  # where round(estimate) != W0
 
     def view(self, name: str, rows: int) -> Tensor:
         return getattr(self, name)[:rows * self.k].view(rows, self.k)

@@ -18,6 +18,7 @@ from typing import Optional
 
 import torch
 
+from ..deltas import splits_into_parts
 from ..errors import LoraExtError
 from ..keys import KeyMap
 from ..network import Lora, Unmatched, load_lora
@@ -276,7 +277,7 @@ class Handle(Transactions):
         entry.report.unmatched = list(res.unmatched)
         for b in res.bindings:
             targets = b.targets
-            if len(targets) > 1 and not b.adapter.rows_independent(tuple(b.candidate.weight_shape), len(targets)):
+            if len(targets) > 1 and not splits_into_parts(b.adapter, tuple(b.candidate.weight_shape), len(targets)):
                 entry.report.unmatched.extend(
                     Unmatched(k, f"a {b.adapter.type_name} adapter spanning fused q/k/v mixes the rows of q, k "
                                  "and v; it cannot be applied to separate q/k/v modules")

@@ -99,10 +99,15 @@ def diff_positions(a: Tensor, b: Tensor) -> Tensor:
     return (a != b).nonzero().reshape(-1)
 
 
+def diff_scratch(n: int, device):
+    """A reusable comparison buffer for ``gather_diff`` on ``n`` elements (None off the CPU)."""
+    return _numpy.empty(n, dtype=bool) if _numpy is not None and torch.device(device).type == "cpu" else None
+
+
 def gather_diff(a: Tensor, b: Tensor, mask=None) -> tuple:
     """(flat positions where two int views differ, ``a``'s values there).
 
-    ``mask``: a numpy bool scratch array of the same length, for the comparison.
+    ``mask``: a buffer from ``diff_scratch`` of the same length, for the comparison.
     """
     na, nb = _np(a), _np(b)
     if na is not None and nb is not None:
