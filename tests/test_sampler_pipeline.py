@@ -165,8 +165,10 @@ def test_batch_image_i_equals_a_run_with_seed_plus_i(models, sampler):
     assert batch.seeds == [100, 101, 102]
     for i in range(3):
         single = generate(m, "a dog", "a cat", steps=4, seed=100 + i, sampler=sampler, **QUIET)
-        # equal up to float rounding (a batch of 3 runs other kernels than a batch of 1)
-        assert torch.allclose(batch.latents[i:i + 1], single.latents, rtol=1e-5, atol=1e-4), i
+        # equal up to float rounding (a batch of 3 runs other kernels than a batch of 1), measured
+        # against the latents' scale: the SDE sampler's noise amplifies it to ~3e-6 of that
+        err = (batch.latents[i:i + 1] - single.latents).abs().max() / single.latents.abs().max()
+        assert float(err) < 2e-5, (i, float(err))
         assert batch.infotexts[i] == single.infotexts[0]
 
 
