@@ -9,8 +9,13 @@ A LoRA names the module it patches in one of two layouts:
 
 This module lists, for every weight-bearing module of every component, both names, its
 shapes and its lbw block id, so the rest of the core can go from any LoRA key to a module and
-from a module to its weight in either kind of checkpoint. Everything is derived from the
-shipped configs and a model built on the ``meta`` device, so no weights are ever needed.
+from a module to its weight in either kind of checkpoint. No weights are ever needed: the
+full-size SD1.x / SD2.x / SDXL tables come from shipped data (``lora_ext/tables``, the
+weight-bearing modules of each component in ``named_modules()`` order, generated from the
+shipped configs by ``python -m lora_ext.tables.generate`` with diffusers/transformers models
+built on the ``meta`` device), so hosts need neither diffusers nor transformers. Models of
+other sizes get their tables from live modules (``table_for_model``) or, with diffusers /
+transformers installed, from a config (``table_for_config``).
 
 Conventions
 -----------
@@ -44,13 +49,16 @@ from __future__ import annotations
 
 import copy
 import functools
+import importlib
 import json
 import os
 import re
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Iterator, Mapping
 
 import torch
+
+from .errors import LoraExtError
 
 __all__ = [
     "ARCHS",
@@ -62,6 +70,8 @@ __all__ = [
     "te_layout",
     "module_table",
     "table_for_model",
+    "module_entries",
+    "MissingDependencyError",
     "model_config",
     "table_for_config",
     "ldm_index",
@@ -146,22 +156,50 @@ def load_config(arch: str, component: str) -> dict:
     return copy.deepcopy(_read_config(arch, component))
 
 
+class MissingDependencyError(LoraExtError, ImportError):
+    """An optional model library (diffusers, transformers) is needed here but cannot be imported."""
+
+
+def _import_from(package: str, names: tuple[str, ...], what: str):
+    """``names`` from ``package``, or a :class:`MissingDependencyError` naming the package.
+
+    diffusers / transformers are optional: hosts run on the shipped tables. Anything the import
+    raises counts as "cannot be imported" (a diffusers too new for the host's huggingface_hub
+    fails with ImportError or, through its lazy modules, RuntimeError).
+    """
+    try:
+        module = importlib.import_module(package)
+        return tuple(getattr(module, n) for n in names)
+    except Exception as e:  # noqa: BLE001 - re-raised with the package named
+        raise MissingDependencyError(
+            f"{what} needs the {package!r} package, which cannot be imported here ({type(e).__name__}: {e}); "
+            f"install it (`pip install \"lora-ext[full]\"`) in an environment where it works. "
+            f"Binding LoRAs to SD1.x/SD2.x/SDXL models in a host does not need it."
+        ) from e
+
+
+def _meta_model(component: str, config: Mapping, with_projection: bool, what: str) -> torch.nn.Module:
+    """A diffusers UNet / transformers CLIP text model built from ``config`` (call under a device)."""
+    if component == "unet":
+        (unet_cls,) = _import_from("diffusers", ("UNet2DConditionModel",), what)
+        return unet_cls.from_config(dict(config))
+    config_cls, model_cls, proj_cls = _import_from(
+        "transformers", ("CLIPTextConfig", "CLIPTextModel", "CLIPTextModelWithProjection"), what)
+    return (proj_cls if with_projection else model_cls)(config_cls(**config))
+
+
 def build_meta(arch: str, component: str) -> torch.nn.Module:
     """The component built from its shipped config on the ``meta`` device (no memory, ~0.1 s).
 
-    Not cached: callers may wrap or alter the modules. ``module_table`` caches what it needs.
+    Needs diffusers (UNet) / transformers (text encoders); raises :class:`MissingDependencyError`
+    naming the package when it cannot be imported. Not cached: callers may wrap or alter the
+    modules. ``module_table`` does not use it (shipped data).
     """
     _check(arch, component)
     config = load_config(arch, component)
     with torch.device("meta"):
-        if component == "unet":
-            from diffusers import UNet2DConditionModel
-
-            return UNet2DConditionModel.from_config(config)
-        from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-        cls = CLIPTextModelWithProjection if (arch, component) == ("sdxl", "te2") else CLIPTextModel
-        return cls(CLIPTextConfig(**config))
+        return _meta_model(component, config, (arch, component) == ("sdxl", "te2"),
+                           f"building the {arch} {component} model")
 
 
 # --------------------------------------------------------------------------------------------
@@ -183,6 +221,9 @@ class ModuleInfo:
     ldm_bias: str | None
     ldm_rows: tuple[int, int] | None = None
     ldm_transposed: bool = False
+
+
+KINDS = ("linear", "conv", "norm", "embedding")
 
 
 def _kind(module: torch.nn.Module) -> str:
@@ -370,8 +411,12 @@ def _plain(ldm_path: str, root: str) -> dict:
 
 @functools.lru_cache(maxsize=None)
 def _table(arch: str, component: str) -> Mapping[str, ModuleInfo]:
+    # shipped data (lora_ext/tables): no diffusers / transformers needed
+    from . import tables
+
+    config = load_config(arch, component)
     return _build_table(
-        component, build_meta(arch, component), load_config(arch, component),
+        component, tables.entries(arch, component, config), config,
         ldm_root(arch, component), te_layout(arch, component),
     )
 
@@ -408,34 +453,49 @@ def table_for_model(component: str, model: torch.nn.Module, config: Mapping | No
 
 
 def table_for_config(component: str, config: Mapping) -> dict[str, ModuleInfo]:
-    """Module table of a component described by a diffusers / transformers config dict."""
+    """Module table of a component described by a diffusers / transformers config dict.
+
+    Builds the model on ``meta``, so it needs diffusers (UNet) / transformers (text encoders):
+    :class:`MissingDependencyError` when they cannot be imported. The full-size SD families need
+    neither (``module_table``).
+    """
     config = dict(config)
+    if component == "unet":
+        fields, with_projection = config, False
+    else:
+        fields = {k: v for k, v in config.items() if not k.startswith("_") and k not in ("architectures", "torch_dtype", "dtype")}
+        with_projection = "CLIPTextModelWithProjection" in (config.get("architectures") or [])
     with torch.device("meta"):
-        if component == "unet":
-            from diffusers import UNet2DConditionModel
-
-            model = UNet2DConditionModel.from_config(config)
-        else:
-            from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-            fields = {k: v for k, v in config.items() if not k.startswith("_") and k not in ("architectures", "torch_dtype", "dtype")}
-            with_projection = "CLIPTextModelWithProjection" in (config.get("architectures") or [])
-            cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
-            model = cls(CLIPTextConfig(**fields))
+        model = _meta_model(component, fields, with_projection, f"a {component} module table from a config")
     return table_for_model(component, model, config)
 
 
-def _build_table(component, model, config, root, layout) -> Mapping[str, ModuleInfo]:
-    prefixes = _unet_prefix_map(config) if component == "unet" else None
-
-    table: dict[str, ModuleInfo] = {}
+def module_entries(model: torch.nn.Module) -> Iterator[tuple[str, str, tuple, tuple | None]]:
+    """``(name, kind, weight shape, bias shape or None)`` of every module of ``model`` that has a
+    weight, in ``named_modules()`` order: what :func:`_build_table` reads (the shipped tables
+    are these entries, stored)."""
     for name, module in model.named_modules():
         weight = module._parameters.get("weight")
         if weight is None:
             continue  # containers, activations, dropout, norms without affine
         bias = module._parameters.get("bias")
+        yield name, _kind(module), tuple(weight.shape), None if bias is None else tuple(bias.shape)
+
+
+def _build_table(component, entries, config, root, layout) -> Mapping[str, ModuleInfo]:
+    """The table of one component from ``entries`` (``(name, kind, weight shape, bias shape)``,
+    see :func:`module_entries`; a module is read through it)."""
+    if isinstance(entries, torch.nn.Module):
+        entries = module_entries(entries)
+    prefixes = _unet_prefix_map(config) if component == "unet" else None
+
+    table: dict[str, ModuleInfo] = {}
+    for name, kind, weight_shape, bias_shape in entries:
+        if kind not in KINDS:
+            raise ValueError(f"{name}: unknown module kind {kind!r}")
         path = _strip_text_model(name) if component != "unet" else name
-        weight_shape = tuple(weight.shape)
+        weight_shape = tuple(weight_shape)
+        bias_shape = None if bias_shape is None else tuple(bias_shape)
 
         if component == "unet":
             ldm_path = _unet_ldm_path(path, prefixes)
@@ -449,15 +509,15 @@ def _build_table(component, model, config, root, layout) -> Mapping[str, ModuleI
             block = "BASE"
         if not fields:
             fields = dict(ldm_path=None, ldm_weight=None, ldm_bias=None)
-        if bias is None:
+        if bias_shape is None:
             fields["ldm_bias"] = None  # the ldm twin has no bias either
 
         table[path] = ModuleInfo(
             component=component,
             path=path,
-            kind=_kind(module),
+            kind=kind,
             weight_shape=weight_shape,
-            bias_shape=None if bias is None else tuple(bias.shape),
+            bias_shape=bias_shape,
             block=block,
             **fields,
         )
