@@ -23,6 +23,7 @@ from ..errors import LoraExtError
 from ..keys import KeyMap
 from ..network import Lora, Unmatched, load_lora
 from ..spec import LoraSpec
+from .amp import without_autocast
 from .auto import decide
 from .contrib import Contribution
 from .models import as_spec, cached_lora, components_of, keymap_for, live_index, remember_lora
@@ -97,6 +98,7 @@ class Handle(Transactions):
         self.unmatched: list = []
 
     # --- public ------------------------------------------------------------------------------
+    @without_autocast
     def update(self, step: Optional[int], total_steps: Optional[int], *, hires: bool = False) -> None:
         """Move to sampling step ``step`` (0-based) of ``total_steps``: per-step strengths."""
         self._check_alive()
@@ -121,6 +123,7 @@ class Handle(Transactions):
             if m.live is not None:
                 m.live.rows_seen = m.live.calls = 0
 
+    @without_autocast
     def set(self, specs) -> None:
         """Switch to another list of LoRAs; modules whose weights do not change are not touched."""
         self._check_alive()
@@ -141,6 +144,7 @@ class Handle(Transactions):
             raise
         self._prune()
 
+    @without_autocast
     def remove(self) -> None:
         """Restore every module bit-exactly and take every hook off. Idempotent."""
         if not self._alive:
@@ -355,6 +359,7 @@ class Handle(Transactions):
         return fused_items, live
 
 # --------------------------------------------------------------------------------------------
+@without_autocast
 def apply(model, specs, method: str = "auto", *, keymap: Optional[KeyMap] = None) -> Handle:
     """Apply LoRAs to a live model; returns a ``Handle`` (``update``, ``set``, ``remove``).
 
