@@ -4,7 +4,8 @@ sampler (modules/sd_samplers_kdiffusion.py, sd_samplers_cfg_denoiser.py, sd_samp
 
 process_images_inner: scripts.process(p); per batch: before_process_batch,
 parse_extra_network_prompts (tags removed from p.prompts, extra data from the first prompt),
-``extra_networks.activate(p, p.extra_network_data)`` unless p.disable_extra_networks,
+``with devices.autocast(): extra_networks.activate(p, p.extra_network_data)`` unless
+p.disable_extra_networks,
 scripts.process_batch, setup_conds (runs the text encoder), sample; txt2img hires fix:
 ``p.is_hr_pass = True``, ``extra_networks.activate(p, p.hr_extra_network_data)``, hr conds,
 scripts.before_hr, second sampling with ``hr_second_pass_steps or steps``; then
@@ -20,7 +21,7 @@ sees i - 1, as in the real webui). Second-order samplers call the denoiser twice
 """
 import torch
 
-from modules import extra_networks, infotext_utils, script_callbacks, shared
+from modules import devices, extra_networks, infotext_utils, script_callbacks, shared
 from modules.shared import state
 
 
@@ -146,7 +147,8 @@ class StableDiffusionProcessingTxt2Img(StableDiffusionProcessing):
     def sample_hr_pass(self, samples):
         self.is_hr_pass = True
         if not self.disable_extra_networks:
-            extra_networks.activate(self, self.hr_extra_network_data)
+            with devices.autocast():  # processing.py v1.10: activate runs inside autocast
+                extra_networks.activate(self, self.hr_extra_network_data)
         self.hr_c = self.sd_model.get_learned_conditioning(self.hr_prompts)
         if self.scripts is not None:
             self.scripts.before_hr(self)
@@ -171,14 +173,15 @@ def process_images(p):
                 p.scripts.before_process_batch(p, batch_number=n, prompts=p.prompts)
             p.parse_extra_network_prompts()
             if not p.disable_extra_networks:
-                extra_networks.activate(p, p.extra_network_data)
+                with devices.autocast():  # processing.py v1.10 L~930: activate inside autocast
+                    extra_networks.activate(p, p.extra_network_data)
             if p.scripts is not None:
                 p.scripts.process_batch(p, batch_number=n, prompts=p.prompts)
             p.setup_conds()
             p.sample()
             infotexts.append(f"{p.all_prompts[n * p.batch_size]}\n{infotext_utils.create_infotext_line(p)}")
     if not p.disable_extra_networks and p.extra_network_data:
-        extra_networks.deactivate(p, p.extra_network_data)
+        extra_networks.deactivate(p, p.extra_network_data)  # outside autocast, as in the real one
     res = Processed(p, infotexts)
     if p.scripts is not None:
         p.scripts.postprocess(p, res)
