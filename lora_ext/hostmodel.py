@@ -28,7 +28,7 @@ from .deltas import target_bias_delta, target_delta
 from .errors import AdapterError, LoraExtError
 from .keys import KeyMap
 
-__all__ = ["HostModel", "BoundModel", "ModuleView", "RowSlice", "bind", "register_layout",
+__all__ = ["HostModel", "BoundModel", "ModuleView", "RowSlice", "InputSlice", "bind", "register_layout",
            "unregister_layout", "ModulePatch", "static_patches", "step_from_sigma", "varies_per_step", "TimestepClock", "NAMINGS"]
 
 #: how a component's modules are named: ``"diffusers"`` (diffusers UNet / transformers CLIP
@@ -105,6 +105,52 @@ class _BareParameter:
         return getattr(self.owner, self.name)
 
 
+class InputSlice:
+    """The first ``n`` input channels of a wider input layer: ``conv_in`` of an inpainting (9
+    channels), instruct-pix2pix (8) or depth (5) UNet, for LoRAs trained on the 4-channel base.
+
+    As A1111's built-in handler pads the delta with zeros, the extra channels keep their
+    weights. ``weight`` is a view into the live parameter (so fusing writes the real weight);
+    a forward hook sees only the first ``n`` channels of the input, which is what the
+    adapter's contribution is computed from. Everything else is the owner's.
+    """
+
+    def __init__(self, owner: torch.nn.Module, n: int):
+        self.owner = owner
+        self.n = int(n)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.owner.weight[:, :self.n]
+
+    @property
+    def bias(self) -> Optional[torch.Tensor]:
+        return getattr(self.owner, "bias", None)
+
+    def __getattr__(self, name):  # stride, padding, groups, ... (only reached for other names)
+        if name == "owner":
+            raise AttributeError(name)
+        return getattr(self.owner, name)
+
+    def register_forward_hook(self, hook):
+        def narrowed(module, args, output):
+            if args and torch.is_tensor(args[0]):
+                args = (args[0][:, :self.n],) + tuple(args[1:])
+            return hook(self, args, output)
+
+        return self.owner.register_forward_hook(narrowed)
+
+    def __repr__(self):
+        return f"InputSlice({type(self.owner).__name__}, first {self.n} of {self.owner.weight.shape[1]} channels)"
+
+
+def _wider_input(info, shape: tuple) -> bool:
+    """Whether the host's ``shape`` is the table's input layer with more input channels."""
+    want = tuple(info.weight_shape)
+    return (info.component == "unet" and info.path == "conv_in" and len(shape) == len(want) >= 2
+            and shape[0] == want[0] and shape[2:] == want[2:] and shape[1] > want[1])
+
+
 class ModuleView:
     """The host's modules of one component, under the core's canonical paths.
 
@@ -113,11 +159,14 @@ class ModuleView:
     """
 
     def __init__(self, component: str, modules: Mapping[str, object], table: Mapping[str, object],
-                 root=None):
+                 root=None, widened: Optional[dict] = None):
         self.component = component
         self.modules = dict(modules)
         self.table = dict(table)  # canonical path -> arch.ModuleInfo, only the modules present
         self.root = root
+        # canonical path -> (host's input channels, the table's): input layers wider than the
+        # base's, which LoRAs reach on their first channels (see InputSlice)
+        self.widened = dict(widened or {})
 
     def named_modules(self):
         return iter(self.modules.items())
@@ -141,6 +190,16 @@ class BoundModel:
     views: dict  # component -> ModuleView
     keymap: KeyMap
     skipped: dict = field(default_factory=dict)  # component -> [canonical paths the host lacks]
+
+    @property
+    def notes(self) -> list:
+        """What binding adapted, one line each (for consoles, infotext and inspect output)."""
+        out = []
+        for comp, view in self.views.items():
+            for path, (have, base) in view.widened.items():
+                out.append(f"{comp} {path} has {have} input channels (the base has {base}): LoRAs act on "
+                           f"the first {base}, the other {have - base} keep their weights")
+        return out
 
     @property
     def label(self) -> str:
@@ -226,8 +285,8 @@ def _shape(obj) -> Optional[tuple]:
 
 
 def _view_from_table(component: str, root, table, naming: str) -> tuple:
-    """(modules found, table entries found, paths missing, shape mismatches)."""
-    modules, found, missing, wrong = {}, {}, [], 0
+    """(modules found, table entries found, paths missing, shape mismatches, widened inputs)."""
+    modules, found, missing, wrong, widened = {}, {}, [], 0, {}
     index = _diffusers_index(component, root) if naming == "diffusers" else None
     for path, info in table.items():
         if naming == "diffusers":
@@ -251,11 +310,14 @@ def _view_from_table(component: str, root, table, naming: str) -> tuple:
             missing.append(path)
             continue
         if shape != tuple(info.weight_shape):
-            wrong += 1
-            continue
+            if not (isinstance(mod, torch.nn.Module) and _wider_input(info, shape)):
+                wrong += 1
+                continue
+            widened[path] = (shape[1], info.weight_shape[1])
+            mod = InputSlice(mod, info.weight_shape[1])
         modules[path] = mod
         found[path] = info
-    return modules, found, missing, wrong
+    return modules, found, missing, wrong, widened
 
 
 def bind(host: HostModel, *, min_coverage: float = 0.9) -> BoundModel:
@@ -278,22 +340,22 @@ def bind(host: HostModel, *, min_coverage: float = 0.9) -> BoundModel:
         naming = host.naming_of(comp)
         chosen = None
         for fam, table in _candidate_tables(host.family, comp):
-            modules, found, missing, wrong = _view_from_table(comp, root, table, naming)
+            modules, found, missing, wrong, widened = _view_from_table(comp, root, table, naming)
             if wrong == 0 and modules and len(modules) >= min_coverage * len(table):
-                chosen = (fam, modules, found, missing)
+                chosen = (fam, modules, found, missing, widened)
                 break
         if chosen is None and naming == "diffusers":
             cfg = getattr(root, "config", None)
             cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg or {})
             table = arch.table_for_model(comp, root, cfg)
-            modules, found, missing, wrong = _view_from_table(comp, root, table, naming)
-            chosen = ("custom", modules, found, missing)
+            modules, found, missing, wrong, widened = _view_from_table(comp, root, table, naming)
+            chosen = ("custom", modules, found, missing, widened)
         if chosen is None:
             raise LoraExtError(
                 f"{host.label or 'the model'}: its {comp} is not SD1.x, SD2.x or SDXL (no module table "
                 f"matches its {naming} module names and weight shapes)")
-        fam, modules, found, missing = chosen
-        views[comp] = ModuleView(comp, modules, found, root=root)
+        fam, modules, found, missing, widened = chosen
+        views[comp] = ModuleView(comp, modules, found, root=root, widened=widened)
         skipped[comp] = missing
         families.append(fam)
     if not views:

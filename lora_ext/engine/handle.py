@@ -351,7 +351,10 @@ class Handle(Transactions):
             s = e.strength(c.target.component, c.target.block, step, total, hires)
             if s == 0.0:
                 continue
-            d = fused if e.placement == "fuse" else live
+            # a module whose weight must not be written takes its fused LoRAs live; one with no
+            # forward to hook (a fused q/k/v slice) keeps them fused and fails there, clearly
+            live_only = m.unfusable is not None and hasattr(m.module, "register_forward_hook")
+            d = fused if e.placement == "fuse" and not live_only else live
             prev = d.get(c.key)
             d[c.key] = (c, s if prev is None else prev[1] + s)
         fused_items = tuple((k, c, s) for k, (c, s) in sorted(fused.items(), key=lambda t: t[0]) if s != 0.0)

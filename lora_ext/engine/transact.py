@@ -20,10 +20,39 @@ from .onthefly import LiveModule
 from .record import Record, full_record, same_bits
 
 
+_FLOAT8 = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz",
+                                             "float8_e8m0fnu") if hasattr(torch, n))
+
+
+def unfusable_reason(module) -> Optional[str]:
+    """Why fusing into ``module``'s weight would be wrong, or None when it is fine.
+
+    Quantised weights (SD.Next's SDNQ, bitsandbytes: not floating point), fp8 storage
+    (A1111's ``fp8_storage``: a round trip through fp8 loses the delta and an exact record of
+    an fp8 weight is as large as the weight, in VRAM), offloaded parameters (accelerate's
+    sequential offload leaves them on ``meta``; the real copy lives elsewhere and is put back
+    over ours) and non-contiguous views (an :class:`~lora_ext.hostmodel.InputSlice`) all run
+    their LoRAs on the fly instead, when the module has a forward to hook.
+    """
+    w = getattr(module, "weight", None)
+    if not isinstance(w, torch.Tensor):
+        return None
+    if not w.is_floating_point():
+        return f"{w.dtype} (quantised) weight"
+    if w.dtype in _FLOAT8:
+        return f"{w.dtype} weight (fp8 storage)"
+    if w.device.type == "meta":
+        return "offloaded weight (on the meta device)"
+    if not w.is_contiguous():
+        return "a slice of a wider weight"
+    return None
+
+
 class _Mod:
     """Engine state of one module."""
 
-    __slots__ = ("key", "module", "component", "block", "contribs", "fused", "rec_w", "rec_b", "live")
+    __slots__ = ("key", "module", "component", "block", "contribs", "fused", "rec_w", "rec_b", "live",
+                 "unfusable")
 
     def __init__(self, key, module, component, block):
         self.key = key
@@ -35,6 +64,8 @@ class _Mod:
         self.rec_w: Optional[Record] = None  # None: the weight is pristine
         self.rec_b: Optional[Record] = None
         self.live: Optional[LiveModule] = None
+        # why this module's weight is never written (its LoRAs run in a forward hook), or None
+        self.unfusable: Optional[str] = unfusable_reason(module)
 
     @property
     def idle(self) -> bool:
