@@ -74,3 +74,32 @@ def test_every_package_folder_is_in_the_wheel():
                 found.add(name if rel == "." else name + "." + rel.replace(os.sep, "."))
     assert found <= listed, found - listed
     assert "lora_ext.configs" in listed  # data-only package (json configs)
+
+
+def test_host_runtime_dependencies_only():
+    """A host needs torch (its own, any version from 2.1), safetensors, numpy and pluggy; diffusers
+    and transformers are an extra (tools, standalone sampler) that the tests include as oracles."""
+    import tomllib
+
+    project = tomllib.load(open(os.path.join(ROOT, "pyproject.toml"), "rb"))["project"]
+    names = {re.split(r"[<>=!~\[ ]", d, 1)[0].lower(): d for d in project["dependencies"]}
+    assert set(names) == {"torch", "safetensors", "numpy", "pluggy"}
+    assert names["torch"] == "torch>=2.1"  # no upper bound: the host's torch is the one used
+    extras = project["optional-dependencies"]
+    for extra in ("full", "test"):
+        assert {"diffusers>=0.30", "transformers>=4.40"} <= set(extras[extra]), extra
+    cfg = tomllib.load(open(os.path.join(ROOT, "pyproject.toml"), "rb"))["tool"]["setuptools"]
+    assert "*.json.gz" in cfg["package-data"]["lora_ext.tables"]
+    assert os.path.isfile(os.path.join(ROOT, "lora_ext", "tables", "sd_modules.json.gz"))
+
+
+def test_install_py_installs_only_the_host_runtime():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("lora_ext_install_py", os.path.join(ROOT, "install.py"))
+    install = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(install)  # defines only; main() runs under __main__
+    assert set(install.REQUIREMENTS) == {"safetensors", "numpy", "pluggy"}
+    assert install.installed("pytest") and not install.installed("no-such-distribution-lora-ext")
+    ci = open(os.path.join(ROOT, ".ci", "run"), encoding="utf-8").read()
+    assert "LORA_EXT_A1111_DEPS=1 python -m pytest -q tests/test_a1111_deps.py" in ci
