@@ -1,9 +1,11 @@
 """Model layouts the core binds LoRAs to: the full-size SD families, or any concrete model.
 
 A layout is ``{component: {canonical path: ModuleInfo}}``. The full-size SD1.x / SD2.x /
-SDXL layouts come from the shipped configs (``arch``); a diffusers folder or a live model of
-another size (a fine-tune with a changed config, the tiny models of the tests) gets its own
-layout from its config, with the same naming rules.
+SDXL layouts come from the shipped tables (``arch``, ``lora_ext/tables``: no diffusers or
+transformers needed, so hosts bind with neither); a live model of another size gets its own
+layout from its modules (``layout_of_modules``), and a diffusers folder of another size (a
+fine-tune with a changed config) from its config (``table_from_model``, which then builds the
+model on ``meta`` and so needs diffusers / transformers), with the same naming rules.
 """
 from __future__ import annotations
 
@@ -68,7 +70,10 @@ def _same_architecture(cfg: Optional[Mapping], ref: Optional[Mapping]) -> bool:
 
 
 def table_from_model(component: str, config: Mapping, family: str = "custom") -> dict:
-    """Module table for one component described by its diffusers/transformers config."""
+    """Module table for one component described by its diffusers/transformers config.
+
+    A full-size SD family is shipped data; any other config needs diffusers (UNet) or
+    transformers (text encoders): ``arch.MissingDependencyError`` names the one missing."""
     if family in SD_ARCHS and component in arch.components(family):
         return arch.module_table(family, component)
     return arch.table_for_config(component, dict(config))
