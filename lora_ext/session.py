@@ -151,6 +151,33 @@ class Session:
                 raise LoraExtError(f"{missing.tag or missing.name}: no file for this LoRA and no LoRA folders")
             resolve_specs(specs, self.library)
 
+    def screen(self, specs: Iterable[LoraSpec]) -> list:
+        """``[(spec, reason)]`` for the specs lora-ext cannot apply itself, so that a shim can hand
+        them to its host's built-in handler: files lora-ext cannot read, and files that bundle
+        textual-inversion embeddings (``bundle_emb.*``, which a text encoder's token table takes,
+        not a weight patch). Specs without a file are left to :meth:`use_specs` to report."""
+        from .engine.models import cached_lora, remember_lora
+        from .network import load_lora
+
+        out = []
+        for spec in specs:
+            if spec.path is None:
+                continue
+            lora = cached_lora(spec.path)
+            if lora is None:
+                try:
+                    lora = load_lora(spec.path)
+                except (LoraExtError, OSError) as exc:
+                    out.append((spec, f"lora-ext cannot read it ({exc})"))
+                    continue
+                remember_lora(spec.path, lora)
+            bundled = {key.split(".")[1] for prefix, group in lora.groups.items() if prefix.startswith("bundle_emb")
+                       for key in getattr(group, "keys", {}).values() if key.count(".") >= 1}
+            if bundled:
+                out.append((spec, f"it bundles {len(bundled)} textual-inversion embedding"
+                                  f"{'s' if len(bundled) > 1 else ''} ({', '.join(sorted(bundled))})"))
+        return out
+
     @property
     def family(self) -> Optional[str]:
         return None if self.bound is None else self.bound.family

@@ -47,7 +47,13 @@ OPTIONS = {
     "lora_ext_restore": ("keep", "After a generation: keep the LoRAs applied until they change (fastest), or "
                                  "restore the model's weights", "radio", ["keep", "restore"]),
     "lora_ext_infotext": (True, "Write LoRA names, hashes and schedules to infotext", None, None),
+    "lora_ext_fallback": (True, "Hand a LoRA lora-ext cannot apply (a model or file kind it does not handle, "
+                                "bundled embeddings) to the built-in handler", None, None),
+    "lora_ext_trigger_words": (False, "Append each LoRA's trigger words (from its metadata) to the prompt",
+                               None, None),
 }
+INFOTEXT_FALLBACK = "lora-ext fallback"  # "name: why, ..." for LoRAs the built-in handler took
+INFOTEXT_TRIGGERS = "lora-ext triggers"
 INFOTEXT_TAGS = "lora-ext"  # the canonical tags of the run (schedules included)
 INFOTEXT_HASHES = "Lora hashes"  # same key and format as the built-in handler ("name: hash, ...")
 _REMOVE_SYMBOLS = str.maketrans("", "", ":,")
@@ -98,7 +104,9 @@ class A1111Shim:
         self._library: Optional[LoraLibrary] = None
         self._hashes: dict = {}  # path -> ((size, mtime), short hash)
         self._steps = _StepCounter()
-        self._step_hook = None
+        self._step_hook = None  # forward pre-hooks on a diffusers model (SD.Next)
+        self._p = None  # the processing object of the current generation
+        self._fallback: list = []  # params handed to the built-in handler this generation
         self._lock = threading.RLock()
 
     # --- settings ----------------------------------------------------------------------------
@@ -227,21 +235,26 @@ class A1111Shim:
     # --- the model ---------------------------------------------------------------------------
     @staticmethod
     def host_model(sd_model) -> HostModel:
-        """How the webui holds its model: compvis (A1111) or a diffusers pipeline (SD.Next)."""
+        """How the webui holds its model: compvis (A1111, reForge), Forge 2.x's ``forge_objects``,
+        or a diffusers pipeline (SD.Next). Text encoders are named per component: reForge's
+        (and Forge's) CLIP-G / CLIP-H are transformers-named, A1111's OpenCLIP ones are not."""
         label = getattr(getattr(sd_model, "sd_checkpoint_info", None), "name_for_extra", "") or ""
+        family = ("sdxl" if getattr(sd_model, "is_sdxl", False) else "sd2" if getattr(sd_model, "is_sd2", False)
+                  else "sd1" if getattr(sd_model, "is_sd1", False) else None)
         inner = getattr(sd_model, "model", None)
         if inner is not None and hasattr(inner, "diffusion_model"):
-            family = ("sdxl" if getattr(sd_model, "is_sdxl", False) else "sd2" if getattr(sd_model, "is_sd2", False)
-                      else "sd1" if getattr(sd_model, "is_sd1", False) else None)
-            comps = {"unet": inner.diffusion_model}
+            comps, naming = {"unet": inner.diffusion_model}, {"unet": "ldm"}
             if hasattr(sd_model, "conditioner"):
                 embedders = [getattr(e, "wrapped", e) for e in getattr(sd_model.conditioner, "embedders", [])]
             else:
                 embedders = [getattr(sd_model.cond_stage_model, "wrapped", sd_model.cond_stage_model)]
-            texts = [_text_root(e) for e in embedders]
-            for comp, root in zip(("te1", "te2"), [t for t in texts if t is not None]):
-                comps[comp] = root
-            return HostModel(comps, naming="ldm", family=family, label=label)
+            texts = [t for t in (_text_component(e) for e in embedders) if t is not None]
+            for comp, (root, how) in zip(("te1", "te2"), texts):
+                comps[comp], naming[comp] = root, how
+            return HostModel(comps, naming=naming, family=family, label=label)
+        forge = getattr(sd_model, "forge_objects", None)
+        if forge is not None:
+            return _forge_host_model(forge, family, label)
         pipe = getattr(sd_model, "pipe", sd_model)
         comps = {"unet": getattr(pipe, "unet", None), "te1": getattr(pipe, "text_encoder", None),
                  "te2": getattr(pipe, "text_encoder_2", None)}
@@ -250,8 +263,8 @@ class A1111Shim:
             raise LoraExtError(f"lora-ext does not know how this webui holds its model ({type(sd_model).__name__})")
         return HostModel(comps, naming="diffusers", label=label)
 
-    def _session_for(self, sd_model) -> Session:
-        method = self.opt("lora_ext_method")
+    def _session_for(self, sd_model, method: Optional[str] = None) -> Session:
+        method = method or self.opt("lora_ext_method")
         if self.session is None:
             self.session = Session(self.library(), method=method, te_method="fuse", label="webui")
         s = self.session
@@ -281,13 +294,38 @@ class A1111Shim:
             st = shared.state
             total = max(int(getattr(st, "sampling_steps", 0) or 0), 1)
             if self.session is not None and self.session.handles:
+                self._follow_hires()
                 self.session.begin_step(min(int(getattr(st, "sampling_step", 0) or 0), total - 1), total)
 
-        self._step_hook = unet.register_forward_pre_hook(pre)
+        def pre_te(module, args):
+            if self.session is not None and self.session.handles:
+                self._follow_hires()
+
+        hooks = [unet.register_forward_pre_hook(pre)]
+        for comp in ("te1", "te2"):
+            te = s.bound.host.components.get(comp)
+            if te is not None and hasattr(te, "register_forward_pre_hook"):
+                hooks.append(te.register_forward_pre_hook(pre_te))
+        self._step_hook = hooks
+
+    def _follow_hires(self) -> None:
+        """SD.Next sets ``p.is_hr_pass`` for the hires pass without activating extra networks
+        again (processing_diffusers.py: only with a refiner prompt or a skipped base pass):
+        the first text-encoder or UNet call of that pass switches to the hires strengths."""
+        p = self._p
+        s = self.session
+        if p is None or s is None:
+            return
+        hires = bool(getattr(p, "is_hr_pass", False))
+        if hires != s.hires:
+            s.use_specs(s.specs, hires=hires, total_steps=_expected_steps(p, hires))
+            if self.opt("lora_ext_infotext"):
+                self._write_infotext(p, s.specs, hires)
 
     def _remove_step_hook(self) -> None:
         if self._step_hook is not None:
-            self._step_hook.remove()
+            for h in self._step_hook:
+                h.remove()
             self._step_hook = None
 
     # --- host events -------------------------------------------------------------------------
@@ -304,15 +342,79 @@ class A1111Shim:
                 self._step_aside(p, params_list, kind)
                 return
             self._release_builtin(p)
+            self._p = p
             self._params[kind] = list(params_list)
             params = [x for k in KINDS for x in self._params.get(k, [])]
             specs = [parse_tag(_tag_text(x)) for x in params]
-            s = self._session_for(_sd_model(p))
             hires = bool(getattr(p, "is_hr_pass", False))
-            s.use_specs(specs, hires=hires, total_steps=_expected_steps(p, hires))
+            try:
+                s = self._session_for(_sd_model(p))
+            except LoraExtError as exc:  # a model lora-ext cannot bind: every LoRA to the built-in
+                if not self._hand_over(p, [(x, sp, str(exc)) for x, sp in zip(params, specs)]):
+                    raise
+                return
+            handled, fallback = list(zip(params, specs)), []
+            if self.opt("lora_ext_fallback") and self.builtin is not None:
+                for sp in specs:
+                    _resolvable(s, sp)
+                unhandled = {id(sp): why for sp, why in s.screen(specs)}
+                fallback = [(x, sp, unhandled[id(sp)]) for x, sp in handled if id(sp) in unhandled]
+                handled = [(x, sp) for x, sp in handled if id(sp) not in unhandled]
+            if fallback:
+                # the built-in handler patches weights behind our back: keep ours out of the
+                # UNet's weights (on the fly) while it is in, so neither undoes the other
+                s = self._session_for(_sd_model(p), method="onthefly")
+            mine = [sp for _, sp in handled]
+            s.use_specs(mine, hires=hires, total_steps=_expected_steps(p, hires))
             p.lora_ext_deactivated = False
+            if self.opt("lora_ext_trigger_words"):
+                self._add_trigger_words(p, mine, hires)
             if self.opt("lora_ext_infotext"):
-                self._write_infotext(p, specs, hires)
+                self._write_infotext(p, mine, hires)
+            if fallback:
+                self._hand_over(p, fallback, partial=True)
+
+    def _hand_over(self, p, items, partial: bool = False) -> bool:
+        """Give ``items`` (``[(params, spec, why)]``) to the built-in handler, saying so once per
+        LoRA on the console and in the infotext. False when there is no built-in to take them."""
+        if self.builtin is None or not self.opt("lora_ext_fallback"):
+            return False
+        if not partial and self.session is not None and self.session.handles:
+            self.session.end_run(restore=True)
+        notes = []
+        for x, spec, why in items:
+            name = spec.name or _tag_text(x)
+            log.warning("lora-ext: %s: %s; the built-in Lora handler took it", name, why)
+            notes.append(f"{name}: {why}".translate(str.maketrans(",", ";")))
+        if notes:
+            p.extra_generation_params[INFOTEXT_FALLBACK] = ", ".join(notes)
+        self._builtin_used = True
+        self._fallback = [x for x, _, _ in items]
+        self.builtin.activate(p, list(self._fallback))
+        return True
+
+    def _add_trigger_words(self, p, specs, hires: bool) -> None:
+        """Append each LoRA's trigger words to the prompts of this pass (opt-in), once."""
+        from lora_ext.metadata import trigger_words
+
+        words = []
+        for sp in specs:
+            lora = None
+            if sp.path:
+                from lora_ext.engine.models import cached_lora
+
+                lora = cached_lora(sp.path)
+            for w in (trigger_words(getattr(lora, "metadata", None) or {}) if lora is not None else []):
+                if w not in words:
+                    words.append(w)
+        if not words:
+            return
+        attr = "hr_prompts" if hires and hasattr(p, "hr_prompts") else "prompts"
+        prompts = getattr(p, attr, None)
+        if isinstance(prompts, list):
+            add = ", ".join(words)
+            setattr(p, attr, [q if add in q else (f"{q}, {add}" if q.strip() else add) for q in prompts])
+            p.extra_generation_params[INFOTEXT_TRIGGERS] = add.translate(str.maketrans(",", ";"))
 
     def deactivate(self, p) -> None:
         with self._lock:
@@ -324,9 +426,14 @@ class A1111Shim:
             if getattr(p, "lora_ext_deactivated", False) or self.session is None:
                 return
             p.lora_ext_deactivated = True
+            if self._fallback and self.builtin is not None:
+                self.builtin.deactivate(p)
             for e in self.session.errors:
                 p.comment(f"lora-ext: {e}")
-            self.session.end_run(restore=self.opt("lora_ext_restore") == "restore")
+            restore = self.opt("lora_ext_restore") == "restore"
+            if restore:
+                self._release_builtin(p)  # its patches come off first: ours restore from what we wrote
+            self.session.end_run(restore=restore)
 
     def on_cfg_denoiser(self, params) -> None:
         s = self.session
@@ -359,11 +466,20 @@ class A1111Shim:
 
     def _release_builtin(self, p) -> None:
         """Back from the built-in handler: let it take its networks off before we patch weights
-        (its patched forwards would otherwise restore its backups over ours later)."""
+        (its patched forwards would otherwise restore its backups over ours later), and forget
+        its backups, which hold weights of before our last change."""
         if not self._builtin_used or self.builtin is None:
             return
         self._builtin_used = False
+        self._fallback = []
         self.builtin.activate(p, [])
+        sd_model = _sd_model(p)
+        forge = getattr(sd_model, "forge_objects_original", None)
+        if forge is not None:  # Forge 2.x: its LoraLoader puts its backups back when refreshed empty
+            for patcher in (getattr(forge, "unet", None), getattr(getattr(forge, "clip", None), "patcher", None)):
+                loader = getattr(patcher, "lora_loader", None)
+                if loader is not None:
+                    loader.refresh(lora_patches={}, offload_device=getattr(patcher, "offload_device", "cpu"))
         try:
             import networks as builtin_networks  # extensions-builtin/Lora, on sys.path in the webui
         except ImportError:
@@ -371,11 +487,17 @@ class A1111Shim:
         apply_weights = getattr(builtin_networks, "network_apply_weights", None)
         if apply_weights is None:
             return
-        host = self.host_model(_sd_model(p))
+        reset = getattr(builtin_networks, "network_reset_cached_weight", None)
+        try:
+            host = self.host_model(sd_model)
+        except LoraExtError:
+            return
         for root in host.components.values():
             for m in root.modules():
                 if getattr(m, "network_current_names", ()):
                     apply_weights(m)  # nothing wanted any more: restores its backup now
+                if reset is not None and getattr(m, "network_weights_backup", None) is not None:
+                    reset(m)
 
     # --- infotext ----------------------------------------------------------------------------
     def short_hash(self, path) -> Optional[str]:
@@ -479,16 +601,46 @@ def _sd_model(p):
     return model
 
 
-def _text_root(wrapped):
-    """The module a text encoder's table paths are relative to: transformers CLIP (its
-    ``text_model`` when it has one) or OpenCLIP's model."""
+def _text_component(wrapped):
+    """``(root, naming)`` of a text encoder: a transformers-named CLIP (A1111's CLIP-L, and
+    reForge's / Forge's CLIP-L, CLIP-G and CLIP-H, ldm_patched or transformers modules) binds
+    with diffusers naming from the CLIP model itself (so ``text_projection`` is found too); an
+    OpenCLIP model (A1111's SD2 / SDXL CLIP-H, CLIP-G) with ldm naming."""
     transformer = getattr(wrapped, "transformer", None)
     if transformer is not None and hasattr(transformer, "named_modules"):
-        return getattr(transformer, "text_model", transformer)
+        return transformer, "diffusers"
     model = getattr(wrapped, "model", None)
     if model is not None and hasattr(model, "named_modules"):
-        return model
+        return model, "ldm"
     return None
+
+
+def _forge_host_model(forge, family, label) -> HostModel:
+    """Forge 2.x (backend/diffusion_engine/*.py): the UNet is ``forge_objects.unet.model.
+    diffusion_model`` (backend/nn/unet.py, ldm names), the CLIPs are ``forge_objects.clip.
+    cond_stage_model.clip_l / clip_g / clip_h`` (backend/nn/clip.py IntegratedCLIP, whose
+    ``transformer`` is a transformers CLIPTextModel). The modules are shared by every clone
+    of the patchers, so LoRAs fused into them stay in whatever patcher Forge samples with."""
+    unet = getattr(getattr(getattr(forge, "unet", None), "model", None), "diffusion_model", None)
+    if unet is None:
+        raise LoraExtError("lora-ext does not know this Forge model (no forge_objects.unet.model.diffusion_model)")
+    comps, naming = {"unet": unet}, {"unet": "ldm"}
+    cond = getattr(getattr(forge, "clip", None), "cond_stage_model", None)
+    texts = [getattr(getattr(cond, n, None), "transformer", None) for n in ("clip_l", "clip_h", "clip_g")]
+    for comp, root in zip(("te1", "te2"), [t for t in texts if t is not None]):
+        comps[comp], naming[comp] = root, "diffusers"
+    return HostModel(comps, naming=naming, family=family, label=label)
+
+
+def _resolvable(session, spec) -> bool:
+    """Whether ``spec``'s file can be found (a missing one is reported by the session)."""
+    if spec.path is not None:
+        return True
+    try:
+        session.resolve([spec])
+    except LoraExtError:
+        return False
+    return True
 
 
 def _expected_steps(p, hires: bool) -> Optional[int]:

@@ -32,6 +32,8 @@ _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
 def module_kind(module: nn.Module) -> str:
+    if not isinstance(module, nn.Module):  # a view of part of a module (hostmodel.InputSlice)
+        module = getattr(module, "owner", module)
     if isinstance(module, nn.Linear):
         return "linear"
     if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):

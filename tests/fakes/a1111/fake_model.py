@@ -85,3 +85,61 @@ class FakeSDModel:
             obs("unet", {"sigma": sigma})
         ctx = torch.zeros(x.shape[0], 5, self.diffusers_unet.config.cross_attention_dim)
         return self.diffusers_unet(x, sigma.reshape(-1) * 100, encoder_hidden_states=ctx).sample
+
+
+class ReForgeSDXLModel(FakeSDModel):
+    """reForge's SDXL (modules_forge/forge_loader.py ~L459-505 at 3b56b268): the conditioner's
+    embedders hold ldm_patched CLIPs with transformers names under ``wrapped.transformer``
+    (CLIP-L and CLIP-G alike; A1111 keeps CLIP-G as an OpenCLIP model instead)."""
+
+    def __init__(self, unet, unet_table, te, te2, name="tiny-xl.safetensors"):
+        super().__init__(unet, unet_table, te=te, name=name)
+        del self.cond_stage_model
+        self.conditioner = types.SimpleNamespace(embedders=[
+            types.SimpleNamespace(wrapped=types.SimpleNamespace(transformer=te)),
+            types.SimpleNamespace(wrapped=types.SimpleNamespace(transformer=te2))])
+        self.te2 = te2
+        self.is_sd1, self.is_sd2, self.is_sdxl = False, False, True
+
+
+class FakeLoraLoader:
+    """backend/patcher/lora.py ``LoraLoader`` of Forge (dfdcbab6): ``refresh(lora_patches,
+    offload_device)`` puts its backups back (and forgets them) whenever the patches change."""
+
+    def __init__(self):
+        self.backup = {}
+        self.loaded_hash = str([])
+        self.refreshed = 0
+
+    def refresh(self, lora_patches, offload_device="cpu", force_refresh=False):
+        hashes = str(list(lora_patches.keys()))
+        if hashes == self.loaded_hash and not force_refresh:
+            return
+        self.refreshed += 1
+        with torch.no_grad():
+            for param, saved in self.backup.items():
+                param.copy_(saved)
+        self.backup = {}
+        self.loaded_hash = hashes
+
+
+class ForgeEngine(FakeSDModel):
+    """Forge 2.x's ``ForgeDiffusionEngine`` (backend/diffusion_engine/base.py, sd15.py at
+    dfdcbab6): no ``.model``, ``cond_stage_model = None``; the UNet is
+    ``forge_objects.unet.model.diffusion_model`` (ldm names, backend/nn/unet.py), the CLIP
+    ``forge_objects.clip.cond_stage_model.clip_l.transformer`` (a transformers CLIPTextModel
+    inside backend/nn/clip.py IntegratedCLIP); both patchers share one LoraLoader per model."""
+
+    def __init__(self, unet, unet_table, te, name="tiny-forge.safetensors"):
+        super().__init__(unet, unet_table, te=te, name=name)
+        diffusion_model = self.model.diffusion_model
+        del self.model
+        self.cond_stage_model = None
+        self.first_stage_model = None
+        unet_patcher = types.SimpleNamespace(model=types.SimpleNamespace(diffusion_model=diffusion_model),
+                                             lora_loader=FakeLoraLoader(), offload_device="cpu")
+        clip_patcher = types.SimpleNamespace(lora_loader=FakeLoraLoader(), offload_device="cpu")
+        clip = types.SimpleNamespace(cond_stage_model=types.SimpleNamespace(
+            clip_l=types.SimpleNamespace(transformer=te)), patcher=clip_patcher)
+        self.forge_objects = types.SimpleNamespace(unet=unet_patcher, clip=clip, vae=None, clipvision=None)
+        self.forge_objects_original = self.forge_objects

@@ -48,3 +48,10 @@ def network_apply_weights(self):
             for _ in loaded_networks:
                 self.weight.add_(0.25)
         self.network_current_names = wanted_names
+
+
+def network_reset_cached_weight(self):
+    """networks.py v1.10: called on a model reload (``_load_from_state_dict``); forgets the backup."""
+    self.network_current_names = ()
+    self.network_weights_backup = None
+    self.network_bias_backup = None
