@@ -27,6 +27,39 @@ Tensor = torch.Tensor
 class Checkpoint:
     family: str = "custom"
     layout: dict
+    #: (component, path) -> (stored input channels, the table's): a wider input layer (an
+    #: inpainting / instruct-pix2pix / depth UNet's conv_in); LoRAs read and write its first
+    #: channels, as A1111's built-in handler pads their deltas
+    widened: dict = {}
+
+    @property
+    def notes(self) -> list:
+        from .hostmodel import widened_note
+
+        return [widened_note(c, p, have, base) for (c, p), (have, base) in self.widened.items()]
+
+    def _find_widened(self, shape_of) -> None:
+        from .hostmodel import wider_input
+
+        self.widened = {}
+        for comp, table in self.layout.items():
+            info = table.get("conv_in")
+            shape = shape_of(comp, info) if info is not None else None
+            if shape is not None and wider_input(info, tuple(shape)):
+                self.widened[(comp, "conv_in")] = (shape[1], info.weight_shape[1])
+
+    def _narrow(self, target, param, t):
+        hit = self.widened.get((target.component, target.module)) if param == "weight" else None
+        return t if hit is None or t is None else t[:, :hit[1]]
+
+    def _widen(self, target, param, value, stored):
+        """The full stored parameter with ``value`` written over its first input channels."""
+        hit = self.widened.get((target.component, target.module)) if param == "weight" else None
+        if hit is None:
+            return value
+        full = stored.clone()
+        full[:, :hit[1]] = value.reshape(full[:, :hit[1]].shape).to(full.dtype)
+        return full
 
     def read(self, target: Target, param: str) -> Optional[Tensor]:
         raise NotImplementedError
@@ -71,6 +104,7 @@ class SingleFileCheckpoint(Checkpoint):
             table = {p: i for p, i in archmod.module_table(self.family, comp).items() if i.ldm_weight in keys}
             if table:
                 self.layout[comp] = table
+        self._find_widened(lambda comp, info: self.tf.shape(info.ldm_weight) if info.ldm_weight in keys else None)
         probe = archmod.module_table(self.family, "unet").get("down_blocks.0.resnets.0.conv1")
         if probe is not None and probe.ldm_weight in keys and tuple(self.tf.shape(probe.ldm_weight)) != tuple(probe.weight_shape):
             self.tf.close()
@@ -92,7 +126,7 @@ class SingleFileCheckpoint(Checkpoint):
         key = self._key(info, param)
         if key is None or key not in self.tf_keys:
             return None
-        t = self._param(key)
+        t = self._narrow(target, param, self._param(key))
         if info.ldm_rows is not None:
             t = t[info.ldm_rows[0]:info.ldm_rows[1]]
         if info.ldm_transposed and param == "weight":
@@ -110,6 +144,7 @@ class SingleFileCheckpoint(Checkpoint):
             full[info.ldm_rows[0]:info.ldm_rows[1]] = value.reshape(full[info.ldm_rows[0]:info.ldm_rows[1]].shape).to(full.dtype)
             self.pending[key] = full
         else:
+            value = self._widen(target, param, value, stored)
             self.pending[key] = value.reshape(stored.shape).to(stored.dtype).contiguous()
 
     @property
@@ -164,6 +199,13 @@ class DiffusersFolder(Checkpoint):
         if not self.files:
             raise LoraFileError(self.path, "not a diffusers pipeline folder: no unet/, text_encoder/ or text_encoder_2/ with config.json")
         self.family = family_from_unet_config(configs.get("unet"), configs)
+        unet_cfg = configs.get("unet")
+        if self.family == "custom" and unet_cfg and int(unet_cfg.get("in_channels", 4)) > 4:
+            # an inpainting / instruct-pix2pix / depth UNet of a known family: its family's
+            # table, with conv_in's extra input channels left alone (see Checkpoint.widened)
+            plain = dict(configs, unet=dict(unet_cfg, in_channels=4))
+            if family_from_unet_config(plain["unet"], plain) != "custom":
+                self.family = family_from_unet_config(plain["unet"], plain)
         for comp, cfg in configs.items():
             table = table_from_model(comp, cfg, self.family)
             keys = set(self.files[comp].keys())
@@ -177,17 +219,23 @@ class DiffusersFolder(Checkpoint):
                         key = path_ + "." + param
                     if key in keys:
                         self.key_of[(comp, path_, param)] = key
+        self._find_widened(lambda comp, info: self.files[comp].shape(self.key_of[(comp, info.path, "weight")])
+                           if (comp, info.path, "weight") in self.key_of else None)
 
     def read(self, target, param):
         key = self.key_of.get((target.component, target.module, param))
         if key is None:
             return None
-        return self.pending.get((target.component, key)) if (target.component, key) in self.pending else self.files[target.component].get(key)
+        t = self.pending.get((target.component, key)) if (target.component, key) in self.pending \
+            else self.files[target.component].get(key)
+        return self._narrow(target, param, t)
 
     def write(self, target, param, value):
         key = self.key_of[(target.component, target.module, param)]
         stored = self.files[target.component]
         dtype = stored.dtype(key)
+        if (target.component, target.module) in self.widened and param == "weight":
+            value = self._widen(target, param, value, self.files[target.component].get(key))
         self.pending[(target.component, key)] = value.reshape(stored.shape(key)).to(dtype).contiguous()
 
     def save(self, out):

@@ -144,11 +144,16 @@ class InputSlice:
         return f"InputSlice({type(self.owner).__name__}, first {self.n} of {self.owner.weight.shape[1]} channels)"
 
 
-def _wider_input(info, shape: tuple) -> bool:
+def wider_input(info, shape: tuple) -> bool:
     """Whether the host's ``shape`` is the table's input layer with more input channels."""
     want = tuple(info.weight_shape)
     return (info.component == "unet" and info.path == "conv_in" and len(shape) == len(want) >= 2
             and shape[0] == want[0] and shape[2:] == want[2:] and shape[1] > want[1])
+
+
+def widened_note(component: str, path: str, have: int, base: int) -> str:
+    return (f"{component} {path} has {have} input channels (the base has {base}): LoRAs act on the first "
+            f"{base}, the other {have - base} keep their weights")
 
 
 class ModuleView:
@@ -197,8 +202,7 @@ class BoundModel:
         out = []
         for comp, view in self.views.items():
             for path, (have, base) in view.widened.items():
-                out.append(f"{comp} {path} has {have} input channels (the base has {base}): LoRAs act on "
-                           f"the first {base}, the other {have - base} keep their weights")
+                out.append(widened_note(comp, path, have, base))
         return out
 
     @property
@@ -310,7 +314,7 @@ def _view_from_table(component: str, root, table, naming: str) -> tuple:
             missing.append(path)
             continue
         if shape != tuple(info.weight_shape):
-            if not (isinstance(mod, torch.nn.Module) and _wider_input(info, shape)):
+            if not (isinstance(mod, torch.nn.Module) and wider_input(info, shape)):
                 wrong += 1
                 continue
             widened[path] = (shape[1], info.weight_shape[1])

@@ -65,6 +65,8 @@ def merge(base, loras, out, *, log: Optional[Callable[[str], None]] = None) -> l
     ckpt = open_checkpoint(base)
     try:
         keymap = KeyMap(ckpt.layout, label=f"this checkpoint ({LABELS.get(ckpt.family, ckpt.family)})")
+        for note in ckpt.notes:
+            log(note)
         reports, per_target = [], {}
         for path, strength in loras:
             lora = load_lora(path)

@@ -268,3 +268,35 @@ def test_ckpt_base_with_state_dict_wrapper(tmp_path):
     p = "down_blocks.0.attentions.0.proj_in"
     want = (weights[("unet", p, "weight")].float() + expected[("unet", p)]).half()
     assert torch.equal(out["unet"][p + ".weight"], want)
+
+
+@pytest.mark.parametrize("channels", [9, 8, 5])
+def test_merge_into_wider_conv_in_acts_on_the_first_channels(tmp_path, channels):
+    """Inpainting (9), instruct-pix2pix (8) and depth (5) checkpoints: a LoRA on conv_in reaches
+    the 4 channels it was trained for; the others keep their bits (A1111's built-in pads)."""
+    modules = SD1_MODULES[:2] + [("unet", "conv_in")]
+    weights = _weights("sd1", modules, torch.float16)
+    w9 = (torch.randn(320, channels, 3, 3, generator=torch.Generator().manual_seed(4)) * 0.05).to(torch.float16)
+    weights[("unet", "conv_in", "weight")] = w9
+    single, folder = tmp_path / "inpaint.safetensors", tmp_path / "pipe"
+    write_single_file(single, "sd1", weights)
+    write_diffusers_folder(folder, "sd1", weights)
+    cfg_path = folder / "unet" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["in_channels"] = channels
+    cfg_path.write_text(json.dumps(cfg))
+    lora = tmp_path / "lora.safetensors"
+    expected = write_kohya_lora(lora, "sd1", modules)
+    lines = []
+    reports = merge(single, [(lora, 0.6)], tmp_path / "out.safetensors", log=lines.append)
+    merge(folder, [(str(lora), 0.6)], tmp_path / "out_pipe", log=lines.append)
+    assert reports[0].applied == len(modules) and not reports[0].unmatched
+    assert sum(f"conv_in has {channels} input channels" in x for x in lines) == 2
+    want = w9.float()
+    want[:, :4] += 0.6 * expected[("unet", "conv_in")]
+    want = want.to(torch.float16)
+    got_single = load_file(tmp_path / "out.safetensors")["model.diffusion_model.input_blocks.0.0.weight"]
+    got_folder = read_diffusers_folder(tmp_path / "out_pipe")[("unet", "conv_in.weight")]
+    for got in (got_single, got_folder):
+        assert torch.equal(got, want)
+        assert torch.equal(got[:, 4:], w9[:, 4:])
