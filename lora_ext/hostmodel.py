@@ -406,21 +406,30 @@ class ModulePatch:
     path: str
     info: object  # arch.ModuleInfo
     items: list = field(default_factory=list)
+    narrow: Optional[int] = None  # a wider input layer: the LoRAs' input channels (see InputSlice)
+
+    def _narrowed(self, w: torch.Tensor) -> torch.Tensor:
+        return w if self.narrow is None or w.dim() < 2 or w.shape[1] <= self.narrow else w[:, :self.narrow]
 
     def delta(self, w: torch.Tensor) -> torch.Tensor:
-        w32 = w.detach().to("cpu", torch.float32)
+        full = w.detach().to("cpu", torch.float32)
+        w32 = self._narrowed(full)
         acc = torch.zeros_like(w32)
         for binding, index, s in self.items:
             acc.add_(_contribution_delta(binding, index, w32), alpha=float(s))
         if not torch.isfinite(acc).all():
             raise AdapterError(f"delta of {self.component}:{self.path} is not finite (NaN or Inf)")
+        if w32.shape != full.shape:  # zeros on the extra input channels, as A1111's built-in pads
+            padded = torch.zeros_like(full)
+            padded[:, :w32.shape[1]] = acc
+            acc = padded
         return acc.to(w.device)
 
     def weight(self, w: torch.Tensor) -> torch.Tensor:
         return w.float() + self.delta(w)
 
     def bias_delta(self, b: Optional[torch.Tensor], w: torch.Tensor) -> Optional[torch.Tensor]:
-        w32 = w.detach().to("cpu", torch.float32)
+        w32 = self._narrowed(w.detach().to("cpu", torch.float32))
         b32 = None if b is None else b.detach().to("cpu", torch.float32)
         acc = None
         for binding, index, s in self.items:
@@ -463,7 +472,10 @@ def static_patches(bound: BoundModel, entries, *, components: Iterable[str], ste
                 key = (t.component, t.module)
                 p = patches.get(key)
                 if p is None:
-                    p = patches[key] = ModulePatch(t.component, t.module, bound.views[t.component].table[t.module])
+                    view = bound.views[t.component]
+                    wide = view.widened.get(t.module)
+                    p = patches[key] = ModulePatch(t.component, t.module, view.table[t.module],
+                                                   narrow=None if wide is None else wide[1])
                 p.items.append((b, i, s))
         reports.append((spec, applied, list(res.unmatched)))
     return patches, reports

@@ -198,3 +198,37 @@ def test_repository_init_is_import_light():
             "heavy = [x for x in ('torch', 'comfy', 'diffusers', 'transformers') if x in sys.modules]\n"
             "assert not heavy, heavy\n")
     subprocess.run([sys.executable, "-c", code], check=True, cwd="/")
+
+
+def test_inpainting_model_takes_the_lora_on_conv_ins_first_channels(comfy, tmp_path):
+    """A 9-channel (inpainting) MODEL: the LoRA's conv_in delta lands on the 4 channels it was
+    trained for, zeros on the others (what ComfyUI's own key-based loader does)."""
+    from diffusers import UNet2DConditionModel
+
+    from test_engine import write_lora
+
+    ns = comfy
+    cfg = dict(ns.unet.config)
+    cfg["in_channels"] = 9
+    torch.manual_seed(2)
+    wide = UNet2DConditionModel.from_config(cfg)
+    base = ns.comfy.model_base.BaseModel(wide, tables(ns.unet, ns.te)["unet"])
+    model = ns.comfy.model_patcher.ModelPatcher(base, torch.device("cpu"), torch.device("cpu"))
+    out_c = wide.conv_in.weight.shape[0]
+    write_lora(tmp_path / "loras" / "cin.safetensors", [("unet", "conv_in", "lora", (out_c, 4, 3, 3))], seed=3)
+    import folder_paths
+
+    folder_paths.folder_names_and_paths["loras"] = ([str(tmp_path / "loras")], folder_paths.supported_pt_extensions)
+    pristine = bits(wide)
+    m, _ = ns.nodes["LoraExtLoader"]().load(model, ns.clip, "cin.safetensors", 0.7, 0.0)
+    m.patch_model()
+    narrow = copy.deepcopy(ns.unet)
+    with torch.no_grad():
+        narrow.conv_in.weight.copy_(pristine["conv_in.weight"][:, :4])
+    ref = reference({"unet": narrow}, [LoraSpec("cin", path=str(tmp_path / "loras" / "cin.safetensors"),
+                                                 unet=0.7, te=0.0)], 0)["unet"]
+    got = wide.conv_in.weight
+    assert torch.allclose(got[:, :4], ref.conv_in.weight, atol=1e-6)
+    assert torch.equal(got[:, 4:], pristine["conv_in.weight"][:, 4:])
+    m.unpatch_model()
+    assert same_bits(wide, pristine)

@@ -184,7 +184,9 @@ def _add(patcher, bound, patches) -> None:
     out = {}
     for (comp, path), mp in patches.items():
         module = bound.views[comp][path]
-        name = names.get(id(module))
+        # a wider conv_in (inpainting) is bound as a view of its first channels: patch the
+        # module itself, ModulePatch pads the delta
+        name = names.get(id(getattr(module, "owner", module) if not isinstance(module, torch.nn.Module) else module))
         if name is None:
             log.warning("lora-ext: %s:%s is not a module of the patched model; skipped", comp, path)
             continue
