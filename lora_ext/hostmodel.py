@@ -151,6 +151,25 @@ def wider_input(info, shape: tuple) -> bool:
             and shape[0] == want[0] and shape[2:] == want[2:] and shape[1] > want[1])
 
 
+def offload_hooks(root) -> Optional[str]:
+    """Which offloading moves this component's weights behind the host's back, or None.
+
+    accelerate's CPU / sequential offload (``_hf_hook``: parameters live on ``meta`` or are
+    swapped in per forward) and diffusers' group offloading (``_diffusers_hook``, which swaps
+    ``param.data`` with copies it keeps) both put their own copy back over a fused weight, so
+    such a component takes its LoRAs on the fly (SD.Next's "sequential" / "group" offload).
+    """
+    if root is None or not hasattr(root, "modules"):
+        return None
+    for m in root.modules():
+        if getattr(m, "_hf_hook", None) is not None:
+            return "accelerate offload"
+        registry = getattr(m, "_diffusers_hook", None)
+        if registry is not None and "offload" in repr(getattr(registry, "hooks", registry)).lower():
+            return "diffusers group offloading"
+    return None
+
+
 def widened_note(component: str, path: str, have: int, base: int) -> str:
     return (f"{component} {path} has {have} input channels (the base has {base}): LoRAs act on the first "
             f"{base}, the other {have - base} keep their weights")
@@ -172,6 +191,7 @@ class ModuleView:
         # canonical path -> (host's input channels, the table's): input layers wider than the
         # base's, which LoRAs reach on their first channels (see InputSlice)
         self.widened = dict(widened or {})
+        self.offloaded = offload_hooks(root)
 
     def named_modules(self):
         return iter(self.modules.items())
@@ -201,6 +221,8 @@ class BoundModel:
         """What binding adapted, one line each (for consoles, infotext and inspect output)."""
         out = []
         for comp, view in self.views.items():
+            if view.offloaded:
+                out.append(f"{comp} is offloaded ({view.offloaded}): its LoRAs run on the fly, weights untouched")
             for path, (have, base) in view.widened.items():
                 out.append(widened_note(comp, path, have, base))
         return out

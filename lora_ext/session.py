@@ -283,10 +283,12 @@ class Session:
         comps = list(self.bound.views)
         groups = []
         te = [c for c in comps if c in TE_COMPONENTS]
+        # offloaded components get their weights put back by the offloader: never fuse there
+        moved = {c for c in comps if getattr(self.bound.views[c], "offloaded", None)}
         if te:
-            groups.append(("te", te, self.te_method))
+            groups.append(("te", te, "onthefly" if moved & set(te) else self.te_method))
         if "unet" in comps:
-            groups.append(("unet", ["unet"], self.method))
+            groups.append(("unet", ["unet"], "onthefly" if "unet" in moved else self.method))
         return groups
 
     def _apply(self) -> None:

@@ -80,3 +80,32 @@ def test_offloaded_meta_weight_is_never_written(tmp_path):
     assert mod.weight.device.type == "meta" and mod._forward_hooks
     h.remove()
     assert not mod._forward_hooks
+
+
+def test_offloaded_component_takes_its_loras_on_the_fly(tmp_path):
+    """accelerate's offload hooks (``_hf_hook``, SD.Next's sequential offload) put their own
+    copy of each weight back: the session must not fuse into such a component."""
+    from lora_ext.hostmodel import HostModel
+    from lora_ext.session import Session
+    from tiny_models import tiny_text_encoder
+    from host_common import make_loras
+    from lora_ext import hostmodel
+
+    unet, te = tiny_unet(), tiny_text_encoder()
+    loras = make_loras(str(tmp_path), unet, te)
+    unet.down_blocks[0]._hf_hook = object()  # what accelerate.hooks.add_hook_to_module sets
+    hostmodel.register_layout("tiny-sd-off", host_common.tables(unet, te))
+    try:
+        s = Session(method="fuse")
+        s.load_model(HostModel({"unet": unet, "te1": te}, naming="diffusers"))
+        assert any("offloaded" in n for n in s.bound.notes)
+        before, before_te = host_common.bits(unet), host_common.bits(te)
+        ref = host_common.reference({"unet": copy.deepcopy(unet)}, [LoraSpec("alpha", path=loras["alpha"])], 0, 1)
+        s.use_specs([LoraSpec("alpha", path=loras["alpha"])], total_steps=1)
+        assert host_common.same_bits(unet, before), "the offloaded UNet is never written"
+        assert not host_common.same_bits(te, before_te), "the text encoder is not offloaded: fused"
+        assert max_rel_err(unet_out(unet), unet_out(ref["unet"])) <= 1e-5
+        s.end_run(restore=True)
+        assert host_common.same_bits(te, before_te)
+    finally:
+        hostmodel.unregister_layout("tiny-sd-off")
