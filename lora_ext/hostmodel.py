@@ -29,7 +29,7 @@ from .errors import AdapterError, LoraExtError
 from .keys import KeyMap
 
 __all__ = ["HostModel", "BoundModel", "ModuleView", "RowSlice", "InputSlice", "bind", "register_layout",
-           "unregister_layout", "ModulePatch", "static_patches", "step_from_sigma", "varies_per_step", "TimestepClock", "NAMINGS"]
+           "unregister_layout", "ModulePatch", "weights_digest", "static_patches", "step_from_sigma", "varies_per_step", "TimestepClock", "NAMINGS"]
 
 #: how a component's modules are named: ``"diffusers"`` (diffusers UNet / transformers CLIP
 #: naming, ``text_model.`` optional) or ``"ldm"`` (compvis UNet, OpenCLIP or HF CLIP text
@@ -391,6 +391,28 @@ def bind(host: HostModel, *, min_coverage: float = 0.9) -> BoundModel:
     label = host.label or FAMILY_LABELS.get(family, family)
     keymap = KeyMap({c: v.table for c, v in views.items()}, label=label)
     return BoundModel(host, family, views, keymap, skipped)
+
+
+def weights_digest(host: HostModel) -> dict:
+    """``{component: sha256 hex}`` of every parameter and buffer of each component (names,
+    dtypes, shapes and bits): two equal digests mean bit-identical weights. Hosts expose it so
+    that a restore can be checked against a fresh load from outside the process."""
+    import hashlib
+
+    out = {}
+    for comp, root in host.components.items():
+        if root is None or not hasattr(root, "state_dict"):
+            continue
+        h = hashlib.sha256()
+        for name, t in sorted(root.state_dict(keep_vars=False).items()):
+            if not isinstance(t, torch.Tensor):
+                continue
+            h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+            if t.device.type != "meta":
+                flat = t.detach().reshape(-1).contiguous().cpu()
+                h.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
+        out[comp] = h.hexdigest()
+    return out
 
 
 # --------------------------------------------------------------------------------------------

@@ -253,3 +253,21 @@ def test_sdnext_hires_pass_takes_hires_strengths(tiny, tmp_path, monkeypatch):
     finally:
         script_callbacks.script_unloaded_callback()
         purge(*HOST_MODULES)
+
+
+def test_status_route_and_weights_digest(webui):
+    ns = webui
+    routes = {}
+    app = types.SimpleNamespace(add_api_route=lambda path, fn, methods: routes.setdefault(path, fn))
+    ns.cb.app_started_callback(None, app)
+    status = routes["/lora-ext/v1/status"]
+    fresh = status(weights=True)["weights"]
+    assert set(fresh) == {"unet", "te1"}
+    ns.shared.opts.lora_ext_restore = "keep"
+    run(ns, "x <lora:alpha:0.5>")
+    now = status(weights=True)
+    assert now["loras"] == ["<lora:alpha:0.5>"] and now["family"] == "tiny-sd"
+    assert now["weights"] != fresh
+    ns.shared.opts.lora_ext_restore = "restore"
+    run(ns, "x <lora:alpha:0.5>")
+    assert status(weights=True)["weights"] == fresh

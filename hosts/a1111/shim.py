@@ -52,6 +52,7 @@ OPTIONS = {
     "lora_ext_trigger_words": (False, "Append each LoRA's trigger words (from its metadata) to the prompt",
                                None, None),
 }
+STATUS_ROUTE = "/lora-ext/v1/status"
 INFOTEXT_FALLBACK = "lora-ext fallback"  # "name: why, ..." for LoRAs the built-in handler took
 INFOTEXT_TRIGGERS = "lora-ext triggers"
 INFOTEXT_TAGS = "lora-ext"  # the canonical tags of the run (schedules included)
@@ -158,6 +159,34 @@ class A1111Shim:
         # before_ui callbacks run last-registered first, so the built-in handler registers
         # after ours there; once the app has started, ours takes the tag back
         self.take_over()
+        add_route = getattr(app, "add_api_route", None)
+        if add_route is not None:
+            add_route(STATUS_ROUTE, self.status, methods=["GET"])
+
+    def status(self, weights: bool = False) -> dict:
+        """What lora-ext holds now (``GET /lora-ext/v1/status``): the bound model, the LoRAs of
+        the last generation, what went to the built-in handler, binding notes, problems; with
+        ``weights=true`` a digest of every UNet / text-encoder weight (to check a restore)."""
+        from modules import shared
+
+        with self._lock:
+            s = self.session
+            out = {"enabled": bool(self.opt("lora_ext_enabled")),
+                   "model": None if s is None or s.bound is None else s.bound.label,
+                   "family": None if s is None else s.family,
+                   "method": None if s is None else s.method,
+                   "loras": [] if s is None else [x for x in (_safe_tag(sp) for sp in s.specs) if x],
+                   "fallback": [_tag_text(x) for x in self._fallback],
+                   "notes": [] if s is None or s.bound is None else list(s.bound.notes),
+                   "errors": [] if s is None else list(s.errors)}
+            if weights:
+                from lora_ext.hostmodel import weights_digest
+
+                try:
+                    out["weights"] = weights_digest(self.host_model(shared.sd_model))
+                except LoraExtError as exc:
+                    out["weights"] = {"error": str(exc)}
+            return out
 
     def _make_handlers(self) -> None:
         if self.handlers:
@@ -630,6 +659,13 @@ def _forge_host_model(forge, family, label) -> HostModel:
     for comp, root in zip(("te1", "te2"), [t for t in texts if t is not None]):
         comps[comp], naming[comp] = root, "diffusers"
     return HostModel(comps, naming=naming, family=family, label=label)
+
+
+def _safe_tag(spec) -> Optional[str]:
+    try:
+        return format_tag(spec)
+    except ValueError:
+        return None
 
 
 def _resolvable(session, spec) -> bool:
