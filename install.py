@@ -37,7 +37,9 @@ def missing(requirements=REQUIREMENTS):
 
 
 def pip(*args):
-    subprocess.check_call([sys.executable, "-m", "pip", "install", *args])
+    cmd = [sys.executable, "-m", "pip", "install", *args]
+    if subprocess.call(cmd) != 0:
+        sys.exit(f"lora-ext: `{' '.join(cmd)}` failed (see pip's output above); lora-ext is not installed.")
 
 
 def _neutral_env():
