@@ -74,6 +74,27 @@ def installed_here() -> bool:
         os.path.realpath(os.path.join(HERE, "lora_ext")))
 
 
+def _version(dist: str) -> tuple:
+    try:
+        v = importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return ()
+    out = []
+    for part in v.split(".")[:3]:
+        digits = "".join(c for c in part if c.isdigit())
+        out.append(int(digits) if digits else 0)
+    return tuple(out)
+
+
+def build_isolation_flags() -> list:
+    """``--no-build-isolation`` when the host's own setuptools can build the editable install
+    (>= 64, with wheel below 70.1): pip then needs nothing from the index (offline hosts)."""
+    st = _version("setuptools")
+    if st >= (70, 1) or (st >= (64,) and installed("wheel")):
+        return ["--no-build-isolation"]
+    return []
+
+
 def main():
     if not installed("torch") and importlib.util.find_spec("torch") is None:
         sys.exit("lora-ext: torch is not installed in this environment; install your host (or "
@@ -83,7 +104,7 @@ def main():
         # only what is missing, --no-deps: nothing the host pinned is upgraded or replaced
         pip("--no-deps", *need)
     if not installed_here():
-        pip("--no-deps", "-e", HERE)
+        pip("--no-deps", *build_isolation_flags(), "-e", HERE)
     res = run_python(f"import {CHECK_IMPORT}")
     if res.returncode != 0:
         tail = "\n".join((res.stderr or res.stdout).strip().splitlines()[-8:])
