@@ -97,3 +97,29 @@ def test_exact_maths_turns_autocast_off_only_inside():
         with exact_maths():
             assert (a @ a).dtype == torch.float32 and not torch.is_grad_enabled()
         assert (a @ a).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("method", ["fuse", "auto", "onthefly"])
+def test_inference_tensor_weights_forge_builds(files, method):
+    """Forge builds its models under torch.inference_mode() (backend/loader.py), so every
+    weight is an inference tensor, and activates LoRAs outside inference mode: in-place
+    writes must still work, and restore stays bit-exact."""
+    with torch.inference_mode():
+        unet = tiny_unet()
+        for p in unet.parameters():
+            assert p.is_inference()
+    base = {k: v.clone() for k, v in unet.state_dict().items()}
+    specs = _specs(files)
+    pristine = copy.deepcopy(unet)
+    h = lora_ext.apply(unet, specs, method=method)
+    h.update(0, 2)
+    if method == "fuse":
+        _assert_fused_equals_reference(unet, pristine, specs, 0, 2)
+    with torch.inference_mode():  # Forge samples in inference mode
+        from tiny_models import unet_out
+
+        unet_out(unet)
+    h.update(1, 2)
+    h.remove()
+    now = unet.state_dict()
+    assert all(torch.equal(now[k], v) for k, v in base.items())

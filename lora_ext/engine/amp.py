@@ -31,22 +31,37 @@ def _autocast_on(device_type: str) -> bool:
 
 
 @contextlib.contextmanager
-def exact_maths():
-    """No autograd and no autocast, on every device type, inside the block."""
+def exact_maths(inference: bool = False):
+    """No autograd and no autocast, on every device type, inside the block.
+
+    ``inference``: the weights are inference tensors (Forge builds its models under
+    ``torch.inference_mode()``, backend/loader.py), which may only be written in place inside
+    inference mode; so the block runs in it.
+    """
     with contextlib.ExitStack() as stack:
-        stack.enter_context(torch.no_grad())
+        stack.enter_context(torch.inference_mode() if inference else torch.no_grad())
         for device_type in _DEVICE_TYPES:
             if _autocast_on(device_type):
                 stack.enter_context(torch.autocast(device_type, enabled=False))
         yield
 
 
+def holds_inference_tensors(modules) -> bool:
+    """Whether any weight of ``modules`` (objects with ``weight``) is an inference tensor."""
+    for m in modules:
+        w = getattr(m, "weight", None)
+        if isinstance(w, torch.Tensor) and w.is_inference():
+            return True
+    return False
+
+
 def without_autocast(fn):
-    """Decorator: run ``fn`` inside :func:`exact_maths`."""
+    """Decorator for engine methods: run ``fn`` inside :func:`exact_maths` (in inference mode
+    when the object's ``_inference`` says its weights are inference tensors)."""
 
     @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        with exact_maths():
-            return fn(*args, **kwargs)
+    def wrapper(self, *args, **kwargs):
+        with exact_maths(bool(getattr(self, "_inference", False))):
+            return fn(self, *args, **kwargs)
 
     return wrapper

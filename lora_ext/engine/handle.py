@@ -23,7 +23,7 @@ from ..errors import LoraExtError
 from ..keys import KeyMap
 from ..network import Lora, Unmatched, load_lora
 from ..spec import LoraSpec
-from .amp import without_autocast
+from .amp import exact_maths, holds_inference_tensors, without_autocast
 from .auto import decide
 from .contrib import Contribution
 from .models import as_spec, cached_lora, components_of, keymap_for, live_index, remember_lora
@@ -85,6 +85,7 @@ class Handle(Transactions):
         self.method = method
         self.components = components_of(model)
         self._index = {c: live_index(c, m) for c, m in self.components.items()}
+        self._inference = holds_inference_tensors(m for idx in self._index.values() for m in idx.values())
         self.keymap = keymap if keymap is not None else keymap_for(self.components, self._index)
         self._loras: dict = {}  # path -> Lora, reused across set()
         self._entries: list = []
@@ -362,7 +363,6 @@ class Handle(Transactions):
         return fused_items, live
 
 # --------------------------------------------------------------------------------------------
-@without_autocast
 def apply(model, specs, method: str = "auto", *, keymap: Optional[KeyMap] = None) -> Handle:
     """Apply LoRAs to a live model; returns a ``Handle`` (``update``, ``set``, ``remove``).
 
@@ -382,8 +382,9 @@ def apply(model, specs, method: str = "auto", *, keymap: Optional[KeyMap] = None
     handle = Handle(model, method, keymap=keymap)
     entries = handle._load(specs)
     try:
-        handle._install(entries)
-        handle._reconcile(sorted({c.target_key for e in entries for c in e.contribs}))
+        with exact_maths(handle._inference):
+            handle._install(entries)
+            handle._reconcile(sorted({c.target_key for e in entries for c in e.contribs}))
     except BaseException:
         for m in handle._mods.values():
             if m.live is not None:
