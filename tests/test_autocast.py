@@ -99,11 +99,15 @@ def test_exact_maths_turns_autocast_off_only_inside():
         assert (a @ a).dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 @pytest.mark.parametrize("method", ["fuse", "auto", "onthefly"])
-def test_inference_tensor_weights_forge_builds(files, method):
+def test_inference_tensor_weights_forge_builds(files, method, workers, monkeypatch):
     """Forge builds its models under torch.inference_mode() (backend/loader.py), so every
     weight is an inference tensor, and activates LoRAs outside inference mode: in-place
     writes must still work, and restore stays bit-exact."""
+    from lora_ext.engine import transact
+
+    monkeypatch.setattr(transact, "_workers", lambda work: workers)  # worker threads too
     with torch.inference_mode():
         unet = tiny_unet()
         for p in unet.parameters():

@@ -61,7 +61,8 @@ def without_autocast(fn):
 
     @functools.wraps(fn)
     def wrapper(self, *args, **kwargs):
-        with exact_maths(bool(getattr(self, "_inference", False))):
+        check = getattr(self, "needs_inference_mode", None)
+        with exact_maths(bool(check()) if check is not None else False):
             return fn(self, *args, **kwargs)
 
     return wrapper

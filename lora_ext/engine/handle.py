@@ -99,6 +99,11 @@ class Handle(Transactions):
         self.unmatched: list = []
 
     # --- public ------------------------------------------------------------------------------
+    def needs_inference_mode(self) -> bool:
+        """Whether the weights are inference tensors (looked at again on every call: a host
+        may swap parameters, as reForge's built-in LoRA restores do, between two calls)."""
+        return self._inference or holds_inference_tensors(m.module for m in self._mods.values())
+
     @without_autocast
     def update(self, step: Optional[int], total_steps: Optional[int], *, hires: bool = False) -> None:
         """Move to sampling step ``step`` (0-based) of ``total_steps``: per-step strengths."""
@@ -382,7 +387,7 @@ def apply(model, specs, method: str = "auto", *, keymap: Optional[KeyMap] = None
     handle = Handle(model, method, keymap=keymap)
     entries = handle._load(specs)
     try:
-        with exact_maths(handle._inference):
+        with exact_maths(handle.needs_inference_mode()):
             handle._install(entries)
             handle._reconcile(sorted({c.target_key for e in entries for c in e.contribs}))
     except BaseException:

@@ -15,6 +15,7 @@ import torch
 
 from ..errors import LoraExtError
 from .contrib import bias_sum
+from .amp import exact_maths
 from .fuse import refuse, restore_weight
 from .onthefly import LiveModule
 from .record import Record, full_record, same_bits
@@ -168,6 +169,9 @@ class Transactions:
         errors = []
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
+        # grad and inference mode are per thread: workers take the caller's (inference mode
+        # where the weights are inference tensors, which may only be written in it)
+        inference = torch.is_inference_mode_enabled()
         try:
             with ThreadPoolExecutor(max_workers=workers) as pool:
                 def run(m, fused):
@@ -175,7 +179,7 @@ class Transactions:
                         return
                     old = m.fused
                     try:
-                        with torch.no_grad():
+                        with exact_maths(inference):
                             self._refuse(m, fused)
                     except BaseException as exc:
                         errors.append(exc)
