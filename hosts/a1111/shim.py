@@ -504,11 +504,8 @@ class A1111Shim:
         self.builtin.activate(p, [])
         sd_model = _sd_model(p)
         forge = getattr(sd_model, "forge_objects_original", None)
-        if forge is not None:  # Forge 2.x: its LoraLoader puts its backups back when refreshed empty
-            for patcher in (getattr(forge, "unet", None), getattr(getattr(forge, "clip", None), "patcher", None)):
-                loader = getattr(patcher, "lora_loader", None)
-                if loader is not None:
-                    loader.refresh(lora_patches={}, offload_device=getattr(patcher, "offload_device", "cpu"))
+        if forge is not None:
+            _unpatch_forge(forge)
         try:
             import networks as builtin_networks  # extensions-builtin/Lora, on sys.path in the webui
         except ImportError:
@@ -666,6 +663,21 @@ def _safe_tag(spec) -> Optional[str]:
         return format_tag(spec)
     except ValueError:
         return None
+
+
+def _unpatch_forge(forge) -> None:
+    """Take the built-in handler's weight patches off Forge's / reForge's models now, before
+    lora-ext writes weights (else the host restores its backups over them when it next loads
+    a patcher for sampling). Forge 2.x: its LoraLoader restores its backups when refreshed with
+    no patches (backend/patcher/lora.py). reForge: its ComfyUI-style ModelPatcher shares one
+    ``backup`` dict among clones, which ``unpatch_model`` writes back and clears
+    (ldm_patched/modules/model_patcher.py)."""
+    for patcher in (getattr(forge, "unet", None), getattr(getattr(forge, "clip", None), "patcher", None)):
+        loader = getattr(patcher, "lora_loader", None)
+        if loader is not None:
+            loader.refresh(lora_patches={}, offload_device=getattr(patcher, "offload_device", "cpu"))
+        elif getattr(patcher, "backup", None) and hasattr(patcher, "unpatch_model"):
+            patcher.unpatch_model(device_to=None, unpatch_weights=True)
 
 
 def _resolvable(session, spec) -> bool:
