@@ -261,6 +261,8 @@ def test_status_route_and_weights_digest(webui):
     app = types.SimpleNamespace(add_api_route=lambda path, fn, methods: routes.setdefault(path, fn))
     ns.cb.app_started_callback(None, app)
     status = routes["/lora-ext/v1/status"]
+    assert "error" in status(weights=True)["weights"]  # nothing bound before the first generation
+    run(ns, "x")
     fresh = status(weights=True)["weights"]
     assert set(fresh) == {"unet", "te1"}
     ns.shared.opts.lora_ext_restore = "keep"

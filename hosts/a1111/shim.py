@@ -167,8 +167,8 @@ class A1111Shim:
         """What lora-ext holds now (``GET /lora-ext/v1/status``): the bound model, the LoRAs of
         the last generation, what went to the built-in handler, binding notes, problems; with
         ``weights=true`` a digest of every UNet / text-encoder weight (to check a restore)."""
-        from modules import shared
-
+        # never touches shared.sd_model: in the webuis reading it may wait for the main thread
+        # to load a model, which calls on_model_loaded, which waits for this lock
         with self._lock:
             s = self.session
             out = {"enabled": bool(self.opt("lora_ext_enabled")),
@@ -182,10 +182,10 @@ class A1111Shim:
             if weights:
                 from lora_ext.hostmodel import weights_digest
 
-                try:
-                    out["weights"] = weights_digest(self.host_model(shared.sd_model))
-                except LoraExtError as exc:
-                    out["weights"] = {"error": str(exc)}
+                if s is None or s.bound is None:
+                    out["weights"] = {"error": "no model bound yet (lora-ext binds at the first generation)"}
+                else:
+                    out["weights"] = weights_digest(s.bound.host)
             return out
 
     def _make_handlers(self) -> None:
