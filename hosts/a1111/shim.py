@@ -108,6 +108,7 @@ class A1111Shim:
         self._step_hook = None  # forward pre-hooks on a diffusers model (SD.Next)
         self._p = None  # the processing object of the current generation
         self._fallback: list = []  # params handed to the built-in handler this generation
+        self._handed: list = []  # [(tag, why)] the built-in handler took in the last generation
         self._lock = threading.RLock()
 
     # --- settings ----------------------------------------------------------------------------
@@ -176,7 +177,7 @@ class A1111Shim:
                    "family": None if s is None else s.family,
                    "method": None if s is None else s.method,
                    "loras": [] if s is None else [x for x in (_safe_tag(sp) for sp in s.specs) if x],
-                   "fallback": [_tag_text(x) for x in self._fallback],
+                   "fallback": [f"{tag}: {why}" for tag, why in self._handed],
                    "notes": [] if s is None or s.bound is None else list(s.bound.notes),
                    "errors": [] if s is None else list(s.errors)}
             if weights:
@@ -362,6 +363,7 @@ class A1111Shim:
         """The always-on script's ``process``: make sure our handler is the one the webui calls."""
         with self._lock:
             self.take_over()
+            self._handed = []
             if getattr(p, "disable_extra_networks", False) and self.session is not None:
                 self.session.end_run(restore=True)  # no tags will be read: run without LoRAs
 
@@ -415,6 +417,7 @@ class A1111Shim:
             name = spec.name or _tag_text(x)
             log.warning("lora-ext: %s: %s; the built-in Lora handler took it", name, why)
             notes.append(f"{name}: {why}".translate(str.maketrans(",", ";")))
+            self._handed.append((_tag_text(x), why))
         if notes:
             p.extra_generation_params[INFOTEXT_FALLBACK] = ", ".join(notes)
         self._builtin_used = True
