@@ -1,0 +1,208 @@
+"""lora-ext inside REAL webuis, driven over their HTTP API (``pytest -m realhost``).
+
+For each host checkout given by ``LORA_EXT_REFORGE_DIR``, ``LORA_EXT_FORGE_DIR``,
+``LORA_EXT_FORGE_CLASSIC_DIR`` or ``LORA_EXT_SDNEXT_DIR`` (with its own venv in ``<dir>/venv``
+or ``LORA_EXT_<HOST>_PYTHON``; see tests/realhost_util.py), the test installs lora-ext the way
+README tells users (a copy of this repository in ``extensions/lora-ext``, its ``install.py``
+run with the host's Python), writes a full-size random SD1.5 checkpoint (and a 9-channel
+inpainting one) and a few LoRA files, boots the host headless on CPU on 127.0.0.1 and runs
+txt2img (64x64, 2 steps) with ``<lora:...>`` tags. Hosts that are not given are skipped.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import urllib.request
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import realhost_util as rh
+
+pytestmark = pytest.mark.realhost
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CKPT = "lora-ext-rand15.safetensors"
+INPAINT = "lora-ext-rand15-inpainting.safetensors"
+# images are uint8; lora-ext (fp32 maths, rounded once) and a built-in handler that patches in
+# its own precision differ by rounding, far less than the LoRA's own effect
+SAME_AS_BUILTIN = 3.0  # max |difference| in 0..255 levels allowed
+
+
+def _configured():
+    return [h for h in rh.HOSTS if rh.host_dir(h) and rh.host_python(h)]
+
+
+def _get(url):
+    with urllib.request.urlopen(url, timeout=180) as r:
+        return json.loads(r.read())
+
+
+def _options(url, **opts):
+    return rh._post(url + "/sdapi/v1/options", opts, timeout=600)
+
+
+def _status(url, weights=False):
+    return _get(url + "/lora-ext/v1/status" + ("?weights=true" if weights else ""))
+
+
+def _install_extension(name, d):
+    """A copy of this repository in extensions/lora-ext, its install.py run the way the host's
+    own launcher runs extension installers (the offline boot flags skip that step)."""
+    dest = os.path.join(d, "extensions", "lora-ext")
+    if os.path.isdir(dest):
+        shutil.rmtree(dest)
+    shutil.copytree(ROOT, dest, ignore=shutil.ignore_patterns(
+        ".git", ".ci-venv", ".venv", "__pycache__", "*.egg-info", ".pytest_cache", ".hypothesis", "out"))
+    res = rh.run_extension_installer(name, dest)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+
+
+def _cache_dir():
+    d = os.environ.get("LORA_EXT_REALHOST_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
+                                                                   "lora-ext-realhost")
+    os.makedirs(d, exist_ok=True)
+    return d
+
+
+def _cached(name, write):
+    path = os.path.join(_cache_dir(), name)
+    if not os.path.exists(path):
+        write(path + ".part")
+        os.replace(path + ".part", path)
+    return path
+
+
+def _place(src, folder):
+    """Hard-link (or copy) a cached file into a host's models folder."""
+    os.makedirs(folder, exist_ok=True)
+    dst = os.path.join(folder, os.path.basename(src))
+    if not os.path.exists(dst):
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copyfile(src, dst)
+
+
+def _write_inpainting(src, path):
+    sd = load_file(src)
+    key = "model.diffusion_model.input_blocks.0.0.weight"
+    w = sd[key]
+    extra = torch.randn(w.shape[0], 5, *w.shape[2:], generator=torch.Generator().manual_seed(5)) * 0.02
+    sd[key] = torch.cat([w, extra.to(w.dtype)], 1).contiguous()
+    save_file(sd, path)
+
+
+def _write_emb_lora(src, path):
+    sd = load_file(src)
+    sd["bundle_emb.lxtchar.string_to_param.*"] = torch.randn(1, 768) * 0.01
+    save_file(sd, path)
+
+
+def _write_models(d):
+    ckpt = _cached(CKPT, lambda p: rh.write_sd_checkpoint(p, "sd15", seed=0))
+    inpaint = _cached(INPAINT, lambda p: _write_inpainting(ckpt, p))
+    lora = _cached("lxt_a.safetensors", lambda p: rh.write_kohya_lora(p, "sd15", seed=1))
+    # the same LoRA with a bundled embedding: lora-ext hands it to the built-in handler
+    emb = _cached("lxt_emb.safetensors", lambda p: _write_emb_lora(lora, p))
+    for f in (ckpt, inpaint):
+        _place(f, os.path.join(d, "models", "Stable-diffusion"))
+    for f in (lora, emb):
+        _place(f, os.path.join(d, "models", "Lora"))
+
+
+def _diff(a, b) -> float:
+    return float(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
+
+
+@pytest.fixture(scope="module", params=_configured() or [None])
+def host(request, tmp_path_factory):
+    name = request.param
+    if name is None:
+        pytest.skip("no real host given (set LORA_EXT_REFORGE_DIR / _FORGE_DIR / _FORGE_CLASSIC_DIR / _SDNEXT_DIR)")
+    d = rh.host_dir(name)
+    _write_models(d)
+    _install_extension(name, d)
+    log = str(tmp_path_factory.mktemp(name) / "console.log")
+    with rh.start_host(name, log_path=log) as h:
+        _use_model(h, CKPT)
+        opts = dict(lora_ext_restore="restore", lora_ext_enabled=True)
+        if name == "sdnext":
+            opts["lora_apply_te"] = True  # SD.Next's own handler skips text encoders by default
+        else:
+            opts["live_previews_enable"] = False
+        _options(h.url, **opts)
+        h.name = name
+        print(f"{name}: booted in {h.boot_s:.0f} s; console: {log}")
+        yield h
+
+
+def _use_model(h, filename):
+    title = next(m["title"] for m in _get(h.url + "/sdapi/v1/sd-models") if m["title"].startswith(filename))
+    rh.set_model(h.url, title)
+    if h.host == "sdnext":
+        rh._post(h.url + "/sdapi/v1/reload-checkpoint", {}, timeout=900)
+
+
+def test_lora_equals_builtin_and_restores_bit_exactly(host):
+    url = host.url
+    none = rh.txt2img(url, "a cat")  # lora-ext binds the model at the first generation
+    fresh = _status(url, weights=True)["weights"]
+    assert set(fresh) >= {"unet", "te1"}, fresh
+    host.fresh = fresh
+    _options(url, lora_ext_enabled=False)
+    builtin = rh.txt2img(url, "a cat <lora:lxt_a:0.8>")
+    _options(url, lora_ext_enabled=True)
+    ours = rh.txt2img(url, "a cat <lora:lxt_a:0.8>")
+    st = _status(url, weights=True)
+    assert st["loras"] == ["<lora:lxt_a:0.8>"] and not st["errors"], st
+    assert _diff(ours, none) > 10, "the LoRA acts"
+    assert _diff(ours, builtin) <= SAME_AS_BUILTIN, (_diff(ours, builtin), _diff(ours, none))
+    assert st["weights"] == fresh, "after a 'restore' generation the weights equal a fresh load"
+
+
+def test_keyframes_blocks_and_hires_act(host):
+    url = host.url
+    full = rh.txt2img(url, "a cat <lora:lxt_a:0.8>")
+    ramp = rh.txt2img(url, "a cat <lora:lxt_a:0.8:unet=0@0,1@1>")
+    unet_off = rh.txt2img(url, "a cat <lora:lxt_a:0.8:unet=0>")
+    blocks_off = rh.txt2img(url, "a cat <lora:lxt_a:0.8:in=0:mid=0:out=0>")
+    assert _diff(ramp, full) > 0 and _diff(ramp, unet_off) > 0, "keyframes act per step"
+    assert _diff(blocks_off, unet_off) <= 1 and _diff(blocks_off, full) > 0, "block weights act"
+    upscaler = "Latent Nearest" if host.name == "sdnext" else "Latent"
+    hires = dict(enable_hr=True, hr_scale=1.5, hr_upscaler=upscaler, hr_second_pass_steps=2, denoising_strength=0.6)
+    if host.name.startswith("forge"):
+        hires["hr_additional_modules"] = ["Use same choices"]  # Forge's API needs it for hires
+    hr_on = rh.txt2img(url, "a cat <lora:lxt_a:0.8>", **hires)
+    hr_off = rh.txt2img(url, "a cat <lora:lxt_a:0.8:hr=0>", **hires)
+    assert hr_on.shape[0] == 96 and _diff(hr_on, hr_off) > 0, "hr= acts in the hires pass"
+
+
+def test_fallback_goes_to_the_builtin_handler(host):
+    url = host.url
+    rh.txt2img(url, "a cat")
+    fresh = getattr(host, "fresh", None) or _status(url, weights=True)["weights"]
+    _options(url, lora_ext_enabled=False)
+    builtin = rh.txt2img(url, "a cat <lora:lxt_emb:0.8>")
+    _options(url, lora_ext_enabled=True)
+    ours = rh.txt2img(url, "a cat <lora:lxt_emb:0.8>")
+    st = _status(url)
+    assert any("lxt_emb" in x for x in st["fallback"]), st
+    assert _diff(ours, builtin) == 0, "the built-in handler took it"
+    rh.txt2img(url, "a cat")
+    assert _status(url, weights=True)["weights"] == fresh
+
+
+def test_inpainting_checkpoint_takes_a_lora(host):
+    url = host.url
+    _use_model(host, INPAINT)
+    try:
+        none = rh.txt2img(url, "a cat")
+        ours = rh.txt2img(url, "a cat <lora:lxt_a:0.8>")
+        st = _status(url)
+        assert not st["errors"] and any("9 input channels" in n for n in st["notes"]), st
+        assert _diff(ours, none) > 10
+    finally:
+        _use_model(host, CKPT)
