@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sys
 import threading
 from typing import Optional
 
@@ -506,9 +507,8 @@ class A1111Shim:
         self._fallback = []
         self.builtin.activate(p, [])
         sd_model = _sd_model(p)
-        forge = getattr(sd_model, "forge_objects_original", None)
-        if forge is not None:
-            _unpatch_forge(forge)
+        if getattr(sd_model, "forge_objects", None) is not None:
+            _unpatch_forge(sd_model)
         try:
             import networks as builtin_networks  # extensions-builtin/Lora, on sys.path in the webui
         except ImportError:
@@ -668,19 +668,42 @@ def _safe_tag(spec) -> Optional[str]:
         return None
 
 
-def _unpatch_forge(forge) -> None:
+def _forge_patchers(sd_model) -> list:
+    """Every weight patcher that may hold the built-in handler's patches of ``sd_model``: those
+    of its ``forge_objects`` (original, current, after LoRAs) and those the host's model
+    management has loaded for it."""
+    found = []
+    for attr in ("forge_objects_original", "forge_objects", "forge_objects_after_applying_lora"):
+        objs = getattr(sd_model, attr, None)
+        found += [getattr(objs, "unet", None), getattr(getattr(objs, "clip", None), "patcher", None)]
+    models = {id(getattr(p, "model", None)) for p in found if p is not None}
+    for mm_name in ("ldm_patched.modules.model_management", "backend.memory_management"):
+        mm = sys.modules.get(mm_name)
+        for loaded in getattr(mm, "current_loaded_models", None) or []:
+            patcher = getattr(loaded, "model", None)
+            if id(getattr(patcher, "model", None)) in models:
+                found.append(patcher)
+    unique, seen = [], set()
+    for p in found:
+        if p is not None and id(p) not in seen:
+            seen.add(id(p))
+            unique.append(p)
+    return unique
+
+
+def _unpatch_forge(sd_model) -> None:
     """Take the built-in handler's weight patches off Forge's / reForge's models now, before
-    lora-ext writes weights (else the host restores its backups over them when it next loads
-    a patcher for sampling). Forge 2.x: its LoraLoader restores its backups when refreshed with
-    no patches (backend/patcher/lora.py). reForge: its ComfyUI-style ModelPatcher shares one
-    ``backup`` dict among clones, which ``unpatch_model`` writes back and clears
-    (ldm_patched/modules/model_patcher.py)."""
-    for patcher in (getattr(forge, "unet", None), getattr(getattr(forge, "clip", None), "patcher", None)):
+    lora-ext writes weights (else the host writes its backups over them when it next loads a
+    patcher for sampling). Forge 2.x: its LoraLoader restores its backups when refreshed with
+    no patches (backend/patcher/lora.py). reForge and Forge Classic: ComfyUI-style
+    ModelPatchers (ldm_patched/modules/model_patcher.py) keep a ``backup`` (shared by clones
+    in reForge, per clone in Classic) that ``unpatch_model`` writes back and clears."""
+    for patcher in _forge_patchers(sd_model):
         loader = getattr(patcher, "lora_loader", None)
         if loader is not None:
             loader.refresh(lora_patches={}, offload_device=getattr(patcher, "offload_device", "cpu"))
         elif getattr(patcher, "backup", None) and hasattr(patcher, "unpatch_model"):
-            patcher.unpatch_model(device_to=None, unpatch_weights=True)
+            patcher.unpatch_model()
 
 
 def _resolvable(session, spec) -> bool:
