@@ -421,6 +421,8 @@ class A1111Shim:
             self._handed.append((_tag_text(x), why))
         if notes:
             p.extra_generation_params[INFOTEXT_FALLBACK] = ", ".join(notes)
+        if not self._builtin_used:
+            self._forget_cached_prompts()
         self._builtin_used = True
         self._fallback = [x for x, _, _ in items]
         self.builtin.activate(p, list(self._fallback))
@@ -494,8 +496,19 @@ class A1111Shim:
             self.session.end_run(restore=True)
         target = self.builtin if kind == "lora" else self.builtin_aliases.get(kind)
         if target is not None:
+            if not self._builtin_used:
+                self._forget_cached_prompts()
             self._builtin_used = True
             target.activate(p, params_list)
+
+    @staticmethod
+    def _forget_cached_prompts() -> None:
+        """SD.Next caches prompt embeddings keyed by the prompt and its tags
+        (modules/prompt_parser_diffusers.py ``cache``): when the handler of the tags changes,
+        the same tags no longer mean the same text-encoder weights."""
+        cache = getattr(sys.modules.get("modules.prompt_parser_diffusers"), "cache", None)
+        if hasattr(cache, "clear"):
+            cache.clear()
 
     def _release_builtin(self, p) -> None:
         """Back from the built-in handler: let it take its networks off before we patch weights
@@ -504,6 +517,7 @@ class A1111Shim:
         if not self._builtin_used or self.builtin is None:
             return
         self._builtin_used = False
+        self._forget_cached_prompts()
         self._fallback = []
         self.builtin.activate(p, [])
         sd_model = _sd_model(p)
