@@ -286,8 +286,9 @@ def test_openclip_text_encoder_fused_qkv(tiny, tmp_path, monkeypatch):
         purge(*HOST_MODULES)
 
 
-def test_sdnext_diffusers_pipeline_steps_from_host_state(tiny, tmp_path, monkeypatch):
-    """SD.Next holds a diffusers pipeline; steps come from a pre-hook reading state.sampling_step."""
+@pytest.fixture
+def sdnext(tiny, tmp_path, monkeypatch):
+    """An SD.Next-style webui: the extension loaded, a diffusers pipeline as the model."""
     import copy
     import types
 
@@ -303,24 +304,32 @@ def test_sdnext_diffusers_pipeline_steps_from_host_state(tiny, tmp_path, monkeyp
         script_callbacks.before_ui_callback()
         pipe = types.SimpleNamespace(unet=unet, text_encoder=te,
                                      sd_checkpoint_info=types.SimpleNamespace(name_for_extra="tiny"))
-        p = types.SimpleNamespace(sd_model=pipe, steps=3, is_hr_pass=False, extra_generation_params={},
-                                  comment=lambda t: None)
-        prompt, data = extra_networks.parse_prompt("x <lora:alpha:1:unet=0@0,1@1>")
-        pristine = bits(unet)
-        extra_networks.activate(p, data)
-        from lora_ext.spec import LoraSpec
-        from lora_ext.spec import Keyframes
-
-        spec = LoraSpec("alpha", path=loras["alpha"], unet=Keyframes(((0, 0), (1, 1))))
-        shared.state.sampling_steps = 3
-        base = copy.deepcopy(unet)
-        for i in range(3):
-            shared.state.sampling_step = i
-            got = unet_out(unet)
-            want = unet_out(reference({"unet": base}, [spec], i, 3)["unet"])
-            assert max_rel_err(got, want) <= 1e-5, f"step {i}"
-        extra_networks.activate(p, {})
-        assert same_bits(unet, pristine)
+        yield types.SimpleNamespace(unet=unet, te=te, loras=loras, pipe=pipe, en=extra_networks, shared=shared)
     finally:
         script_callbacks.script_unloaded_callback()
         purge(*HOST_MODULES)
+
+
+def test_sdnext_diffusers_pipeline_steps_from_host_state(sdnext):
+    """SD.Next holds a diffusers pipeline; steps come from a pre-hook reading state.sampling_step."""
+    import copy
+    import types
+
+    from lora_ext.spec import Keyframes, LoraSpec
+
+    ns, unet = sdnext, sdnext.unet
+    p = types.SimpleNamespace(sd_model=ns.pipe, steps=3, is_hr_pass=False, extra_generation_params={},
+                              comment=lambda t: None)
+    prompt, data = ns.en.parse_prompt("x <lora:alpha:1:unet=0@0,1@1>")
+    pristine = bits(unet)
+    ns.en.activate(p, data)
+    spec = LoraSpec("alpha", path=ns.loras["alpha"], unet=Keyframes(((0, 0), (1, 1))))
+    ns.shared.state.sampling_steps = 3
+    base = copy.deepcopy(unet)
+    for i in range(3):
+        ns.shared.state.sampling_step = i
+        got = unet_out(unet)
+        want = unet_out(reference({"unet": base}, [spec], i, 3)["unet"])
+        assert max_rel_err(got, want) <= 1e-5, f"step {i}"
+    ns.en.activate(p, {})
+    assert same_bits(unet, pristine)

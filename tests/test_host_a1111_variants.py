@@ -19,7 +19,7 @@ from lora_ext.hostmodel import HostModel, InputSlice
 from lora_ext.session import Session
 from lora_ext.spec import LoraSpec
 from test_engine import TE_Q, _te_module, adapter_tensors, write_lora
-from test_host_a1111 import HOST_MODULES, run, tiny, webui  # noqa: F401 (fixtures)
+from test_host_a1111 import HOST_MODULES, run, sdnext, tiny, webui  # noqa: F401 (fixtures)
 from tiny_models import ldm_tree, max_rel_err, tiny_unet, unet_inputs
 
 
@@ -218,41 +218,24 @@ def test_wider_conv_in_takes_the_lora_on_its_first_channels(tmp_path, channels, 
         hostmodel.unregister_layout("tiny-sd-4ch")
 
 
-def test_sdnext_hires_pass_takes_hires_strengths(tiny, tmp_path, monkeypatch):
+def test_sdnext_hires_pass_takes_hires_strengths(sdnext):
     """SD.Next sets p.is_hr_pass for the hires pass without re-activating extra networks
     (modules/processing_diffusers.py L247, L312-313 at 058a7f0c): hr= must still act."""
-    from host_common import FAKES, ROOT, make_loras, purge
-    from test_host_a1111 import HOST_MODULES
     from tiny_models import unet_out
 
-    unet, te = copy.deepcopy(tiny[0]), copy.deepcopy(tiny[1])
-    purge(*HOST_MODULES)
-    monkeypatch.syspath_prepend(os.path.join(FAKES, "a1111"))
-    from modules import extra_networks, script_callbacks, scripts, shared
-
-    try:
-        make_loras(str(tmp_path / "Lora"), unet, te)
-        shared.cmd_opts.lora_dir = str(tmp_path / "Lora")
-        scripts.load_script_file(os.path.join(ROOT, "scripts", "lora_ext_script.py"), ROOT)
-        script_callbacks.before_ui_callback()
-        pipe = types.SimpleNamespace(unet=unet, text_encoder=te,
-                                     sd_checkpoint_info=types.SimpleNamespace(name_for_extra="tiny"))
-        p = types.SimpleNamespace(sd_model=pipe, steps=2, is_hr_pass=False, extra_generation_params={},
-                                  comment=lambda t: None, hr_second_pass_steps=2, denoising_strength=0.5)
-        _, data = extra_networks.parse_prompt("x <lora:alpha:1:hr=0>")
-        pristine_out = unet_out(copy.deepcopy(unet))
-        extra_networks.activate(p, data)  # once, before the base pass, as SD.Next does
-        shared.state.sampling_steps, shared.state.sampling_step = 2, 0
-        base_out = unet_out(unet)
-        assert max_rel_err(base_out, pristine_out) > 1e-3, "the LoRA acts in the base pass"
-        p.is_hr_pass = True  # the hires pass: no activate call
-        shared.state.sampling_step = 0
-        assert max_rel_err(unet_out(unet), pristine_out) <= 1e-6, "hr=0: no LoRA in the hires pass"
-        assert "lora-ext hr" in p.extra_generation_params
-        extra_networks.activate(p, {})
-    finally:
-        script_callbacks.script_unloaded_callback()
-        purge(*HOST_MODULES)
+    ns, unet = sdnext, sdnext.unet
+    p = types.SimpleNamespace(sd_model=ns.pipe, steps=2, is_hr_pass=False, extra_generation_params={},
+                              comment=lambda t: None, hr_second_pass_steps=2, denoising_strength=0.5)
+    _, data = ns.en.parse_prompt("x <lora:alpha:1:hr=0>")
+    pristine_out = unet_out(copy.deepcopy(unet))
+    ns.en.activate(p, data)  # once, before the base pass, as SD.Next does
+    ns.shared.state.sampling_steps, ns.shared.state.sampling_step = 2, 0
+    assert max_rel_err(unet_out(unet), pristine_out) > 1e-3, "the LoRA acts in the base pass"
+    p.is_hr_pass = True  # the hires pass: no activate call
+    ns.shared.state.sampling_step = 0
+    assert max_rel_err(unet_out(unet), pristine_out) <= 1e-6, "hr=0: no LoRA in the hires pass"
+    assert "lora-ext hr" in p.extra_generation_params
+    ns.en.activate(p, {})
 
 
 def test_status_route_and_weights_digest(webui):

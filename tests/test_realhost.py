@@ -24,8 +24,11 @@ import realhost_util as rh
 
 pytestmark = pytest.mark.realhost
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CKPT = "lora-ext-rand15.safetensors"
-INPAINT = "lora-ext-rand15-inpainting.safetensors"
+# LORA_EXT_REALHOST_ARCH=sdxl runs the same tests on an SDXL-shaped checkpoint (about 7 GB on
+# disk, 14 GB of RAM in fp32) and an SDXL LoRA with CLIP-L and CLIP-G keys
+ARCH = os.environ.get("LORA_EXT_REALHOST_ARCH", "sd15")
+CKPT = "lora-ext-rand15.safetensors" if ARCH == "sd15" else f"lora-ext-rand-{ARCH}.safetensors"
+INPAINT = CKPT.replace(".safetensors", "-inpainting.safetensors")
 # images are uint8; lora-ext (fp32 maths, rounded once) and a built-in handler that patches in
 # its own precision differ by rounding, far less than the LoRA's own effect
 SAME_AS_BUILTIN = 3.0  # max |difference| in 0..255 levels allowed
@@ -82,15 +85,18 @@ def _cached(name, write):
     return path
 
 
-def _place(src, folder):
-    """Hard-link (or copy) a cached file into a host's models folder."""
+def _place(src, folder, name=None):
+    """Hard-link (or copy) a cached file into a host's models folder as ``name``."""
     os.makedirs(folder, exist_ok=True)
-    dst = os.path.join(folder, os.path.basename(src))
-    if not os.path.exists(dst):
-        try:
-            os.link(src, dst)
-        except OSError:
-            shutil.copyfile(src, dst)
+    dst = os.path.join(folder, name or os.path.basename(src))
+    if os.path.exists(dst):
+        if os.path.samefile(src, dst):
+            return
+        os.remove(dst)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
 
 
 def _write_inpainting(src, path):
@@ -109,12 +115,13 @@ def _write_emb_lora(src, path):
 
 
 def _write_models(d):
-    ckpt = _cached(CKPT, lambda p: rh.write_sd_checkpoint(p, "sd15", seed=0))
-    inpaint = _cached(INPAINT, lambda p: _write_inpainting(ckpt, p))
-    lora = _cached("lxt_a.safetensors", lambda p: rh.write_kohya_lora(p, "sd15", seed=1))
+    ckpt = _cached(CKPT, lambda p: rh.write_sd_checkpoint(p, ARCH, seed=0))
+    _cached(INPAINT, lambda p: _write_inpainting(ckpt, p))
+    tag = "" if ARCH == "sd15" else f"-{ARCH}"
+    lora = _cached(f"lxt_a{tag}.safetensors", lambda p: rh.write_kohya_lora(p, ARCH, seed=1))
     # the same LoRA with a bundled embedding: lora-ext hands it to the built-in handler
-    emb = _cached("lxt_emb.safetensors", lambda p: _write_emb_lora(lora, p))
-    unet_only = _cached("lxt_unet.safetensors", lambda p: save_file(
+    emb = _cached(f"lxt_emb{tag}.safetensors", lambda p: _write_emb_lora(lora, p))
+    unet_only = _cached(f"lxt_unet{tag}.safetensors", lambda p: save_file(
         {k: v for k, v in load_file(lora).items() if k.startswith("lora_unet_")}, p))
     _place(ckpt, os.path.join(d, "models", "Stable-diffusion"))
     # the inpainting checkpoint goes in only for its test: at boot SD.Next loads the first
@@ -122,8 +129,8 @@ def _write_models(d):
     stale = os.path.join(d, "models", "Stable-diffusion", INPAINT)
     if os.path.exists(stale):
         os.remove(stale)
-    for f in (lora, emb, unet_only):
-        _place(f, os.path.join(d, "models", "Lora"))
+    for f, name in ((lora, "lxt_a"), (emb, "lxt_emb"), (unet_only, "lxt_unet")):
+        _place(f, os.path.join(d, "models", "Lora"), name + ".safetensors")
 
 
 def _diff(a, b) -> float:
