@@ -1,6 +1,7 @@
 """``lora-ext merge``: bake LoRAs into a checkpoint, deltas in fp32, dtypes kept."""
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -32,14 +33,31 @@ class LoraReport:
 
 
 def parse_lora_arg(arg: str) -> tuple[str, float]:
-    """``PATH[:STRENGTH]``; a path may itself contain ':' (C:\\...), so only a numeric tail counts."""
+    """``PATH[:STRENGTH]``; a path may itself contain ':' (C:\\...), so only a numeric tail counts.
+    A strength must be a finite number (``nan``, ``inf``, ``1e309`` are refused)."""
     head, sep, tail = arg.rpartition(":")
     if sep and head:
         try:
-            return head, float(tail)
+            value = float(tail)
         except ValueError:
-            pass
+            return arg, 1.0
+        if not math.isfinite(value):
+            raise LoraExtError(f"{arg}: strength {tail!r} is not a finite number")
+        return head, value
     return arg, 1.0
+
+
+def finite_result(base: torch.Tensor, value32: torch.Tensor, what: str) -> torch.Tensor:
+    """``value32`` rounded to ``base``'s dtype, refused when that holds a NaN or an infinity
+    where the base held a finite number (a strength too large for fp16 overflows there)."""
+    out = value32.to(base.dtype)
+    if out.is_floating_point():
+        bad = ~torch.isfinite(out) & torch.isfinite(base.reshape(out.shape))
+        if bool(bad.any()):
+            raise LoraExtError(f"{what}: the result holds {int(bad.sum())} non-finite values where the base "
+                               f"is finite (a strength too large for {str(base.dtype).replace('torch.', '')}?); "
+                               "nothing written")
+    return out
 
 
 def check_output_path(out, source, what: str) -> str:
@@ -98,10 +116,10 @@ def merge(base, loras, out, *, log: Optional[Callable[[str], None]] = None) -> l
         # W0 + sum(s * delta) in fp32, rounded once into the stored dtype.
         for t, (dw, db) in per_target.items():
             w0 = ckpt.read(t, "weight")
-            ckpt.write(t, "weight", (w0.float() + dw.reshape(w0.shape)).to(w0.dtype))
+            ckpt.write(t, "weight", finite_result(w0, w0.float() + dw.reshape(w0.shape), f"{t.component}:{t.module}.weight"))
             if db is not None:
                 b0 = ckpt.read(t, "bias")
-                ckpt.write(t, "bias", (b0.float() + db.reshape(b0.shape)).to(b0.dtype))
+                ckpt.write(t, "bias", finite_result(b0, b0.float() + db.reshape(b0.shape), f"{t.component}:{t.module}.bias"))
         ckpt.save(out)
         log(f"wrote {out}: {len(per_target)} modules changed")
         return reports

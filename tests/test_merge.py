@@ -300,3 +300,35 @@ def test_merge_into_wider_conv_in_acts_on_the_first_channels(tmp_path, channels)
     for got in (got_single, got_folder):
         assert torch.equal(got, want)
         assert torch.equal(got[:, 4:], w9[:, 4:])
+
+
+@pytest.mark.parametrize("strength", ["nan", "inf", "-inf", "1e309"])
+def test_non_finite_strength_is_one_line_error_and_writes_nothing(tmp_path, capsys, strength):
+    weights = _weights("sd1", SD1_MODULES, torch.float16)
+    single = tmp_path / "model.safetensors"
+    write_single_file(single, "sd1", weights)
+    lora = tmp_path / "lora.safetensors"
+    write_kohya_lora(lora, "sd1", SD1_MODULES)
+    out = tmp_path / "out.safetensors"
+    for argv in (["merge", "--base", str(single), "--lora", f"{lora}:{strength}", "--out", str(out)],
+                 ["unmerge", "--merged", str(single), "--lora", f"{lora}:{strength}", "--out", str(out)],
+                 ["combine", f"{lora}:{strength}", f"{lora}:0.5", "--rank", "4", "--out", str(out)]):
+        capsys.readouterr()
+        code = main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code != 0 and not out.exists(), argv
+        assert len(err) == 1 and "not a finite number" in err[0], (argv, err)
+
+
+def test_merge_that_overflows_fp16_refuses_and_writes_nothing(tmp_path, capsys):
+    weights = _weights("sd1", SD1_MODULES, torch.float16)
+    single = tmp_path / "model.safetensors"
+    write_single_file(single, "sd1", weights)
+    before = single.read_bytes()
+    lora = tmp_path / "lora.safetensors"
+    write_kohya_lora(lora, "sd1", SD1_MODULES)
+    out = tmp_path / "out.safetensors"
+    code = main(["merge", "--base", str(single), "--lora", f"{lora}:1e30", "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0 and not out.exists() and single.read_bytes() == before
+    assert len(err) == 1 and "non-finite" in err[0] and "float16" in err[0], err

@@ -36,7 +36,7 @@ from ..deltas import binding_deltas
 from ..detect import LABELS
 from ..errors import AdapterError, BaseModelMismatch, LoraExtError
 from ..keys import KeyMap, Target
-from ..merge import check_output_path
+from ..merge import check_output_path, finite_result
 from ..network import load_lora
 from .common import Report, Row, emit, module_name, rounding_step
 from .progress import progress as progress_bar
@@ -263,7 +263,7 @@ def restore_base(merged, loras, out, *, reference=None, max_iter: int = 30, prog
                     if d is None:
                         continue
                     m = ckpt.read(t, param)
-                    new[(t, param)] = (m.float() - d.reshape(m.shape)).to(m.dtype)
+                    new[(t, param)] = finite_result(m, m.float() - d.reshape(m.shape), f"{t.component}:{t.module}.{param}")
             done = all(k in estimate and torch.equal(estimate[k], v) for k, v in new.items())
             estimate = new
             if done:
