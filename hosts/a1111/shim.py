@@ -68,7 +68,9 @@ def _gradio():
         import gradio
     except ImportError:  # settings work without widgets (tests, API-only use)
         return None
-    return gradio
+    # a folder named gradio on the path (the webuis' /tmp/gradio temp folder when the cwd is
+    # /tmp) imports as an empty namespace package
+    return gradio if hasattr(gradio, "Radio") and hasattr(gradio, "Textbox") else None
 
 
 def _tag_text(params) -> str:
