@@ -576,6 +576,10 @@ def _torch_load(path: str):
     load = torch.serialization.load
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        if _compressed_records(path):
+            # mmap maps a record's stored bytes as tensor data: compressed ones would be
+            # read as garbage (NaN, 3.4e38) with no error; torch's reader inflates them
+            return load(path, map_location="cpu", weights_only=True)
         try:
             return load(path, map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError as exc:
@@ -583,6 +587,17 @@ def _torch_load(path: str):
                 raise
         # legacy (non-zip) torch.save format: mmap is not possible
         return load(path, map_location="cpu", weights_only=True)
+
+
+def _compressed_records(path: str) -> bool:
+    """Whether ``path`` is a zip (torch.save's format) holding any compressed member."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(info.compress_type != zipfile.ZIP_STORED for info in z.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError):
+        return False  # not a zip (a legacy pickle) or unreadable: torch.load says what it is
 
 
 def _refusal_detail(msg: str) -> str:

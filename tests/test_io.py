@@ -813,3 +813,23 @@ def test_save_empty(tmp_path):
     with open_tensors(p) as f:
         assert f.keys() == [] and f.metadata == {"only": "metadata"}
     assert load_file(str(p)) == {}
+
+
+def test_deflate_compressed_torch_zip_is_read_correctly(tmp_path):
+    """A torch.save zip whose records were re-packed with DEFLATE (valid: torch's reader
+    inflates them) must not be memory-mapped, which would read the compressed bytes as data."""
+    import zipfile
+
+    import torch
+
+    from lora_ext.io import open_tensors
+
+    sd = {"lora_unet_x.lora_down.weight": torch.randn(4, 8), "lora_unet_x.lora_up.weight": torch.randn(8, 4)}
+    plain, packed = tmp_path / "plain.ckpt", tmp_path / "packed.ckpt"
+    torch.save(sd, plain)
+    with zipfile.ZipFile(plain) as zin, zipfile.ZipFile(packed, "w", compression=zipfile.ZIP_DEFLATED) as zout:
+        for info in zin.infolist():
+            zout.writestr(info.filename, zin.read(info.filename), compress_type=zipfile.ZIP_DEFLATED)
+    with open_tensors(str(packed), kind="lora") as tf:
+        for k, v in sd.items():
+            assert torch.equal(tf.get(k), v), k
