@@ -6,6 +6,7 @@ import json
 import sys
 
 from .errors import LoraExtError
+from .textsafe import printable
 
 
 def _cmd_inspect(args) -> int:
@@ -16,7 +17,7 @@ def _cmd_inspect(args) -> int:
         try:
             info = inspect_lora(path)
         except LoraExtError as exc:
-            print(f"error: {exc}", file=sys.stderr)
+            print(f"error: {printable(exc)}", file=sys.stderr)
             status = 1
             continue
         if args.json:
@@ -29,7 +30,7 @@ def _cmd_inspect(args) -> int:
 def _cmd_merge(args) -> int:
     from .merge import merge, parse_lora_arg
 
-    merge(args.base, [parse_lora_arg(a) for a in args.lora], args.out, log=print)
+    merge(args.base, [parse_lora_arg(a) for a in args.lora], args.out, log=_print_line)
     return 0
 
 
@@ -290,12 +291,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _print_line(line) -> None:
+    """A report line (merge, tools): its values come from files; a report line is one line."""
+    print(printable(line))
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except LoraExtError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {printable(exc)}", file=sys.stderr)
         return 2
 
 

@@ -8,6 +8,7 @@ from .io import addnet_hash
 from .layouts import arch_keymap
 from .metadata import training_info, trigger_words
 from .network import Unmatched, load_lora
+from .textsafe import printable
 
 
 def inspect_lora(path) -> dict:
@@ -70,33 +71,35 @@ def _block_order(block: str):
 
 
 def render_text(info: dict) -> str:
+    """The text report; every value that comes from the file is escaped (see textsafe)."""
+    t = printable
     lines = [
-        info["path"],
-        f"  format:       {info['format']} ({info['container']})",
-        f"  base model:   {info['base_model_label']}{' (v-prediction)' if info['v_prediction'] else ''}"
-        f"  [{info['base_model_evidence']}]",
+        t(info["path"]),
+        f"  format:       {t(info['format'])} ({t(info['container'])})",
+        f"  base model:   {t(info['base_model_label'])}{' (v-prediction)' if info['v_prediction'] else ''}"
+        f"  [{t(info['base_model_evidence'])}]",
         f"  types:        {_counts(info['types']) or 'none'}  ({info['modules']} modules, {info['keys']} keys)",
         f"  components:   {_counts(info['components']) or 'none'}",
         f"  ranks:        {_counts(info['ranks']) or '-'}",
         f"  alphas:       {_counts(info['alphas']) or '-'}",
         f"  blocks:       {_counts(info['blocks']) or '-'}",
-        f"  triggers:     {', '.join(info['trigger_words']) or '-'}",
+        f"  triggers:     {', '.join(t(w) for w in info['trigger_words']) or '-'}",
     ]
     if info.get("hashes"):
-        lines.append(f"  addnet hash:  {info['hashes']['addnet']}")
+        lines.append(f"  addnet hash:  {t(info['hashes']['addnet'])}")
     for key, value in info["training"].items():
-        lines.append(f"  {key.replace('_', ' ') + ':':<13} {value}")
+        lines.append(f"  {t(key.replace('_', ' ')) + ':':<13} {t(value)}")
     if info["unmatched"]:
         lines.append(f"  NOT APPLIED:  {len(info['unmatched'])} keys")
         for u in info["unmatched"]:
-            lines.append(f"    {u['key']}: {u['reason']}")
+            lines.append(f"    {t(u['key'])}: {t(u['reason'])}")
     else:
         lines.append("  not applied:  none (every key maps to a module)")
     return "\n".join(lines)
 
 
 def _counts(d: dict) -> str:
-    return ", ".join(f"{k}: {v}" for k, v in d.items())
+    return ", ".join(f"{printable(k)}: {printable(v)}" for k, v in d.items())
 
 
 __all__ = ["inspect_lora", "render_text", "LABELS"]

@@ -314,3 +314,27 @@ def test_metadata_functions_never_raise(md):
     cfg = lora_adapter_config(md)
     assert cfg is None or isinstance(cfg, dict)
     lora_adapter_components(md)
+
+
+def test_text_output_escapes_control_characters_from_files(tmp_path, capsys):
+    """Key names, trigger words and metadata come from files: in text output their ANSI
+    escapes, NUL and CR/LF are escaped, so they cannot clear the terminal or forge a line;
+    JSON keeps them exact."""
+    import json as _json
+
+    import torch
+    from safetensors.torch import save_file
+
+    from lora_ext.cli import main
+
+    forged = "lora_unet_nowhere\x1b[2J\nFAKE: 0 keys not applied\r"
+    path = tmp_path / "evil.safetensors"
+    save_file({f"{forged}.lora_down.weight": torch.zeros(2, 4), f"{forged}.lora_up.weight": torch.zeros(4, 2)},
+              str(path), metadata={"modelspec.trigger_phrase": "nice\x1b]0;pwned\x07 style\u202e"})
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert not any(c in out for c in "\x1b\r\x07\x00\u202e")
+    assert "\nFAKE:" not in out and "\\x1b[2J\\x0aFAKE" in out
+    assert main(["inspect", "--json", str(path)]) == 0
+    info = _json.loads(capsys.readouterr().out)
+    assert any(u["key"].startswith(forged) for u in info["unmatched"])
