@@ -14,6 +14,7 @@ Two steps, both pure:
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Optional
 
@@ -55,6 +56,11 @@ def normalise_key(key: str) -> str:
     return key
 
 
+@lru_cache(maxsize=64)
+def _longest_first(names: tuple) -> tuple:
+    return tuple(sorted(set(names), key=len, reverse=True))
+
+
 def split_key(key: str, names: Iterable[str] = _BASE_NAMES) -> tuple[str, str]:
     """(module prefix, tensor name) of a normalised key.
 
@@ -62,7 +68,7 @@ def split_key(key: str, names: Iterable[str] = _BASE_NAMES) -> tuple[str, str]:
     ``prefix.rest`` splits at its first dot and anything else at its last one, so unknown
     names still group per module for the auto-detector.
     """
-    for name in sorted(set(names), key=len, reverse=True):
+    for name in _longest_first(names if isinstance(names, tuple) else tuple(names)):
         if key.endswith("." + name) and len(key) > len(name) + 1:
             return key[: -len(name) - 1], name
     head, dot, rest = key.partition(".")
