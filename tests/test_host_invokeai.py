@@ -17,7 +17,9 @@ import sys
 import pytest
 import torch
 
-from host_common import FAKES, ROOT, bits, make_loras, one_thread_fixture, purge, reference, same_bits
+from host_common import (FAKES, LIN, FF, ROOT, TE_FC1, TE_Q, _te_module, bits, make_loras, one_thread_fixture,
+                         purge, reference, same_bits, write_lora)
+from lora_ext.errors import LoraExtError
 from lora_ext.spec import Keyframes, LoraSpec
 from test_engine import no_hooks
 from tiny_models import max_rel_err, tiny_text_encoder, tiny_unet
@@ -203,6 +205,178 @@ def test_modular_denoise_extension(invoke):
                     x, ctx.timestep, encoder_hidden_states=enc).sample
             assert max_rel_err(got, want) <= 1e-5
     assert no_hooks(ns.unet) and same_bits(ns.unet, bits(ns.base_unet))
+
+
+def _wrong_base_lora(ns, tmp_path):
+    """An "SDXL" LoRA for the tiny SD1.5-like graph: its CLIP-L keys fit the text encoder (as an
+    SDXL LoRA's te1 keys fit SD1.5's), its UNet keys have the other base's shapes; metadata says SDXL."""
+    from safetensors.torch import load_file, save_file
+    from test_engine import _shape as shape_of
+
+    lin = shape_of(ns.unet, LIN)
+    te_q = tuple(_te_module(ns.te, TE_Q).weight.shape)
+    path = write_lora(tmp_path / "loras" / "xl.safetensors", [("unet", LIN, "lora", (lin[0] * 2, lin[1] * 2)),
+                                                     ("unet", FF, "lora", (7, 5)), ("te", TE_Q, "lora", te_q)], seed=4)
+    save_file(load_file(path), path, metadata={"ss_base_model_version": "sdxl_base_v1-0"})
+    return path
+
+
+def _graph(ns, stack, prompt="a castle", steps=2, **denoise):
+    cond = ns.pack.LoraExtCompelInvocation(prompt=prompt, clip=ns.clip_field, lora_ext=stack).invoke(ns.ctx)
+    out = ns.pack.LoraExtDenoiseLatentsInvocation(positive_conditioning=cond.conditioning, unet=ns.unet_field,
+                                                  steps=steps, lora_ext=cond.lora_ext, **denoise).invoke(ns.ctx)
+    return cond, out
+
+
+def test_wrong_base_lora_is_reported_and_fails_the_denoise(invoke, tmp_path):
+    ns = invoke
+    pristine_u, pristine_t = bits(ns.unet), bits(ns.te)
+    path = _wrong_base_lora(ns, tmp_path)
+    stack = ns.pack.LoraExtLoaderInvocation(lora=path).invoke(ns.ctx).lora_ext
+    seen = []
+    hook = ns.te.register_forward_hook(
+        lambda m, a, o: seen.append(_te_matches(ns, [LoraSpec("xl", path=path, te=1.0)])))
+    try:
+        cond = ns.pack.LoraExtCompelInvocation(prompt="a castle", clip=ns.clip_field, lora_ext=stack).invoke(ns.ctx)
+    finally:
+        hook.remove()
+    assert seen == [True], "its CLIP-L keys applied"
+    warnings = [m for lv, m in ns.ctx.logger.records if lv == "warning"]
+    assert any("is for SDXL, but this text encoder is SD1.x" in m and "1 of its modules" in m for m in warnings), \
+        warnings
+    with pytest.raises(LoraExtError, match=r"none of its 6 keys for it fits this SD1.x UNet \(it is an SDXL LoRA\)"):
+        ns.pack.LoraExtDenoiseLatentsInvocation(positive_conditioning=cond.conditioning, unet=ns.unet_field, steps=2,
+                                                lora_ext=cond.lora_ext).invoke(ns.ctx)
+    assert same_bits(ns.unet, pristine_u) and no_hooks(ns.unet) and not ns.unet._forward_pre_hooks
+    assert same_bits(ns.te, pristine_t) and no_hooks(ns.te) and not ns.te._forward_pre_hooks
+    assert all(rec["locks"] == 0 for rec in ns.ctx.models.records.values())
+    debug = [m for lv, m in ns.ctx.logger.records if lv == "debug"]
+    assert sum("not applied to the UNet" in m for m in debug) == 9, "every key reported"
+
+
+def test_a_lora_with_nothing_for_the_text_encoder_fails_the_prompt_node(invoke, tmp_path):
+    ns = invoke
+    te_fc1 = tuple(_te_module(ns.te, TE_FC1).weight.shape)
+    path = write_lora(tmp_path / "loras" / "bad_te.safetensors", [("te", TE_FC1, "lora", (te_fc1[0] + 3, te_fc1[1]))], seed=5)
+    stack = ns.pack.LoraExtLoaderInvocation(lora=path).invoke(ns.ctx).lora_ext
+    with pytest.raises(LoraExtError, match="none of its 3 keys for it fits this SD1.x text encoder"):
+        ns.pack.LoraExtCompelInvocation(prompt="x", clip=ns.clip_field, lora_ext=stack).invoke(ns.ctx)
+    assert no_hooks(ns.te) and not ns.te._forward_pre_hooks
+    # a UNet-only LoRA has nothing for the text encoder: not an error there, and not "not applied"
+    stack = ns.pack.LoraExtLoaderInvocation(lora="gamma").invoke(ns.ctx).lora_ext
+    ns.ctx.logger.records.clear()
+    _graph(ns, stack)
+    assert not [m for lv, m in ns.ctx.logger.records if lv in ("warning", "error")], ns.ctx.logger.records
+    assert any(lv == "info" and "modules applied to the UNet" in m for lv, m in ns.ctx.logger.records)
+
+
+def test_lora_ext_log_lines_reach_the_invokeai_logger_at_their_level(invoke):
+    import logging
+
+    ns = invoke
+    ns.ctx.config.get().log_level = "debug"
+    lg = logging.getLogger("lora_ext")
+    level, handlers = lg.level, list(lg.handlers)
+
+    def talk(module, args):
+        logging.getLogger("lora_ext.engine").debug("d-line %d", 1)
+        logging.getLogger("lora_ext.engine").info("i-line")
+        logging.getLogger("lora_ext").warning("w-line")
+        logging.getLogger("lora_ext.session").error("e-line")
+
+    h = ns.te.register_forward_pre_hook(talk)
+    try:
+        stack = ns.pack.LoraExtLoaderInvocation(lora="alpha").invoke(ns.ctx).lora_ext
+        ns.pack.LoraExtCompelInvocation(prompt="x", clip=ns.clip_field, lora_ext=stack).invoke(ns.ctx)
+    finally:
+        h.remove()
+    got = [r for r in ns.ctx.logger.records if r[1].endswith("-line") or r[1] == "d-line 1"]
+    assert got == [("debug", "d-line 1"), ("info", "i-line"), ("warning", "w-line"), ("error", "e-line")]
+    # the session's raw count (UNet keys seen from the prompt node) is at debug, not "not applied" at info
+    assert not any(lv != "debug" and "keys not applied" in m for lv, m in ns.ctx.logger.records)
+    assert lg.level == level and lg.handlers == handlers
+
+
+def test_models_are_pinned_so_an_eviction_cannot_leave_hooks_on_a_stale_module(invoke):
+    """Under memory pressure every load drops the unlocked records of the other models (InvokeAI's
+    cache making room): lora-ext pins what it hooks, so InvokeAI's node runs that same module."""
+    ns = invoke
+    specs_stack = ns.pack.LoraExtLoaderInvocation(lora="alpha", weight=0.8, clip_weight=0.6).invoke(ns.ctx).lora_ext
+    _, calm = _graph(ns, specs_stack)
+    want = ns.ctx.tensors.load(calm.latents.latents_name)
+    ns.ctx.models.memory_pressure = True
+    _, stressed = _graph(ns, specs_stack)
+    assert torch.equal(ns.ctx.tensors.load(stressed.latents.latents_name), want)
+    for key in ("unet", "te"):
+        for m in ns.ctx.models.built[key]:
+            assert no_hooks(m) and not m._forward_pre_hooks
+    assert len(ns.ctx.models.built["unet"]) > 1, "the cache did drop and reload the UNet"
+    _, plain = _graph(ns, None)
+    assert not torch.equal(ns.ctx.tensors.load(plain.latents.latents_name), want), "the LoRA acts"
+
+
+def test_a_node_fails_when_invokeai_runs_another_copy_than_the_hooked_one(invoke, monkeypatch):
+    import contextlib
+
+    ns = invoke
+    from invokeai.app.services.shared import invocation_context as ic
+
+    @contextlib.contextmanager
+    def stale(self):  # the pinned module is not the one InvokeAI then runs
+        yield copy.deepcopy(self.model)
+
+    monkeypatch.setattr(ic.LoadedModel, "model_in_ram", stale)
+    stack = ns.pack.LoraExtLoaderInvocation(lora="alpha").invoke(ns.ctx).lora_ext
+    with pytest.raises(LoraExtError, match="ran another copy of the text encoder"):
+        ns.pack.LoraExtCompelInvocation(prompt="x", clip=ns.clip_field, lora_ext=stack).invoke(ns.ctx)
+    monkeypatch.undo()
+    cond = ns.pack.LoraExtCompelInvocation(prompt="x", clip=ns.clip_field, lora_ext=stack).invoke(ns.ctx)
+    monkeypatch.setattr(ic.LoadedModel, "model_in_ram", stale)
+    with pytest.raises(LoraExtError, match="ran another copy of the UNet"):
+        ns.pack.LoraExtDenoiseLatentsInvocation(positive_conditioning=cond.conditioning, unet=ns.unet_field, steps=2,
+                                                lora_ext=cond.lora_ext).invoke(ns.ctx)
+
+
+def test_sdxl_prompt_node_reads_tags_in_the_style_too(invoke):
+    ns = invoke
+    from invokeai.app.invocations.model import CLIPField, ModelIdentifierField
+
+    te2 = copy.deepcopy(ns.te)
+    ns.ctx.models.add("te2", te2)
+    clip2 = CLIPField(tokenizer=ModelIdentifierField("tok"), text_encoder=ModelIdentifierField("te2"))
+    specs = [LoraSpec("beta", path=ns.loras["beta"], te=0.5), LoraSpec("alpha", path=ns.loras["alpha"], te=0.8)]
+    seen = []
+    hooks = [ns.te.register_forward_hook(lambda m, a, o: seen.append(("te1", _te_matches(ns, specs[:1])))),
+             te2.register_forward_hook(lambda m, a, o: seen.append(("te2", _te2_matches(ns, te2, specs[1:]))))]
+    try:
+        node = ns.pack.LoraExtSDXLCompelInvocation(prompt="a castle <lora:beta:0.5>", style="ink <lora:alpha:0.8>",
+                                                   clip=ns.clip_field, clip2=clip2)
+        # beta's text-encoder module is in CLIP-L only, alpha's in both: each encoder runs with what fits it
+        cond = node.invoke(ns.ctx)
+    finally:
+        for h in hooks:
+            h.remove()
+    saved = ns.ctx.conditioning.load(cond.conditioning.conditioning_name)
+    assert (saved["prompt"], saved["style"]) == ("a castle", "ink")
+    assert [e["name"] for e in cond.lora_ext.loras] == ["beta", "alpha"]
+    assert [c for c, _ in seen] == ["te1", "te2"]
+    # the same LoRA tagged in the prompt and the style (InvokeAI's UI copies the prompt) applies once
+    node = ns.pack.LoraExtSDXLCompelInvocation(prompt="a <lora:alpha:0.8>", style="a <lora:alpha:0.8>",
+                                               clip=ns.clip_field, clip2=clip2)
+    assert [e["name"] for e in node.invoke(ns.ctx).lora_ext.loras] == ["alpha"]
+    assert no_hooks(ns.te) and no_hooks(te2)
+
+
+def _te2_matches(ns, te2, specs):
+    ref = reference({"te1": ns.base_te}, specs, 0)["te1"]
+    ids = torch.arange(2, 8).reshape(1, 6)
+    h = te2._forward_hooks.copy()
+    te2._forward_hooks.clear()
+    try:
+        with torch.no_grad():
+            return max_rel_err(te2(ids).last_hidden_state, ref(ids).last_hidden_state) <= 1e-5
+    finally:
+        te2._forward_hooks.update(h)
 
 
 _REAL_HOST_CHECK = """

@@ -14,12 +14,25 @@
 
 Everything is applied on the fly (forward hooks): InvokeAI's model cache owns the weights
 and restores the ones its own patches change from its CPU copy, so lora-ext never writes
-them. Hooks come off when the node finishes, failed or not.
+them. Hooks come off when the node finishes, failed or not. While they are on, each hooked
+model is pinned in InvokeAI's RAM cache (``LoadedModel.model_in_ram()``, as InvokeAI's own
+nodes pin the LoRA models they patch with), so the cache cannot drop it and hand the base
+node a fresh copy without the hooks; a hooked model that never ran fails the node.
+
+What of each LoRA does not apply to the model a node is given is reported through
+``context.logger`` (one warning per LoRA, every key at debug level); a LoRA for another base
+model (an SDXL LoRA in an SD1.5 graph, whose CLIP-L keys fit) gets a warning in the prompt
+node and fails the denoise node, and a node fails whenever a LoRA has keys for its model and
+none of them applies. lora-ext's own log lines reach InvokeAI's log at their level while a
+node runs.
 
 LoRA names are looked up (``lora_ext.resolve``) in the folders of the ``LORA_EXT_DIRS``
 environment variable (``os.pathsep``-separated), then InvokeAI's models folder; a path works too.
 """
+import contextlib
+import logging
 import os
+import threading
 from typing import Optional
 
 import torch
@@ -31,6 +44,7 @@ from invokeai.app.invocations.denoise_latents import DenoiseLatentsInvocation, g
 from invokeai.app.invocations.fields import Input, InputField, OutputField
 from invokeai.app.invocations.primitives import ConditioningOutput, LatentsOutput
 
+from lora_ext.errors import LoraExtError
 from lora_ext.hostmodel import HostModel, TimestepClock
 from lora_ext.prompt import format_tag, parse_prompt, parse_tag
 from lora_ext.resolve import LoraLibrary, resolve_specs
@@ -90,10 +104,195 @@ def library(context) -> LoraLibrary:
     return lib
 
 
-def _session(components: dict) -> Session:
+def _session(components: dict, label: str = "InvokeAI model") -> Session:
     s = Session(None, method="onthefly", te_method="onthefly", label="InvokeAI")
-    s.load_model(HostModel(components, naming="diffusers", label="InvokeAI model"))
+    s.load_model(HostModel(components, naming="diffusers", label=label))
     return s
+
+
+# --- lora-ext's log lines in InvokeAI's log ------------------------------------------------
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR,
+           "critical": logging.CRITICAL}
+_LOG_LOCK = threading.Lock()
+_LOG_USERS = [0, None]  # nodes running, the lora_ext logger's level before the first
+
+
+class _ToInvokeAI(logging.Handler):
+    """The ``lora_ext`` records of one thread (the node's), to its ``context.logger`` at their level
+    (``LoggerInterface`` has debug/info/warning/error)."""
+
+    def __init__(self, logger, thread: int):
+        super().__init__(logging.DEBUG)
+        self._logger = logger
+        self._thread = thread
+
+    def emit(self, record):
+        if record.thread != self._thread:
+            return
+        try:
+            msg = record.getMessage()
+            lv = record.levelno
+            if record.msg.startswith("lora-ext: %s: %d keys not applied"):
+                # the session's own count, made without knowing which keys are for the other
+                # node (UNet keys in a prompt node): check_fit reports them per node
+                lv = logging.DEBUG
+            fn = (self._logger.error if lv >= logging.ERROR else self._logger.warning if lv >= logging.WARNING
+                  else self._logger.info if lv >= logging.INFO else self._logger.debug)
+            fn(msg)
+        except Exception:
+            self.handleError(record)
+
+
+@contextlib.contextmanager
+def host_log(context):
+    """While a node runs, lora-ext's log records reach ``context.logger`` at their level (down to
+    InvokeAI's ``log_level``), and not Python's last-resort stderr handler."""
+    lg = logging.getLogger("lora_ext")
+    level = _LEVELS.get(str(getattr(context.config.get(), "log_level", "info")).lower(), logging.INFO)
+    handler = _ToInvokeAI(context.logger, threading.get_ident())
+    with _LOG_LOCK:
+        if _LOG_USERS[0] == 0:
+            _LOG_USERS[1] = lg.level
+        _LOG_USERS[0] += 1
+        if lg.getEffectiveLevel() > level:
+            lg.setLevel(level)
+        lg.addHandler(handler)
+    try:
+        yield
+    finally:
+        with _LOG_LOCK:
+            lg.removeHandler(handler)
+            _LOG_USERS[0] -= 1
+            if _LOG_USERS[0] == 0:
+                lg.setLevel(_LOG_USERS[1])
+
+
+# --- models from InvokeAI's cache -----------------------------------------------------------
+@contextlib.contextmanager
+def pinned(context, fields: dict):
+    """``{component: module}`` of the models of ``fields`` (``ModelIdentifierField``s), each pinned
+    in InvokeAI's RAM cache for the block (``LoadedModel.model_in_ram()``: locked without being
+    moved to the execution device; the base node then locks it on its device with
+    ``model_on_device()`` and gets this same module)."""
+    with contextlib.ExitStack() as stack:
+        yield {comp: stack.enter_context(context.models.load(f).model_in_ram()) for comp, f in fields.items()}
+
+
+class _Runs:
+    """Counts the forward calls of the hooked modules (a hooked module that never ran means the
+    host ran another copy of the model, without the LoRAs)."""
+
+    def __init__(self, modules: dict):
+        self.count = {c: 0 for c in modules}
+        self._hooks = [m.register_forward_pre_hook(self._counter(c)) for c, m in modules.items()]
+
+    def _counter(self, comp):
+        def hook(module, args):
+            self.count[comp] += 1
+        return hook
+
+    def remove(self):
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+
+_COMPONENT_NAMES = {"unet": "UNet", "te1": "text encoder", "te2": "text encoder 2"}
+
+
+def _check_ran(runs: "_Runs", expected, specs) -> None:
+    idle = [c for c in expected if runs.count.get(c) == 0]
+    if idle:
+        names = ", ".join(s.name for s in specs)
+        raise LoraExtError(f"lora-ext: InvokeAI ran another copy of the {' and '.join(_COMPONENT_NAMES[c] for c in idle)}"
+                           f" than the one the LoRAs ({names}) were put on (its model cache reloaded it?): "
+                           f"they did not apply; run the graph again")
+
+
+# --- what of each LoRA applies to the model a node is given --------------------------------
+_INVOKE_BASES = {"sd-1": "sd1", "sd-2": "sd2", "sdxl": "sdxl"}
+
+
+def _model_base(field) -> Optional[str]:
+    """lora-ext's name for the base of a ``ModelIdentifierField`` (``BaseModelType``), or None."""
+    base = getattr(field, "base", None)
+    base = getattr(base, "value", base)
+    return _INVOKE_BASES.get(str(base)) if base is not None else None
+
+
+def _component_of(prefix: str) -> Optional[str]:
+    """"unet" / "te1" / "te2" when a module prefix names a module of an SD1.x/SD2.x/SDXL
+    component (by name, whatever its shape), else None."""
+    from lora_ext.layouts import SD_ARCHS, arch_keymap
+
+    comps = {c.component for arch in SD_ARCHS for c in arch_keymap(arch).candidates(prefix)}
+    if "unet" in comps:
+        return "unet"
+    return min(comps) if comps else None
+
+
+def _lora_of(path):
+    from lora_ext.engine.models import cached_lora
+    from lora_ext.network import load_lora
+
+    return cached_lora(path) or load_lora(path)
+
+
+def _label(base: Optional[str]) -> str:
+    from lora_ext.detect import LABELS
+
+    return LABELS.get(base, base) if base else "unknown"
+
+
+def check_fit(context, session: Session, own: tuple, model_base: Optional[str], what: str) -> None:
+    """Report, through ``context.logger``, what of each LoRA does not apply to this node's model
+    (``own``: the components the node runs, e.g. ("unet",) or ("te1", "te2")); raise
+    ``LoraExtError`` when a LoRA has keys for them (or keys for no known component) and none of
+    its keys applies, or when it is for another base model and nothing of it applies here."""
+    log = context.logger
+    failures = []
+    for r in session.reports():
+        try:
+            lora = _lora_of(r.path)
+            prefix_of = {k: p for p, g in lora.groups.items() for k in g.keys.values()}
+            base = _detect(lora)
+        except Exception:  # the engine read it already; best effort for the report only
+            prefix_of, base = {}, None
+        mine, other = [], []
+        for u in r.unmatched:
+            comp = _component_of(prefix_of.get(u["key"], u["key"]))
+            (other if comp is not None and comp not in own else mine).append(u)
+        wrong_base = base is not None and model_base is not None and base != model_base
+        tag = r.spec.tag or r.name
+        note = f" (it is {'an' if _label(base)[:1] in 'AEIOS' else 'a'} {_label(base)} LoRA)" if wrong_base else ""
+        for u in mine + other:
+            log.debug(f"lora-ext: {r.name}: not applied to the {what}: {u['key']}: {u['reason']}")
+        if r.applied == 0 and (mine or wrong_base):
+            n = len(mine) or len(other)
+            failures.append(f"{tag}: none of its {n} keys {'for it ' if mine else ''}fits this "
+                            f"{_label(model_base) + ' ' if model_base else ''}{what}{note}")
+        elif wrong_base:
+            msg = (f"lora-ext: {tag} is for {_label(base)}, but this {what} is {_label(model_base)}: only "
+                   f"{r.applied} of its modules fit it and were applied")
+            if mine:
+                msg += f"; {len(mine)} of its keys for it did not (first: {mine[0]['key']}: {mine[0]['reason']})"
+            if other:
+                msg += f"; {len(other)} keys are for the {'text encoders' if what == 'UNet' else 'UNet'}"
+            log.warning(msg)
+        elif mine:
+            log.warning(f"lora-ext: {tag}: {len(mine)} keys not applied to the {what} "
+                        f"(first: {mine[0]['key']}: {mine[0]['reason']}); {r.applied} modules applied")
+        elif r.applied:
+            log.info(f"lora-ext: {r.name}: {r.applied} modules applied to the {what}")
+    if failures:
+        raise LoraExtError("lora-ext: " + "; ".join(failures))
+
+
+def _detect(lora) -> Optional[str]:
+    from lora_ext.detect import detect_base_model
+
+    name = detect_base_model(lora).name
+    return None if name == "unknown" else name
 
 
 @invocation_output("lora_ext_stack_output")
@@ -128,24 +327,58 @@ class LoraExtLoaderInvocation(BaseInvocation):
         return LoraExtStackOutput(lora_ext=LoraExtStackField(loras=loras))
 
 
-def _prompt_with_loras(node, context, base_invoke, clips: dict):
-    parsed = parse_prompt(node.prompt)
+def _tags(node, context, text: str):
+    parsed = parse_prompt(text)
     if parsed.specs:
         resolve_specs(parsed.specs, library(context))
-    specs = decode(node.lora_ext) + parsed.specs
-    plain = node.model_copy(update={"prompt": parsed.prompt})
-    if specs:
-        tes = {comp: context.models.load(f.text_encoder).model for comp, f in clips.items()}
-        session = _session(tes)
-        session.use_specs(specs)
-        try:
-            out = base_invoke(plain, context)
-        finally:
-            session.end_run(restore=True)
-    else:
+    return parsed
+
+
+def _prompt_with_loras(node, context, base_invoke, clips: dict, texts: dict):
+    """``texts``: the node's prompt fields that may hold tags ({"prompt": ..., "style": ...}).
+    A LoRA tagged in the style that the prompt tags too is applied once, as the prompt has it
+    (InvokeAI's UI fills the SDXL style with the prompt)."""
+    parsed = {k: _tags(node, context, v) for k, v in texts.items()}
+    specs = decode(node.lora_ext)
+    in_prompt = {s.path for s in parsed["prompt"].specs}
+    for field_name, p in parsed.items():
+        for spec in p.specs:
+            if field_name != "prompt" and spec.path in in_prompt:
+                context.logger.debug(f"lora-ext: {spec.tag} in the {field_name}: the prompt tags this LoRA too; "
+                                     f"applied once")
+                continue
+            specs.append(spec)
+    plain = node.model_copy(update={k: p.prompt for k, p in parsed.items()})
+    if not specs:
         out = base_invoke(plain, context)
+    else:
+        base = _model_base(next(iter(clips.values())).text_encoder)
+        with host_log(context), pinned(context, {c: f.text_encoder for c, f in clips.items()}) as tes:
+            session = _session(tes, label="InvokeAI text encoder")
+            runs = None
+            try:
+                session.use_specs(specs)
+                check_fit(context, session, tuple(tes), base, "text encoder")
+                runs = _Runs(tes)
+                out = base_invoke(plain, context)
+                _check_ran(runs, [c for c in tes if _te_runs(plain, c)], specs)
+            finally:
+                if runs is not None:
+                    runs.remove()
+                session.end_run(restore=True)
     return LoraExtConditioningOutput(conditioning=out.conditioning,
                                      lora_ext=LoraExtStackField(loras=[encode(s) for s in specs]))
+
+
+def _te_runs(node, comp: str) -> bool:
+    """Whether InvokeAI's prompt node runs text encoder ``comp`` for these fields (its SDXL node
+    returns zeros for an empty prompt without running the encoder: compel.py ``run_clip_compel``)."""
+    style = getattr(node, "style", None)
+    if style is None:  # SD1.5/SD2 "compel": always
+        return True
+    if comp == "te1":
+        return node.prompt != ""
+    return (style if style.strip() else node.prompt) != ""
 
 
 @invocation("lora_ext_compel", title="Prompt - SD1.5 (lora-ext)", tags=["prompt", "compel", "lora-ext"],
@@ -156,19 +389,21 @@ class LoraExtCompelInvocation(CompelInvocation):
     lora_ext: Optional[LoraExtStackField] = InputField(default=None, input=Input.Connection, title=STACK_TITLE)
 
     def invoke(self, context) -> LoraExtConditioningOutput:
-        return _prompt_with_loras(self, context, CompelInvocation.invoke, {"te1": self.clip})
+        return _prompt_with_loras(self, context, CompelInvocation.invoke, {"te1": self.clip},
+                                  {"prompt": self.prompt})
 
 
 @invocation("lora_ext_sdxl_compel_prompt", title="Prompt - SDXL (lora-ext)", tags=["prompt", "sdxl", "lora-ext"],
             category="prompt", version="1.0.0")
 class LoraExtSDXLCompelInvocation(SDXLCompelPromptInvocation):
-    """The SDXL prompt node, with lora-ext LoRAs on both text encoders and <lora:...> tags read from the prompt."""
+    """The SDXL prompt node, with lora-ext LoRAs on both text encoders and <lora:...> tags read from the prompt and
+    the style (a LoRA tagged in both is applied once)."""
 
     lora_ext: Optional[LoraExtStackField] = InputField(default=None, input=Input.Connection, title=STACK_TITLE)
 
     def invoke(self, context) -> LoraExtConditioningOutput:
         return _prompt_with_loras(self, context, SDXLCompelPromptInvocation.invoke,
-                                  {"te1": self.clip, "te2": self.clip2})
+                                  {"te1": self.clip, "te2": self.clip2}, {"prompt": self.prompt, "style": self.style})
 
 
 @invocation("lora_ext_denoise_latents", title="Denoise - SD1.5, SDXL (lora-ext)",
@@ -196,20 +431,29 @@ class LoraExtDenoiseLatentsInvocation(DenoiseLatentsInvocation):
         specs = decode(self.lora_ext)
         if not specs:
             return super().invoke(context)
-        unet = context.models.load(self.unet.unet).model
-        session = _session({"unet": unet})
-        clock = TimestepClock(self._lora_ext_timesteps(context))
-        total = clock.total or self.steps
-        session.use_specs(specs, total_steps=total)
+        with host_log(context), pinned(context, {"unet": self.unet.unet}) as held:
+            unet = held["unet"]
+            session = _session({"unet": unet}, label="InvokeAI UNet")
+            hook = runs = None
+            try:
+                clock = TimestepClock(self._lora_ext_timesteps(context))
+                total = clock.total or self.steps
+                session.use_specs(specs, total_steps=total)
+                check_fit(context, session, ("unet",), _model_base(self.unet.unet), "UNet")
 
-        def pre(module, args, kwargs):
-            t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
-            if t is not None:
-                session.begin_step(min(clock.step(t), total - 1), total)
+                def pre(module, args, kwargs):
+                    t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+                    if t is not None:
+                        session.begin_step(min(clock.step(t), total - 1), total)
 
-        hook = unet.register_forward_pre_hook(pre, with_kwargs=True)
-        try:
-            return super().invoke(context)
-        finally:
-            hook.remove()
-            session.end_run(restore=True)
+                hook = unet.register_forward_pre_hook(pre, with_kwargs=True)
+                runs = _Runs({"unet": unet})
+                out = super().invoke(context)
+                _check_ran(runs, ["unet"], specs)
+                return out
+            finally:
+                if hook is not None:
+                    hook.remove()
+                if runs is not None:
+                    runs.remove()
+                session.end_run(restore=True)

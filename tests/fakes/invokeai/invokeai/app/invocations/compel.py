@@ -1,9 +1,12 @@
 """Mirrors invokeai/app/invocations/compel.py (InvokeAI 6.14.2 from PyPI; read at invoke-ai/InvokeAI 8e71a8a5, which agrees for these parts): the "compel" node
-(prompt, clip, mask) loads the text encoder with ``model_on_device()`` and the tokenizer,
-encodes, saves the conditioning and returns ConditioningOutput; "sdxl_compel_prompt" does
-the same with ``clip`` and ``clip2``. The tokenizer here is a fake (a callable from text to
-ids) and compel's prompt weighting is left out: lora-ext only needs the text encoders to run
-on the prompt it is given."""
+(prompt, clip, mask) loads the text encoder (``context.models.load``, L74), then locks it with
+``model_on_device()`` and the tokenizer as a context manager (L78-80), encodes, saves the
+conditioning and returns ConditioningOutput; "sdxl_compel_prompt" (L245-340) runs
+``run_clip_compel`` for ``clip`` with the prompt and ``clip2`` with the style, or the prompt
+when ``style.strip() == ""`` (L282-287); an empty prompt gives zeros without running that
+text encoder (``zero_on_empty``, L149-166). The tokenizer here is a fake (a callable from
+text to ids) and compel's prompt weighting is left out: lora-ext only needs the text encoders
+to run on the prompt it is given."""
 from typing import Optional
 
 import torch
@@ -14,8 +17,10 @@ from invokeai.app.invocations.model import CLIPField
 from invokeai.app.invocations.primitives import ConditioningOutput
 
 
-def _encode(context, clip_field, prompt):
+def _encode(context, clip_field, prompt, zero_on_empty=False):
     text_encoder_info = context.models.load(clip_field.text_encoder)
+    if prompt == "" and zero_on_empty:
+        return torch.zeros(1, 6, text_encoder_info.model.config.hidden_size)
     with text_encoder_info.model_on_device() as (cached_weights, text_encoder), \
             context.models.load(clip_field.tokenizer) as tokenizer:
         return text_encoder(tokenizer(prompt)).last_hidden_state
@@ -49,8 +54,8 @@ class SDXLCompelPromptInvocation(BaseInvocation):
 
     @torch.no_grad()
     def invoke(self, context) -> ConditioningOutput:
-        c1 = _encode(context, self.clip, self.prompt)
-        c2 = _encode(context, self.clip2, self.style or self.prompt)
+        c1 = _encode(context, self.clip, self.prompt, zero_on_empty=True)
+        c2 = _encode(context, self.clip2, self.style if self.style.strip() else self.prompt, zero_on_empty=True)
         c = torch.cat([c1, c2], dim=-1).detach().to("cpu")
-        name = context.conditioning.save({"embeds": c, "prompt": self.prompt})
+        name = context.conditioning.save({"embeds": c, "prompt": self.prompt, "style": self.style})
         return ConditioningOutput.build(name, self.mask)

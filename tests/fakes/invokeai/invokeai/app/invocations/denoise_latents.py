@@ -1,8 +1,9 @@
 """Mirrors invokeai/app/invocations/denoise_latents.py (InvokeAI 6.14.2 from PyPI; read at invoke-ai/InvokeAI 8e71a8a5, which agrees for these parts): the
 "denoise_latents" node's fields, ``get_scheduler``, ``init_scheduler`` (set_timesteps, skip
 higher orders, cut by denoising_start/end in whole steps, re-expand by order) and the default
-path (``_old_invoke``; ``_new_invoke`` when USE_MODULAR_DENOISE is set): the UNet is loaded
-with ``model_on_device()`` and called once per entry of ``timesteps`` (cond and uncond
+path (``_old_invoke``; ``_new_invoke`` when USE_MODULAR_DENOISE is set): ``get_scheduler`` loads
+the scheduler model and reads its config under its lock (L98-101); the UNet is loaded
+with ``model_on_device()`` (L1071) and called once per entry of ``timesteps`` (cond and uncond
 batched), ``context.util.sd_step_callback`` after each. The schedulers are small stand-ins
 with diffusers' attributes (``timesteps``, ``order``, ``config``): "euler" (order 1) and
 "heun" (order 2: every timestep but the first twice, as diffusers' HeunDiscreteScheduler)."""
@@ -31,6 +32,8 @@ class _Scheduler:
 
 
 def get_scheduler(context, scheduler_info, scheduler_name, seed, unet_config):
+    with context.models.load(scheduler_info):
+        pass
     return _Scheduler(order=2 if "heun" in scheduler_name else 1)
 
 
