@@ -39,12 +39,22 @@ __all__ = [
     "SAFETENSORS_EXTENSIONS",
     "PICKLE_EXTENSIONS",
     "MAX_HEADER_BYTES",
+    "MAX_TENSORS",
+    "MAX_NDIM",
 ]
 
 SAFETENSORS_EXTENSIONS = (".safetensors",)
 PICKLE_EXTENSIONS = (".ckpt", ".pt", ".pth", ".bin")
 #: the safetensors format's own limit on the JSON header
 MAX_HEADER_BYTES = 100_000_000
+#: Bounds on what a header may declare, checked before anything is computed from it. No real
+#: LoRA or checkpoint comes near them (an SDXL LyCORIS "full" LoRA: ~5,000 tensors; a bundled
+#: SDXL checkpoint: ~2,500; tensors have at most 5 dimensions).
+MAX_TENSORS = 100_000
+MAX_NDIM = 16
+#: elements of one tensor (zero dimensions ignored) and byte offsets into the data area: 2**50
+MAX_ELEMENTS = 1 << 50
+MAX_DATA_BYTES = 1 << 50
 _BLOCK = 1024 * 1024
 _KINDS = ("lora", "checkpoint")
 
@@ -113,6 +123,23 @@ def _py_type(value: Any) -> str:
 
 def _quote(key: Any) -> str:
     return repr(_one_line(key, 120)) if isinstance(key, str) else repr(key)
+
+
+def _brief_json(value: Any, limit: int = 80) -> str:
+    """Short JSON text of a header value for an error (bounded work: huge lists and numbers
+    are cut, never fully formatted)."""
+    if isinstance(value, list):
+        items = [_brief_json(v, 24) for v in value[:8]]
+        more = f", ... ({len(value)} items)" if len(value) > 8 else ""
+        return _one_line("[" + ", ".join(items) + more + "]", limit)
+    if type(value) is int and value.bit_length() > 200:
+        return f"<a {value.bit_length()}-bit number>"
+    if isinstance(value, (dict, str)) and len(value) > limit:
+        return f"<a JSON {_json_type(value)} of length {len(value)}>"
+    try:
+        return _one_line(json.dumps(value), limit)
+    except (ValueError, TypeError, RecursionError):
+        return f"<a JSON {_json_type(value)}>"
 
 
 def _sniff(head: bytes) -> Optional[str]:
@@ -327,6 +354,9 @@ class TensorFile:
                 raise self._missing(key)
             if t.requires_grad:
                 t = t.detach()
+        if self.kind == "lora" and t.is_complex():
+            # every adapter works in real numbers: the imaginary part would be dropped silently
+            raise LoraFileError(self.path, f"tensor {_quote(key)} is complex ({t.dtype}); a LoRA's tensors are real numbers")
         if check_finite:
             _check_finite(self.path, key, t)
         return t
@@ -456,8 +486,19 @@ def _parse_safetensors_header(path: str, fh, size: int) -> tuple[int, dict, dict
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise not_st(f"the header is not UTF-8 text (bad byte at position {exc.start})") from None
+    # every descriptor holds one "data_offsets" (never inside a string, where a quote is
+    # escaped): counting them bounds the work of parsing before any is done
+    declared = raw.count(b'"data_offsets"')
+    if declared > MAX_TENSORS:
+        raise LoraFileError(
+            path, f"corrupt safetensors header: it lists {declared} tensors, more than the {MAX_TENSORS} allowed"
+        )
     try:
-        header = json.loads(text)
+        header = json.loads(text, object_pairs_hook=_unique_object)
+    except _DuplicateName as dup:
+        raise LoraFileError(
+            path, f"corrupt safetensors header: the name {_quote(dup.name)} appears more than once"
+        ) from None
     except RecursionError:
         raise not_st("the header JSON is nested too deeply") from None
     except ValueError as exc:
@@ -467,6 +508,11 @@ def _parse_safetensors_header(path: str, fh, size: int) -> tuple[int, dict, dict
     if not isinstance(header, dict):
         raise not_st(f"the header is a JSON {_json_type(header)}, not an object")
 
+    count = len(header) - ("__metadata__" in header)
+    if count > MAX_TENSORS:
+        raise LoraFileError(
+            path, f"corrupt safetensors header: it lists {count} tensors, more than the {MAX_TENSORS} allowed"
+        )
     data_start = 8 + n
     metadata: dict[str, str] = {}
     entries: dict[str, _Entry] = {}
@@ -487,8 +533,9 @@ def _parse_safetensors_header(path: str, fh, size: int) -> tuple[int, dict, dict
             continue
         entries[key] = _parse_entry(path, key, desc)
 
-    # Tensors may not share bytes (the safetensors format forbids it; it would alias them).
-    spans = sorted(((e.begin, e.end, k) for k, e in entries.items() if e.end > e.begin))
+    # Tensors may not share bytes (the safetensors format forbids it; it would alias them), and,
+    # as safetensors itself insists, they fill the data area from its start without holes.
+    spans = sorted((e.begin, e.end, k) for k, e in entries.items())
     for (b0, e0, k0), (b1, e1, k1) in zip(spans, spans[1:]):
         if b1 < e0:
             raise LoraFileError(
@@ -496,7 +543,37 @@ def _parse_safetensors_header(path: str, fh, size: int) -> tuple[int, dict, dict
                 f"corrupt safetensors header: tensors {_quote(k0)} and {_quote(k1)} overlap in the data area "
                 f"(bytes {b0}..{e0} and {b1}..{e1})",
             )
+        if b1 > e0:
+            raise LoraFileError(
+                path,
+                f"corrupt safetensors header: a hole in the data area between tensors {_quote(k0)} and "
+                f"{_quote(k1)} (bytes {e0}..{b1} belong to no tensor)",
+            )
+    if spans and spans[0][0] != 0:
+        raise LoraFileError(
+            path,
+            f"corrupt safetensors header: a hole at the start of the data area (bytes 0..{spans[0][0]} "
+            f"belong to no tensor; the first is {_quote(spans[0][2])})",
+        )
     return data_start, metadata, entries
+
+
+class _DuplicateName(ValueError):
+    def __init__(self, name: str):
+        super().__init__(name)
+        self.name = name
+
+
+def _unique_object(pairs: list) -> dict:
+    """json object hook: a name given twice is an error (json.loads would keep the last)."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set = set()
+        for k, _ in pairs:
+            if k in seen:
+                raise _DuplicateName(k)
+            seen.add(k)
+    return obj
 
 
 def _parse_entry(path: str, key: str, desc: Any) -> _Entry:
@@ -518,22 +595,34 @@ def _parse_entry(path: str, key: str, desc: Any) -> _Entry:
             problem = f"has a dtype that is a JSON {_json_type(dtype_name)}, not a name"
         raise LoraFileError(path, f"corrupt safetensors header: tensor {q} {problem}")
     shape = desc["shape"]
-    if not isinstance(shape, list) or not all(
-        type(d) is int and d >= 0 for d in shape
-    ):
-        raise LoraFileError(
-            path, f"corrupt safetensors header: tensor {q} has invalid shape {_one_line(json.dumps(shape), 80)}"
-        )
+    if not isinstance(shape, list):
+        raise LoraFileError(path, f"corrupt safetensors header: tensor {q} has invalid shape {_brief_json(shape)} "
+                                  f"(a JSON {_json_type(shape)}, not an array)")
+    if len(shape) > MAX_NDIM:
+        raise LoraFileError(path, f"corrupt safetensors header: tensor {q} has {len(shape)} dimensions, "
+                                  f"more than the {MAX_NDIM} allowed")
+    nonzero = 1
+    for d in shape:
+        if type(d) is not int or d < 0:
+            raise LoraFileError(
+                path, f"corrupt safetensors header: tensor {q} has invalid shape {_brief_json(shape)}"
+            )
+        nonzero *= max(d, 1)
+        if nonzero > MAX_ELEMENTS:
+            raise LoraFileError(
+                path, f"corrupt safetensors header: tensor {q} has shape {_brief_json(shape)}, whose dimensions "
+                      f"multiply past the 2**50 limit"
+            )
     offs = desc["data_offsets"]
     if (
         not isinstance(offs, list)
         or len(offs) != 2
-        or not all(type(o) is int and o >= 0 for o in offs)
+        or not all(type(o) is int and 0 <= o <= MAX_DATA_BYTES for o in offs)
         or offs[0] > offs[1]
     ):
         raise LoraFileError(
             path,
-            f"corrupt safetensors header: tensor {q} has invalid data_offsets {_one_line(json.dumps(offs), 80)}",
+            f"corrupt safetensors header: tensor {q} has invalid data_offsets {_brief_json(offs)}",
         )
     itemsize = _ST_DTYPES[dtype_name][0]
     nbytes = math.prod(shape) * itemsize

@@ -1,0 +1,142 @@
+"""Issue 17: hostile inputs. Every case is built here; each must end with a non-zero exit, one
+stderr line naming the file or argument, nothing written, the base unchanged, and within a
+(generous) time bound."""
+from __future__ import annotations
+
+import json
+import os
+import struct
+import time
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from lora_ext.cli import main
+
+from test_io import snapshot, st_bytes
+
+TIME_BOUND = 30.0  # seconds: generous, a hang shows as minutes
+
+
+def run_cli(argv, capsys, *, folder, expect=(), bound=TIME_BOUND, code_ok=(1, 2)):
+    """main(argv) must fail with one stderr line holding every ``expect`` fragment, write
+    nothing under ``folder`` and return within ``bound`` seconds. Returns the line."""
+    before = snapshot(folder)
+    capsys.readouterr()
+    t0 = time.monotonic()
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exc:  # argparse
+        code = exc.code
+    took = time.monotonic() - t0
+    out = capsys.readouterr()
+    lines = out.err.strip().splitlines()
+    assert code in code_ok, (argv, code, out.err)
+    assert len(lines) == 1, (argv, out.err)
+    assert lines[0].startswith("error: "), lines
+    for frag in expect:
+        assert frag in lines[0], (frag, lines[0])
+    assert snapshot(folder) == before, argv
+    assert took < bound, (argv, took)
+    return lines[0]
+
+
+def write_st(path, header, data=b""):
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as fh:
+        fh.write(struct.pack("<Q", len(raw)) + raw + data)
+
+
+F32 = {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}
+
+
+# ---------------------------------------------------------------------------------------------
+# item 3 / 4 / 5: what the safetensors header alone can do
+
+
+def _header_cases(tmp_path):
+    """name -> (file bytes or a writer, fragments of the error)."""
+    cases = {}
+    # two million dimensions (math.prod over the list ran past 90 s)
+    cases["dims_2m"] = (st_bytes({"a": {"dtype": "F32", "shape": [1] * 2_000_000, "data_offsets": [0, 4]}},
+                                 b"\0" * 4), ["2000000 dimensions", "16 allowed"])
+    cases["dims_65"] = (st_bytes({"a": {"dtype": "F32", "shape": [1] * 65, "data_offsets": [0, 4]}}, b"\0" * 4),
+                        ["65 dimensions"])
+    # a zero-size tensor with a 2**63+ dimension (torch.empty overflowed)
+    cases["dim_2_63"] = (st_bytes({"a": {"dtype": "F32", "shape": [0, 2 ** 63 + 5], "data_offsets": [0, 0]}}),
+                         ["2**50 limit"])
+    cases["stride_overflow"] = (st_bytes({"a": {"dtype": "F32", "shape": [0, 2 ** 40, 2 ** 40, 2 ** 40],
+                                                "data_offsets": [0, 0]}}), ["2**50 limit"])
+    # a dimension of 5000 digits: formatting it in the error raised
+    big = "9" * 5000
+    cases["digits"] = (st_bytes('{"a":{"dtype":"F32","shape":[' + big + '],"data_offsets":[0,4]}}', b"\0" * 4),
+                       ["not valid JSON"])
+    cases["digits_offsets"] = (st_bytes({"a": {"dtype": "F32", "shape": [1] * 16 + [0] * 0,
+                                               "data_offsets": [0, 2 ** 4000]}}), ["invalid data_offsets"])
+    # a repeated tensor name: json.loads keeps the last; safetensors refuses the file
+    cases["duplicate"] = (st_bytes('{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},'
+                                   '"a":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}', b"\0" * 8),
+                          ["'a' appears more than once"])
+    # holes in the data area
+    cases["hole_between"] = (st_bytes({"a": F32, "b": dict(F32, data_offsets=[8, 12])}, b"\0" * 12),
+                             ["hole in the data area", "bytes 4..8"])
+    cases["hole_at_start"] = (st_bytes({"a": dict(F32, data_offsets=[4, 8])}, b"\0" * 8),
+                              ["hole at the start"])
+    # 1.5 million zero-size entries (an 87 MB header ran past 90 s)
+    many = ",".join(f'"k{i}":{{"dtype":"F32","shape":[0],"data_offsets":[0,0]}}' for i in range(1_500_000))
+    cases["zero_size_1_5m"] = (st_bytes("{" + many + "}"), ["1500000 tensors", "100000 allowed"])
+    # complex factors: the imaginary part was dropped
+    cases["complex"] = (None, ["is complex"])
+    return cases
+
+
+HEADER_CASES = ["dims_2m", "dims_65", "dim_2_63", "stride_overflow", "digits", "digits_offsets", "duplicate",
+                "hole_between", "hole_at_start", "zero_size_1_5m", "complex"]
+
+
+@pytest.mark.parametrize("case", HEADER_CASES)
+def test_header_attacks_inspect_and_merge(tmp_path, capsys, case):
+    from test_merge import SD1_MODULES, _weights, write_single_file
+
+    data, frags = _header_cases(tmp_path)[case]
+    lora = tmp_path / "bad.safetensors"
+    if case == "complex":
+        save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.ones(4, 320, dtype=torch.complex64),
+                   "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.ones(320, 4, dtype=torch.complex64)},
+                  str(lora))
+    else:
+        lora.write_bytes(data)
+    base = tmp_path / "base.safetensors"
+    write_single_file(base, "sd1", _weights("sd1", SD1_MODULES[:3], torch.float32))
+    run_cli(["inspect", lora], capsys, folder=tmp_path, expect=[str(lora)] + frags)
+    run_cli(["merge", "--base", base, "--lora", lora, "--out", tmp_path / "out.safetensors"], capsys,
+            folder=tmp_path, expect=[str(lora)] + frags)
+    if case != "complex":
+        # the same header as a base checkpoint
+        os.replace(lora, tmp_path / "badbase.safetensors")
+        good = tmp_path / "good.safetensors"
+        from test_merge import write_kohya_lora
+        write_kohya_lora(good, "sd1", SD1_MODULES[:2])
+        run_cli(["merge", "--base", tmp_path / "badbase.safetensors", "--lora", good, "--out",
+                 tmp_path / "out.safetensors"], capsys, folder=tmp_path, expect=["badbase.safetensors"] + frags)
+
+
+def test_twenty_thousand_trivial_modules_inspect_in_time(tmp_path, capsys):
+    """20,000 1x1 modules (a 6 MB file): inspect took 51-90 s; now linear, a few seconds."""
+    hdr, off = {}, 0
+    for i in range(20_000):
+        for n in ("lora_down.weight", "lora_up.weight", "alpha"):
+            hdr[f"lora_unet_m{i}.{n}"] = {"dtype": "F32", "shape": [] if n == "alpha" else [1, 1],
+                                           "data_offsets": [off, off + 4]}
+            off += 4
+    p = tmp_path / "many.safetensors"
+    write_st(p, hdr, struct.pack("<f", 1.0) * (off // 4))
+    capsys.readouterr()
+    t0 = time.monotonic()
+    assert main(["inspect", "--json", str(p)]) == 0
+    took = time.monotonic() - t0
+    info = json.loads(capsys.readouterr().out)
+    assert info["keys"] == 60_000 and len(info["unmatched"]) == 60_000
+    assert took < 60, took
