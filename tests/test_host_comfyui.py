@@ -74,7 +74,7 @@ def sample(ns, model, steps=4, second_order=False, observe=None):
 
 def test_node_list_and_inputs(comfy):
     ns = comfy
-    assert set(ns.nodes) == {"LoraExtLoader", "LoraExtPromptLoader", "LoraExtInspector"}
+    assert set(ns.nodes) == {"LoraExtLoader", "LoraExtLoaderModelOnly", "LoraExtPromptLoader", "LoraExtInspector"}
     assert set(ns.names) == set(ns.nodes)
     inputs = ns.nodes["LoraExtLoader"].INPUT_TYPES()
     assert inputs["required"]["lora_name"][0] == ["alpha.safetensors", "beta.safetensors", "gamma.safetensors"]
@@ -194,10 +194,34 @@ def test_repository_init_is_import_light():
     code = ("import importlib.util, sys\n"
             f"spec = importlib.util.spec_from_file_location('lora_ext_nodes', {os.path.join(ROOT, '__init__.py')!r})\n"
             "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
-            "assert set(m.NODE_CLASS_MAPPINGS) == {'LoraExtLoader', 'LoraExtPromptLoader', 'LoraExtInspector'}\n"
+            "assert set(m.NODE_CLASS_MAPPINGS) == {'LoraExtLoader', 'LoraExtLoaderModelOnly', 'LoraExtPromptLoader', "
+            "'LoraExtInspector'}\n"
             "heavy = [x for x in ('torch', 'comfy', 'diffusers', 'transformers') if x in sys.modules]\n"
-            "assert not heavy, heavy\n")
-    subprocess.run([sys.executable, "-c", code], check=True, cwd="/")
+            "assert not heavy, heavy\n"
+            f"assert {ROOT!r} not in [os.path.abspath(p) for p in sys.path], 'the repository root went on sys.path'\n"
+            "import importlib.util as u\n"
+            "top = [n for n in ('tests', 'scripts', 'hosts', 'adapters', 'install', 'benchmarks') if u.find_spec(n)]\n"
+            "assert not top, top\n"
+            "import lora_ext.hosts.comfyui.patching\n")
+    subprocess.run([sys.executable, "-c", "import os\n" + code], check=True, cwd="/")
+
+
+def test_node_pack_loads_from_its_folder_when_lora_ext_is_not_installed(tmp_path):
+    """A checkout in custom_nodes before install.py ran: lora_ext loads from the folder under its
+    own name, and the folder itself never goes on sys.path."""
+    code = ("import importlib.util, os, sys\n"
+            "sys.path = [p for p in sys.path if 'site-packages' not in p and os.path.abspath(p or '.') != "
+            f"{ROOT!r}]\n"
+            "sys.modules.pop('lora_ext', None)\n"
+            "assert importlib.util.find_spec('lora_ext') is None\n"
+            f"spec = importlib.util.spec_from_file_location('custom_nodes.lora-ext', {os.path.join(ROOT, '__init__.py')!r})\n"
+            "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
+            "import lora_ext\n"
+            f"assert os.path.dirname(lora_ext.__file__) == {os.path.join(ROOT, 'lora_ext')!r}\n"
+            "assert 'LoraExtLoader' in m.NODE_CLASS_MAPPINGS and m.WEB_DIRECTORY\n"
+            f"assert {ROOT!r} not in [os.path.abspath(p or '.') for p in sys.path]\n"
+            "assert importlib.util.find_spec('tests') is None and importlib.util.find_spec('install') is None\n")
+    subprocess.run([sys.executable, "-S", "-c", code], check=True, cwd=str(tmp_path))
 
 
 def test_inpainting_model_takes_the_lora_on_conv_ins_first_channels(comfy, tmp_path):

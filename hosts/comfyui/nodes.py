@@ -1,13 +1,16 @@
 """lora-ext's ComfyUI nodes. Imports nothing of ComfyUI until a node runs (``folder_paths`` is
 read when the node list is built, as every loader node does).
 
-* **LoRA Loader (lora-ext)**: MODEL, CLIP, a file from ``models/loras``, strength for the
-  model and for CLIP, optional block weights (an lbw preset or vector, or ``in=..:mid=..:
-  out=..``) and keyframes (``w@pos,...``, multiplying the model strength over the run).
+* **LoRA Loader (lora-ext)**: MODEL, CLIP (optional: MODEL only works, as with
+  ``LoraLoaderModelOnly``), a file from ``models/loras``, strength for the model and for
+  CLIP, optional block weights (an lbw preset or vector, or ``in=..:mid=..:out=..``) and
+  keyframes (``w@pos,...``, multiplying the model strength over the run).
+* **LoRA Loader, model only (lora-ext)**: the same without CLIP (returns MODEL only).
 * **LoRA Tags from Prompt (lora-ext)**: reads ``<lora:...>`` tags (the full grammar) from a
   text, applies them, returns the text without them.
 * **LoRA Inspector (lora-ext)**: what a file is: adapter types, base model, keys that would
-  not apply and why.
+  not apply and why; shown on the node (web/lora_ext.js) and given as a STRING output (wire it
+  to ComfyUI's *Preview Any* to show it there too).
 """
 from __future__ import annotations
 
@@ -49,17 +52,13 @@ class LoraExtLoader:
         return {
             "required": {
                 "model": ("MODEL",),
-                "clip": ("CLIP",),
-                "lora_name": (_lora_files(), {"tooltip": "Any LoRA type: LoRA, LoCon, LoHa, LoKr, DoRA, IA3, "
-                                                          "OFT, BOFT, GLoRA, full, norm."}),
+                "lora_name": _lora_input(),
                 "strength_model": _strength("Strength on the diffusion model."),
                 "strength_clip": _strength("Strength on the text encoders."),
             },
             "optional": {
-                "block_weights": ("STRING", {"default": "", "tooltip": "An lbw preset or 12/17/20/26 numbers, "
-                                                                       "or in=..:mid=..:out=.. (empty: all 1)."}),
-                "keyframes": ("STRING", {"default": "", "tooltip": "w@pos,... over the run, multiplying "
-                                                                   "strength_model (e.g. 0@0,1@0.5)."}),
+                "clip": ("CLIP", {"tooltip": "Optional: without it only the MODEL takes the LoRA."}),
+                **_schedule_inputs(),
             },
         }
 
@@ -68,17 +67,58 @@ class LoraExtLoader:
     CATEGORY = CATEGORY
     DESCRIPTION = "Applies one LoRA of any type, with block weights and a per-step schedule."
 
-    def load(self, model, clip, lora_name, strength_model, strength_clip, block_weights="", keyframes=""):
-        from lora_ext.session import spec_from_inputs
+    def load(self, model, clip=None, lora_name=None, strength_model=1.0, strength_clip=1.0, block_weights="",
+             keyframes=""):
+        return _load(model, clip, lora_name, strength_model, strength_clip, block_weights, keyframes)
 
-        from .patching import apply
 
-        if strength_model == 0 and strength_clip == 0 and not (keyframes or "").strip():
-            return (model, clip)
-        spec = spec_from_inputs(lora_name, _path(lora_name), unet=strength_model, te=strength_clip,
-                                blocks=block_weights, keyframes=keyframes)
-        new_model, new_clip, _ = apply(model, clip, [spec])
-        return (new_model, new_clip)
+class LoraExtLoaderModelOnly:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL",),
+                "lora_name": _lora_input(),
+                "strength_model": _strength("Strength on the diffusion model."),
+            },
+            "optional": _schedule_inputs(),
+        }
+
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Applies one LoRA of any type to the MODEL only, with block weights and a per-step schedule."
+
+    def load(self, model, lora_name, strength_model, block_weights="", keyframes=""):
+        return _load(model, None, lora_name, strength_model, 0.0, block_weights, keyframes)[:1]
+
+
+def _lora_input():
+    return (_lora_files(), {"tooltip": "Any LoRA type: LoRA, LoCon, LoHa, LoKr, DoRA, IA3, OFT, BOFT, GLoRA, "
+                                       "full, norm."})
+
+
+def _schedule_inputs():
+    return {
+        "block_weights": ("STRING", {"default": "", "tooltip": "An lbw preset or 12/17/20/26 numbers, "
+                                                               "or in=..:mid=..:out=.. (empty: all 1)."}),
+        "keyframes": ("STRING", {"default": "", "tooltip": "w@pos,... over the run, multiplying "
+                                                           "strength_model (e.g. 0@0,1@0.5)."}),
+    }
+
+
+def _load(model, clip, lora_name, strength_model, strength_clip, block_weights, keyframes):
+    from lora_ext.session import spec_from_inputs
+
+    from .patching import apply
+
+    if strength_model == 0 and strength_clip == 0 and not (keyframes or "").strip():
+        return (model, clip)
+    spec = spec_from_inputs(lora_name, _path(lora_name), unet=strength_model, te=strength_clip,
+                            blocks=block_weights, keyframes=keyframes)
+    new_model, new_clip, _ = apply(model if strength_model != 0 or (keyframes or "").strip() else None,
+                                   clip if strength_clip != 0 else None, [spec])
+    return (model if new_model is None else new_model, clip if new_clip is None else new_clip)
 
 
 class LoraExtPromptLoader:
@@ -87,9 +127,9 @@ class LoraExtPromptLoader:
         return {
             "required": {
                 "model": ("MODEL",),
-                "clip": ("CLIP",),
                 "text": ("STRING", {"multiline": True, "tooltip": "A prompt with <lora:name:weight...> tags."}),
-            }
+            },
+            "optional": {"clip": ("CLIP", {"tooltip": "Optional: without it only the MODEL takes the LoRAs."})},
         }
 
     RETURN_TYPES = ("MODEL", "CLIP", "STRING")
@@ -98,7 +138,7 @@ class LoraExtPromptLoader:
     CATEGORY = CATEGORY
     DESCRIPTION = "Applies the <lora:...> tags of a text (lora-ext's grammar) and returns the text without them."
 
-    def load(self, model, clip, text):
+    def load(self, model, clip=None, text=""):
         from lora_ext.prompt import parse_prompt
         from lora_ext.resolve import resolve_specs
 
@@ -133,11 +173,13 @@ class LoraExtInspector:
 
 NODE_CLASS_MAPPINGS = {
     "LoraExtLoader": LoraExtLoader,
+    "LoraExtLoaderModelOnly": LoraExtLoaderModelOnly,
     "LoraExtPromptLoader": LoraExtPromptLoader,
     "LoraExtInspector": LoraExtInspector,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "LoraExtLoader": "LoRA Loader (lora-ext)",
+    "LoraExtLoaderModelOnly": "LoRA Loader, model only (lora-ext)",
     "LoraExtPromptLoader": "LoRA Tags from Prompt (lora-ext)",
     "LoraExtInspector": "LoRA Inspector (lora-ext)",
 }

@@ -1,9 +1,12 @@
 """Mirrors comfy/sd.py CLIP (ComfyUI 0.3.64): ``patcher`` (a ModelPatcher over
 ``cond_stage_model``), ``clone()`` (patcher cloned, cond_stage_model shared), ``add_patches``
 and encoding, which loads the patcher first (so its patches are on the weights). The
-``cond_stage_model`` here is SD1ClipModel-shaped: ``clip_l.transformer.text_model...``
-(comfy's CLIP names its modules like transformers'), so state-dict keys read
-``clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight``."""
+``cond_stage_model`` here is SD1ClipModel-shaped: ``clip_l`` is an SDClipModel whose
+``transformer`` *is* the CLIP text model (comfy/sd1_clip.py 0.3.64 L121, SD1ClipModel L662-L675:
+``self.transformer = model_class(config, dtype, device, self.operations)``, model_class
+comfy.clip_model.CLIPTextModel (comfy/clip_model.py L139-L145) with ``.text_model``
+and ``.text_projection``; a transformers CLIPTextModel has the same nesting), so state-dict
+keys read ``clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight``."""
 import torch
 from torch import nn
 
@@ -14,12 +17,10 @@ import comfy.model_patcher
 class SDClipModel(nn.Module):
     def __init__(self, te):
         super().__init__()
-        self.transformer = nn.Module()
-        self.transformer.text_model = te  # a transformers CLIPTextModel: embeddings, encoder, final_layer_norm
-        self._te = [te]
+        self.transformer = te  # a transformers CLIPTextModel: .text_model.embeddings/encoder/final_layer_norm
 
     def forward(self, ids):
-        return self._te[0](ids).last_hidden_state
+        return self.transformer(ids).last_hidden_state
 
 
 class SD1ClipModel(nn.Module):
