@@ -9,6 +9,7 @@ out.
 from __future__ import annotations
 
 import json
+import math
 import re
 from typing import Any, Mapping, Optional
 
@@ -18,6 +19,9 @@ __all__ = [
     "lora_adapter_config",
     "lora_adapter_components",
     "few_step_hint",
+    "check_peft_config",
+    "parse_peft_config",
+    "checked_alpha",
 ]
 
 _REPEAT_PREFIX = re.compile(r"^(\d+)_(.+)$")
@@ -157,6 +161,132 @@ def lora_adapter_components(metadata: Mapping[str, str]) -> Optional[dict[str, d
             comp, field = "", k
         out.setdefault(comp, {})[field] = v
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# validation of the numbers that change weights: PEFT's r / lora_alpha, kohya's alpha tensor
+
+#: bounds no real LoRA reaches: ranks up to 65,536, |alpha| up to 1e6
+MAX_RANK = 65_536
+MAX_ALPHA = 1e6
+#: an adapter_config.json is a few hundred bytes; refused beyond this
+MAX_CONFIG_BYTES = 10_000_000
+_PEFT_NUMBERS = {"r": "rank", "lora_alpha": "alpha"}
+_PEFT_PATTERNS = {"rank_pattern": "r", "alpha_pattern": "lora_alpha"}
+_PEFT_FLAGS = ("use_rslora", "use_dora")
+
+
+def _bad_number(value: Any, field: str, name: str = "") -> Optional[str]:
+    """Why ``value`` cannot be PEFT's ``field`` ("r" or "lora_alpha"), shown as ``name``, or
+    None if it can."""
+    shown, name = _brief(value), name or field
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return f"{name} is {shown}, not a number"
+    if not math.isfinite(value):
+        return f"{name} is {shown}, not a finite number"
+    if field == "r":
+        if value != int(value) or not 1 <= value <= MAX_RANK:
+            return f"{name} is {shown}, not a whole number from 1 to {MAX_RANK}"
+    elif abs(value) > MAX_ALPHA:
+        return f"{name} is {shown}, beyond the limit of {MAX_ALPHA:g}"
+    return None
+
+
+def _brief(value: Any) -> str:
+    if isinstance(value, str):
+        return repr(value if len(value) <= 40 else value[:37] + "...")
+    if isinstance(value, (dict, list)):
+        return f"a JSON {'object' if isinstance(value, dict) else 'array'}"
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+        return f"a {value.bit_length()}-bit number"
+    return repr(value)
+
+
+def check_peft_config(cfg: Any, *, depth: int = 0) -> Optional[str]:
+    """Why a PEFT ``LoraConfig`` dict (model-level, diffusers' flattened ``unet.r`` form, or
+    one nested per component) cannot be used, or None. Checks every field that scales weights:
+    ``r``/``lora_alpha`` (numbers, finite, in range), ``rank_pattern``/``alpha_pattern``
+    (objects of such numbers), ``use_rslora``/``use_dora`` (booleans)."""
+    if not isinstance(cfg, dict):
+        return f"the config is a JSON {_json_name(cfg)}, not an object"
+    for key, value in cfg.items():
+        field = key.rpartition(".")[2] if isinstance(key, str) else ""
+        where = ""
+        if field in _PEFT_NUMBERS:
+            if value is None:
+                continue
+            problem = _bad_number(value, field, key)
+        elif field in _PEFT_PATTERNS:
+            if value is None:
+                continue
+            if not isinstance(value, dict):
+                problem = f"{key} is {_brief(value)}, not an object"
+            else:
+                problem = next((p for k, v in value.items()
+                                if (p := _bad_number(v, _PEFT_PATTERNS[field], f"{key}[{_brief(k)}]"))), None)
+        elif field in _PEFT_FLAGS:
+            problem = None if value is None or isinstance(value, bool) else f"{key} is {_brief(value)}, not true or false"
+        elif isinstance(value, dict) and depth == 0:
+            problem = check_peft_config(value, depth=1)  # a component's own config
+            where = f"{key}: "
+        else:
+            continue
+        if problem:
+            return where + problem
+    return None
+
+
+def parse_peft_config(text: Any, source: str) -> Optional[dict]:
+    """A PEFT config from JSON text (``lora_adapter_metadata`` or ``adapter_config.json``),
+    checked (see :func:`check_peft_config`); raises LoraFileError naming ``source``."""
+    from .errors import LoraFileError
+
+    if isinstance(text, (bytes, bytearray)):
+        try:
+            text = bytes(text).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise LoraFileError(source, f"not UTF-8 text (bad byte at position {exc.start})") from None
+    try:
+        cfg = json.loads(text)
+    except RecursionError:
+        raise LoraFileError(source, "the JSON is nested too deeply") from None
+    except ValueError as exc:
+        detail = f"{exc.msg} at character {exc.pos}" if isinstance(exc, json.JSONDecodeError) else "not JSON"
+        raise LoraFileError(source, f"not valid JSON ({detail})") from None
+    problem = check_peft_config(cfg)
+    if problem:
+        raise LoraFileError(source, problem)
+    return cfg
+
+
+def checked_alpha(path: str, key: str, t: Any):
+    """A kohya ``alpha`` tensor, refused unless it is one real, finite number within
+    :data:`MAX_ALPHA` (several values, bytes, booleans or complex numbers are errors)."""
+    import torch
+
+    from .errors import LoraFileError
+
+    if t.numel() != 1:
+        raise LoraFileError(path, f"tensor {key!r} (alpha) holds {t.numel()} values (shape {tuple(t.shape)}); "
+                                  "an alpha is one number")
+    if t.dtype == torch.bool or t.is_complex() or not (t.is_floating_point() or t.dtype in _INT_DTYPES()):
+        raise LoraFileError(path, f"tensor {key!r} (alpha) has dtype {str(t.dtype).replace('torch.', '')}; "
+                                  "an alpha is a real number")
+    value = float(t.reshape(()).double())
+    if not math.isfinite(value) or abs(value) > MAX_ALPHA:
+        raise LoraFileError(path, f"tensor {key!r} (alpha) is {value:g}, beyond the limit of {MAX_ALPHA:g}")
+    return t
+
+
+def _INT_DTYPES():
+    import torch
+
+    return (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+
+def _json_name(value: Any) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
+        type(value), "number")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from .adapter import Adapter
 from .errors import AdapterError, LoraExtError, LoraFileError
 from .io import open_tensors
 from .keys import Candidate, KeyMap, group_keys
+from .metadata import MAX_CONFIG_BYTES, checked_alpha, parse_peft_config
 
 Tensor = torch.Tensor
 
@@ -145,6 +146,8 @@ def load_lora(path, *, peft_config: Optional[dict] = None) -> Lora:
         groups = {}
         for prefix, keys in grouped.items():
             tensors = {name: tf.get(key) for name, key in keys.items()}
+            if "alpha" in tensors:
+                tensors["alpha"] = checked_alpha(path, keys["alpha"], tensors["alpha"])
             if "lora_magnitude_vector" in keys.get("dora_scale", ""):
                 # PEFT stores a conv's magnitude as (1, out, 1, 1); it is always per output.
                 tensors["dora_scale"] = tensors["dora_scale"].reshape(-1)
@@ -164,18 +167,17 @@ def load_lora(path, *, peft_config: Optional[dict] = None) -> Lora:
 def _peft_config(path: str, metadata: dict) -> Optional[dict]:
     raw = metadata.get("lora_adapter_metadata")
     if raw:
-        try:
-            cfg = json.loads(raw)
-        except ValueError as exc:
-            raise LoraFileError(path, f"lora_adapter_metadata is not valid JSON ({exc})") from None
-        return cfg if isinstance(cfg, dict) else None
+        return parse_peft_config(raw, f"{path}: metadata lora_adapter_metadata")
     side = os.path.join(os.path.dirname(path), "adapter_config.json")
     if os.path.isfile(side):
         try:
-            with open(side, encoding="utf-8") as fh:
-                return json.load(fh)
-        except (OSError, ValueError) as exc:
-            raise LoraFileError(side, f"cannot read adapter config ({exc})") from None
+            with open(side, "rb") as fh:
+                raw = fh.read(MAX_CONFIG_BYTES + 1)
+        except OSError as exc:
+            raise LoraFileError(side, f"cannot read adapter config ({exc.strerror or exc})") from None
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise LoraFileError(side, f"adapter config larger than {MAX_CONFIG_BYTES // 1_000_000} MB")
+        return parse_peft_config(raw, side)
     return None
 
 
@@ -209,6 +211,8 @@ def _inject_peft_alpha(group: Group, config: dict) -> None:
     cfg = _config_for(group, config)
     if not cfg:
         return
+    if group.tensors["lora_down.weight"].dim() < 2:
+        return  # not a LoRA factor: the adapter type says what is wrong with it
     rank = int(group.tensors["lora_down.weight"].shape[0])
     r = _pattern_value(cfg.get("rank_pattern"), group.prefix) or cfg.get("r") or rank
     alpha = _pattern_value(cfg.get("alpha_pattern"), group.prefix) or cfg.get("lora_alpha") or r

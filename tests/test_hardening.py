@@ -140,3 +140,83 @@ def test_twenty_thousand_trivial_modules_inspect_in_time(tmp_path, capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["keys"] == 60_000 and len(info["unmatched"]) == 60_000
     assert took < 60, took
+
+
+# ---------------------------------------------------------------------------------------------
+# item 4 / 5: PEFT configs and kohya alphas
+
+PROJ_IN = "down_blocks.0.attentions.0.proj_in"
+
+
+def _peft_lora(path, cfg=None, a_shape=(4, 320)):
+    sd = {f"unet.{PROJ_IN}.lora_A.weight": torch.ones(a_shape) * 0.01,
+          f"unet.{PROJ_IN}.lora_B.weight": torch.ones(320, 4) * 0.01}
+    meta = None if cfg is None else {"lora_adapter_metadata": cfg if isinstance(cfg, str) else json.dumps(cfg)}
+    save_file(sd, str(path), metadata=meta)
+
+
+PEFT_CASES = {
+    "alpha_abc": ({"unet.r": 4, "unet.lora_alpha": "abc"}, ["unet.lora_alpha is 'abc', not a number"]),
+    "alpha_list": ({"unet.r": 4, "unet.lora_alpha": [1]}, ["unet.lora_alpha is a JSON array"]),
+    "r_string_0": ({"unet.r": "0", "unet.lora_alpha": 4}, ["unet.r is '0'"]),
+    "r_0": ({"r": 0, "lora_alpha": 4}, ["r is 0, not a whole number"]),
+    "rank_pattern_list": ({"r": 4, "lora_alpha": 4, "rank_pattern": [1, 2]}, ["rank_pattern is a JSON array"]),
+    "alpha_pattern_text": ({"r": 4, "alpha_pattern": {"proj_in": "x"}}, ["alpha_pattern['proj_in'] is 'x'"]),
+    "alpha_nan": ('{"r": 4, "lora_alpha": NaN}', ["lora_alpha is nan, not a finite number"]),
+    "alpha_1e308": ({"r": 4, "lora_alpha": 1e308}, ["lora_alpha is 1e+308, beyond the limit"]),
+    "deep": ("[" * 100_000 + "]" * 100_000, ["nested too deeply"]),
+    "nested_component": ({"unet": {"r": 4, "lora_alpha": {"x": 1}}}, ["unet: lora_alpha is a JSON object"]),
+    "rslora_text": ({"r": 4, "lora_alpha": 4, "use_rslora": "yes"}, ["use_rslora is 'yes'"]),
+    "not_json": ("{r: 4", ["not valid JSON"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PEFT_CASES))
+def test_peft_metadata_config_errors(tmp_path, capsys, case):
+    cfg, frags = PEFT_CASES[case]
+    lora = tmp_path / "peft.safetensors"
+    _peft_lora(lora, cfg)
+    run_cli(["inspect", lora], capsys, folder=tmp_path, expect=[f"{lora}: metadata lora_adapter_metadata: "] + frags)
+
+
+@pytest.mark.parametrize("text,frag", [
+    ("[1, 2]", "the config is a JSON array, not an object"),
+    ('{"r": 4, "lora_alpha": "abc"}', "lora_alpha is 'abc'"),
+    ('{"r": ' + "[" * 100_000 + "]" * 100_000 + "}", "nested too deeply"),
+    ("\udcff{", "not UTF-8 text"),
+])
+def test_peft_adapter_config_json_errors(tmp_path, capsys, text, frag):
+    lora = tmp_path / "adapter_model.safetensors"
+    _peft_lora(lora)
+    side = tmp_path / "adapter_config.json"
+    side.write_bytes(text.encode("utf-8", "surrogateescape"))
+    run_cli(["inspect", lora], capsys, folder=tmp_path, expect=[f"{side}: ", frag])
+
+
+def test_peft_zero_dim_lora_a_is_reported_not_a_traceback(tmp_path, capsys):
+    lora = tmp_path / "peft.safetensors"
+    _peft_lora(lora, {"r": 4, "lora_alpha": 4}, a_shape=())
+    capsys.readouterr()
+    assert main(["inspect", "--json", str(lora)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["modules"] == 0 and len(info["unmatched"]) == 2
+
+
+@pytest.mark.parametrize("alpha,frag", [
+    (torch.ones(2), "holds 2 values"),
+    (torch.tensor([0, 0, 64, 64], dtype=torch.uint8), "holds 4 values"),  # a float's bytes
+    (torch.tensor(True), "has dtype bool"),
+    (torch.tensor(1e38), "beyond the limit"),
+    (torch.tensor(2 ** 62), "beyond the limit"),
+])
+def test_kohya_alpha_errors(tmp_path, capsys, alpha, frag):
+    from test_merge import SD1_MODULES, _weights, write_single_file
+
+    lora = tmp_path / "k.safetensors"
+    prefix = "lora_unet_down_blocks_0_attentions_0_proj_in"
+    save_file({f"{prefix}.lora_down.weight": torch.ones(4, 320), f"{prefix}.lora_up.weight": torch.ones(320, 4),
+               f"{prefix}.alpha": alpha}, str(lora))
+    base = tmp_path / "base.safetensors"
+    write_single_file(base, "sd1", _weights("sd1", SD1_MODULES[:3], torch.float32))
+    for argv in (["inspect", lora], ["merge", "--base", base, "--lora", lora, "--out", tmp_path / "o.safetensors"]):
+        run_cli(argv, capsys, folder=tmp_path, expect=[f"{lora}: tensor '{prefix}.alpha' (alpha)", frag])
