@@ -68,10 +68,14 @@ class Orthogonal(BaseAdapter):
         return len(target_shape) >= 2 and target_shape[0] == self._out
 
 
-def _blocks_within_parts(blocks: torch.Tensor, shape: tuple, parts: int) -> bool:
+def _blocks_within_parts(blocks: torch.Tensor, shape: tuple, parts) -> bool:
     """A block-diagonal rotation of the rows keeps each part's rows to itself when every
-    block lies inside one part (the part size is a multiple of the block size)."""
-    return parts > 0 and shape[0] % parts == 0 and (shape[0] // parts) % int(blocks.shape[1]) == 0
+    block lies inside one part (each part boundary is a multiple of the block size)."""
+    from ..adapter import part_bounds
+
+    bounds = part_bounds(shape, parts)
+    size = int(blocks.shape[1])
+    return bounds is not None and shape[0] % size == 0 and all(b % size == 0 for b in bounds)
 
 
 class OFTAdapter(Orthogonal):

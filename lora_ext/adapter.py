@@ -88,9 +88,11 @@ class Adapter:
         """fp32 change of the module's bias at strength 1, or None if the type leaves it alone."""
         return None
 
-    def rows_independent(self, shape: tuple, parts: int) -> bool:
-        """Whether, on a weight of ``shape`` stacked from ``parts`` equal row slices (OpenCLIP's
-        in_proj holds q, k and v), each slice's delta depends on that slice of the weight alone.
+    def rows_independent(self, shape: tuple, parts) -> bool:
+        """Whether, on a weight of ``shape`` stacked from ``parts`` row slices (a count of equal
+        slices, OpenCLIP's in_proj holding q, k and v; or the slices' row counts, Flux's linear1
+        holding q|k|v|mlp: see :func:`part_bounds`), each slice's delta depends on that slice
+        of the weight alone.
 
         Then an adapter trained on the fused weight applies exactly to separate q/k/v modules.
         True for every type whose delta ignores the weight; a weight-dependent type says when
@@ -116,6 +118,25 @@ class Adapter:
 
     def describe(self) -> dict:
         return {"type": self.type_name, "rank": self.rank, "alpha": self.alpha}
+
+
+def part_bounds(shape: tuple, parts) -> Optional[list]:
+    """Row offsets where the slices after the first start, for ``parts`` (a count of equal
+    slices or a tuple of row counts) of a weight of ``shape``; None when they do not tile its rows."""
+    rows = int(shape[0])
+    if isinstance(parts, int):
+        if parts <= 0 or rows % parts:
+            return None
+        counts = (rows // parts,) * parts
+    else:
+        counts = tuple(int(c) for c in parts)
+        if not counts or any(c <= 0 for c in counts) or sum(counts) != rows:
+            return None
+    out, at = [], 0
+    for c in counts[:-1]:
+        at += c
+        out.append(at)
+    return out
 
 
 def f32(t: Tensor) -> Tensor:

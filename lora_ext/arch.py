@@ -221,6 +221,9 @@ class ModuleInfo:
     ldm_bias: str | None
     ldm_rows: tuple[int, int] | None = None
     ldm_transposed: bool = False
+    # DiT families: the original layout stores this modulation's two row halves in the other
+    # order (diffusers ``norm_out.linear`` vs BFL/SAI ``final_layer.adaLN_modulation.1``)
+    ldm_swap: bool = False
 
 
 KINDS = ("linear", "conv", "norm", "embedding")

@@ -83,28 +83,33 @@ def target_bias_delta(adapter, b32: Optional[Tensor], w32: Tensor, stacked_shape
     return db.reshape(b32.shape).to(device=b32.device, dtype=torch.float32)
 
 
-def splits_into_parts(adapter, stacked_shape: tuple, parts: int) -> bool:
-    """Whether an adapter for a weight stacked from ``parts`` equal row slices applies to
-    each part on its own (``Adapter.rows_independent``, and the rows divide evenly)."""
-    return parts > 0 and stacked_shape[0] % parts == 0 and adapter.rows_independent(tuple(stacked_shape), parts)
+def splits_into_parts(adapter, stacked_shape: tuple, parts) -> bool:
+    """Whether an adapter for a weight stacked from ``parts`` row slices (a count of equal
+    slices, or their row counts) applies to each slice on its own (``Adapter.rows_independent``,
+    and the slices tile the rows)."""
+    from .adapter import part_bounds
+
+    return part_bounds(tuple(stacked_shape), parts) is not None and adapter.rows_independent(tuple(stacked_shape), parts)
 
 
 def _stacked(part: Tensor, stacked_shape: tuple, rows: tuple) -> Tensor:
-    """A stand-in for the fused weight around one part: the part repeated in every slot.
+    """A stand-in for the fused weight around one part: the part's rows repeated cyclically
+    into every other row.
 
     Used only for adapters whose delta rows depend on the same rows of the weight alone
-    (``Adapter.rows_independent``), so what fills the other slots cannot matter; the part's
+    (``Adapter.rows_independent``), so what fills the other rows cannot matter; the part's
     own values keep the stand-in finite and realistic (a zero row would make a DoRA norm 0).
     """
     n = rows[1] - rows[0]
-    parts = stacked_shape[0] // n
     p = part.reshape(n, *stacked_shape[1:]) if len(stacked_shape) > 1 else part.reshape(n)
-    return p.repeat(parts, *([1] * (p.dim() - 1)))
+    index = (torch.arange(int(stacked_shape[0]), device=p.device) - rows[0]) % n
+    return p.index_select(0, index)
 
 
 def _check_parts(adapter, stacked_shape: tuple, rows: tuple) -> None:
     n = rows[1] - rows[0]
-    if n <= 0 or rows[0] % n or not splits_into_parts(adapter, stacked_shape, stacked_shape[0] // n):
+    parts = tuple(c for c in (rows[0], n, int(stacked_shape[0]) - rows[1]) if c)
+    if n <= 0 or not splits_into_parts(adapter, stacked_shape, parts):
         raise AdapterError(f"a {adapter.type_name} adapter spanning fused q/k/v mixes the parts' rows; "
                            "it cannot be applied to separate q/k/v modules")
 
@@ -130,3 +135,50 @@ def _part_bias_delta(adapter, stacked_shape: tuple, rows: tuple, b32: Optional[T
         full_b = torch.zeros(n, dtype=torch.float32, device=w32.device)
     db = adapter.bias_delta(full_b, full_w)
     return None if db is None else db.reshape(-1)[rows[0]:rows[1]]
+
+
+# --- a modulation stored with its halves the other way round ----------------------------------
+def swap_halves(t: Optional[Tensor]) -> Optional[Tensor]:
+    """``t`` with its two halves along dim 0 exchanged (shift|scale <-> scale|shift)."""
+    if t is None:
+        return None
+    n = t.shape[0]
+    if n % 2:
+        raise AdapterError(f"cannot swap the halves of {n} rows")
+    return torch.cat([t[n // 2:], t[: n // 2]], 0)
+
+
+class SwappedHalves:
+    """An adapter trained on a modulation whose two row halves the target stores the other way
+    round (diffusers ``norm_out.linear`` = scale|shift, BFL/SAI ``final_layer.adaLN_modulation.1``
+    = shift|scale, see ``ModuleInfo.ldm_swap``). Its delta is the inner one's in the target's
+    row order: the weight goes in swapped and the delta comes out swapped back, which is exact
+    for every type (swapping rows commutes with row-wise and low-rank maths alike)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __getattr__(self, name):  # type_name, rank, alpha, describe(), weight_dependent ...
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def fits(self, shape) -> bool:
+        return self.inner.fits(shape)
+
+    def delta(self, weight: Tensor) -> Tensor:
+        return swap_halves(self.inner.delta(swap_halves(weight)))
+
+    def bias_delta(self, bias, weight):
+        return swap_halves(self.inner.bias_delta(swap_halves(bias), swap_halves(weight)))
+
+    def lowrank(self):
+        fn = getattr(self.inner, "lowrank", None)
+        lr = fn() if fn is not None else None
+        if lr is None:
+            return None
+        up, down, scale = lr
+        return swap_halves(up), down, scale
+
+    def rows_independent(self, shape, parts) -> bool:
+        return False

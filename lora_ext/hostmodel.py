@@ -88,6 +88,30 @@ class RowSlice:
         b = getattr(self.owner, self._b, None)
         return None if b is None else b[self.rows[0]:self.rows[1]]
 
+    @property
+    def in_features(self) -> int:
+        return int(self.weight.shape[1])
+
+    def register_forward_hook(self, hook):
+        """On-the-fly application for rows of a fused ``nn.Linear`` (a DiT's q|k|v|mlp): the
+        hook sees this slice's rows of the output and what it returns goes back there."""
+        if not isinstance(self.owner, torch.nn.Linear):
+            raise LoraExtError(f"{self!r} has no forward of its own")
+        r0, r1 = self.rows
+
+        def sliced(module, args, output):
+            part = output[..., r0:r1]
+            new = hook(self, args, part)
+            if new is None or new is part:
+                return None
+            if new.data_ptr() == part.data_ptr():
+                return None  # added in place into the owner's output
+            out = output.clone() if output.requires_grad else output
+            out[..., r0:r1] = new
+            return out
+
+        return self.owner.register_forward_hook(sliced)
+
     def __repr__(self):
         return f"RowSlice({type(self.owner).__name__}, rows={self.rows})"
 
@@ -229,12 +253,19 @@ class BoundModel:
 
     @property
     def label(self) -> str:
-        return self.host.label or FAMILY_LABELS.get(self.family, self.family)
+        if self.host.label:
+            return self.host.label
+        if self.family in FAMILY_LABELS:
+            return FAMILY_LABELS[self.family]
+        from .dit import family_label
+
+        return family_label(self.family)
 
     def keymap_for(self, components: Iterable[str]) -> KeyMap:
         """A KeyMap over ``components`` only (the others' keys report "no such module")."""
         comps = [c for c in components if c in self.views]
-        return KeyMap({c: self.views[c].table for c in comps}, label=self.label)
+        return KeyMap({c: self.views[c].table for c in comps}, label=self.label,
+                      naming={c: self.host.naming_of(c) for c in comps})
 
 
 # --------------------------------------------------------------------------------------------
@@ -321,8 +352,12 @@ def _view_from_table(component: str, root, table, naming: str) -> tuple:
             mod = None
         elif info.ldm_rows is not None:
             owner = _get(root, info.ldm_path)
-            mod = RowSlice(owner, info.ldm_rows) if isinstance(getattr(owner, "in_proj_weight", None),
-                                                               torch.Tensor) else None
+            if isinstance(getattr(owner, "in_proj_weight", None), torch.Tensor):
+                mod = RowSlice(owner, info.ldm_rows)  # OpenCLIP's MultiheadAttention
+            elif isinstance(getattr(owner, "weight", None), torch.Tensor) and owner.weight.dim() == 2:
+                mod = RowSlice(owner, info.ldm_rows, "weight", "bias")  # a DiT's fused Linear
+            else:
+                mod = None
         elif info.ldm_transposed:
             mod = None  # OpenCLIP's text_projection is used as x @ P: not a Linear weight
         elif info.ldm_weight is not None and not info.ldm_weight.endswith(".weight"):
@@ -365,7 +400,11 @@ def bind(host: HostModel, *, min_coverage: float = 0.9) -> BoundModel:
             raise LoraExtError(f"unknown model component {comp!r} (use unet, te1, te2)")
         naming = host.naming_of(comp)
         chosen = None
-        for fam, table in _candidate_tables(host.family, comp):
+        tables = _candidate_tables(host.family, comp)
+        dit_table = _dit_table(root) if comp == "unet" else None
+        if dit_table is not None:
+            tables = iter([dit_table])
+        for fam, table in tables:
             modules, found, missing, wrong, widened = _view_from_table(comp, root, table, naming)
             if wrong == 0 and modules and len(modules) >= min_coverage * len(table):
                 chosen = (fam, modules, found, missing, widened)
@@ -378,8 +417,8 @@ def bind(host: HostModel, *, min_coverage: float = 0.9) -> BoundModel:
             chosen = ("custom", modules, found, missing, widened)
         if chosen is None:
             raise LoraExtError(
-                f"{host.label or 'the model'}: its {comp} is not SD1.x, SD2.x or SDXL (no module table "
-                f"matches its {naming} module names and weight shapes)")
+                f"{host.label or 'the model'}: its {comp} is not SD1.x, SD2.x, SDXL, Flux.1, Chroma, SD3 or "
+                f"Qwen-Image (no module table matches its {naming} module names and weight shapes)")
         fam, modules, found, missing, widened = chosen
         views[comp] = ModuleView(comp, modules, found, root=root, widened=widened)
         skipped[comp] = missing
@@ -388,9 +427,33 @@ def bind(host: HostModel, *, min_coverage: float = 0.9) -> BoundModel:
         raise LoraExtError("the host model has no components")
     named = [f for f in families if f != "custom"]
     family = named[0] if named else "custom"
-    label = host.label or FAMILY_LABELS.get(family, family)
-    keymap = KeyMap({c: v.table for c, v in views.items()}, label=label)
+    label = host.label or FAMILY_LABELS.get(family) or _dit_label(family)
+    keymap = KeyMap({c: v.table for c, v in views.items()}, label=label,
+                    naming={c: host.naming_of(c) for c in views})
     return BoundModel(host, family, views, keymap, skipped)
+
+
+def _dit_label(family: str) -> str:
+    from .dit import family_label
+
+    return family_label(family)
+
+
+def _dit_table(root):
+    """(family, table) when ``root`` is a DiT denoiser (Flux.1, Chroma, SD3, Qwen-Image) in
+    either layout, else None."""
+    from . import dit
+
+    try:
+        shapes = {name: tuple(t.shape) for name, t in root.state_dict(keep_vars=True).items()
+                  if isinstance(t, torch.Tensor)}
+    except Exception:  # noqa: BLE001 - not a module we can read: not a DiT
+        return None
+    found = dit.table_for_shapes(shapes)
+    if found is None:
+        return None
+    name, _, table = found
+    return name, table
 
 
 def weights_digest(host: HostModel) -> dict:
@@ -423,8 +486,9 @@ def _rows(binding, index: int):
     if len(binding.targets) == 1:
         return None, None
     shape = tuple(binding.candidate.weight_shape)
-    n = shape[0] // len(binding.targets)
-    return shape, (index * n, (index + 1) * n)
+    counts = binding.candidate.row_counts
+    start = sum(counts[:index])
+    return shape, (start, start + counts[index])
 
 
 def _contribution_delta(binding, index: int, w32: torch.Tensor) -> torch.Tensor:

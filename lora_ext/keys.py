@@ -41,6 +41,9 @@ _REWRITES = (
 )
 # diffusers attention-processor LoRA: "attn1.processor.to_q_lora.down.weight"
 _PROCESSOR = re.compile(r"\.processor\.(to_q|to_k|to_v|to_out)_lora\.(up|down)\.weight$")
+# XLabs Flux processors: "double_blocks.0.processor.qkv_lora1.down.weight" (the module part
+# stays: KeyMap knows "processor.qkv_lora1" as an alias of the fused img qkv)
+_XLABS = re.compile(r"(\.processor\.(?:qkv|proj)_lora\d?)\.(up|down)\.weight$")
 
 
 def normalise_key(key: str) -> str:
@@ -49,6 +52,9 @@ def normalise_key(key: str) -> str:
     if m:
         module = m.group(1) + (".0" if m.group(1) == "to_out" else "")
         return key[: m.start()] + f".{module}.lora_{m.group(2)}.weight"
+    m = _XLABS.search(key)
+    if m:
+        return key[: m.start()] + f"{m.group(1)}.lora_{m.group(2)}.weight"
     for pattern, repl in _REWRITES:
         new = pattern.sub(repl, key)
         if new != key:
@@ -105,8 +111,21 @@ class Candidate:
     OpenCLIP's fused ``attn.in_proj`` is q, k and v stacked; a LoRA on it spans three modules.
     """
 
-    targets: tuple  # tuple[Target, ...]; rows split evenly in this order when len > 1
+    targets: tuple  # tuple[Target, ...]; stacked by rows in this order when len > 1
     weight_shape: tuple  # the (stacked) weight shape the adapter must produce
+    # rows of each target when len(targets) > 1 (Flux's linear1 is q|k|v|mlp, uneven); empty
+    # means equal parts
+    parts: tuple = ()
+    # the adapter's delta has its two row halves in the other order than the module's weight:
+    # a diffusers-named LoRA on an original-layout modulation (or the reverse), see ModuleInfo.ldm_swap
+    swap: bool = False
+
+    @property
+    def row_counts(self) -> tuple:
+        if self.parts:
+            return tuple(self.parts)
+        n = len(self.targets)
+        return (int(self.weight_shape[0]) // n,) * n
 
     @property
     def component(self) -> str:
@@ -114,13 +133,21 @@ class Candidate:
 
 
 # kohya prefixes per component; "lora_te_" is SD1/SD2's only TE and SDXL's first.
-# kohya's networks.oft writes "oft_unet_" / "oft_te_" instead of "lora_".
-KOHYA_PREFIX = {"unet": ("lora_unet_", "oft_unet_"), "te1": ("lora_te_", "lora_te1_", "oft_te_", "oft_te1_"),
+# kohya's networks.oft writes "oft_unet_" / "oft_te_" instead of "lora_". OneTrainer's
+# legacy DiT files name the denoiser "lora_transformer_" (diffusers paths, flattened).
+KOHYA_PREFIX = {"unet": ("lora_unet_", "oft_unet_", "lora_transformer_"),
+                "te1": ("lora_te_", "lora_te1_", "oft_te_", "oft_te1_"),
                 "te2": ("lora_te2_", "oft_te2_")}
-DIFFUSERS_PREFIX = {"unet": ("unet.",), "te1": ("text_encoder.", "te."), "te2": ("text_encoder_2.",)}
+# diffusers pipelines call the denoiser "unet" (SD) or "transformer" (DiT families)
+DIFFUSERS_PREFIX = {"unet": ("unet.", "transformer."), "te1": ("text_encoder.", "te."), "te2": ("text_encoder_2.",)}
 # Prefixes that don't say the component: resolve by shape among all components.
 NEUTRAL_FLAT = ("lycoris_", "lora_")
 NEUTRAL_DOTTED = ("base_model.model.", "")
+# Original-layout (ldm / BFL / SAI) names of the denoiser, as single files and their LoRAs
+# write them: ComfyUI's "diffusion_model.", checkpoints' "model.diffusion_model.", OMI and
+# diffusion-pipe's "transformer.", SimpleTuner's "transformer.base_model.model."
+LDM_DOTTED = ("diffusion_model.", "model.diffusion_model.", "transformer.", "transformer.base_model.model.")
+LDM_FLAT = ("diffusion_model_", "lora_unet_diffusion_model_")
 
 
 def _flat(path: str) -> str:
@@ -131,19 +158,39 @@ class KeyMap:
     """Every spelling of every module of one model layout -> candidate targets.
 
     ``layout``: component -> {canonical path: ModuleInfo-like} (needs ``path``, ``block``,
-    ``weight_shape``, ``ldm_path``, ``ldm_weight``, ``ldm_rows``, ``kind``).
+    ``weight_shape``, ``ldm_path``, ``ldm_weight``, ``ldm_rows``, ``kind``; ``ldm_swap``
+    optional). ``naming``: how the model being patched names its modules, ``"diffusers"``
+    (default) or ``"ldm"``, for all components or ``{component: naming}``; it only matters
+    for modules whose two layouts order their rows differently (``ldm_swap``): a LoRA spelled
+    in the other layout gets its delta's halves swapped.
     """
 
-    def __init__(self, layout: Mapping[str, Mapping[str, object]], label: str = "this model"):
+    def __init__(self, layout: Mapping[str, Mapping[str, object]], label: str = "this model",
+                 naming="diffusers"):
         self.layout = layout
         self.label = label
+        self.naming = naming
         self._aliases: dict[str, list[Candidate]] = {}
         for component, table in layout.items():
+            ldm_model = self._naming_of(component) == "ldm"
             for info in table.values():
-                single = Candidate((Target(component, info.path, info.block),), tuple(info.weight_shape))
-                for alias in self._spellings(component, info):
-                    self._add(alias, single)
+                swapped = bool(getattr(info, "ldm_swap", False))
+                for body, is_ldm in self._bodies(component, info):
+                    cand = Candidate((Target(component, info.path, info.block),), tuple(info.weight_shape),
+                                     swap=swapped and is_ldm != ldm_model)
+                    for alias in self._body_spellings(component, body, is_ldm):
+                        self._add(alias, cand)
+                if info.ldm_weight and info.ldm_rows is None:
+                    full = info.ldm_weight.rsplit(".", 1)[0]
+                    cand = Candidate((Target(component, info.path, info.block),), tuple(info.weight_shape),
+                                     swap=swapped and not ldm_model)
+                    self._add(full, cand)
+                    self._add(_flat(full), cand)
             self._add_fused(component, table)
+
+    def _naming_of(self, component: str) -> str:
+        n = self.naming
+        return n.get(component, "diffusers") if isinstance(n, Mapping) else (n or "diffusers")
 
     # --- building ------------------------------------------------------------------------
     def _add(self, alias: str, cand: Candidate) -> None:
@@ -161,49 +208,67 @@ class KeyMap:
             bodies.append((info.ldm_path, True))
         return bodies
 
-    def _spellings(self, component: str, info) -> Iterable[str]:
-        for body, is_ldm in self._bodies(component, info):
-            flat = _flat(body)
+    @staticmethod
+    def _body_spellings(component: str, body: str, is_ldm: bool) -> Iterable[str]:
+        flat = _flat(body)
+        for p in KOHYA_PREFIX[component]:
+            yield p + flat
+        for p in NEUTRAL_FLAT:
+            yield p + flat
+        if component == "unet" and is_ldm:
+            for p in LDM_FLAT:
+                yield p + flat
+            for p in LDM_DOTTED:
+                yield p + body
+        for p in DIFFUSERS_PREFIX[component]:
+            yield p + body
+        for p in NEUTRAL_DOTTED:
+            yield p + body
+        if is_ldm and component != "unet":
+            # OpenCLIP module names as they appear under the component root ("model.")
             for p in KOHYA_PREFIX[component]:
-                yield p + flat
-            for p in NEUTRAL_FLAT:
-                yield p + flat
-            if component == "unet" and is_ldm:
-                yield "diffusion_model_" + flat
-                yield "lora_unet_diffusion_model_" + flat
-                yield "diffusion_model." + body
-                yield "model.diffusion_model." + body
-            for p in DIFFUSERS_PREFIX[component]:
-                yield p + body
-            for p in NEUTRAL_DOTTED:
-                yield p + body
-            if is_ldm and component != "unet":
-                # OpenCLIP module names as they appear under the component root ("model.")
-                for p in KOHYA_PREFIX[component]:
-                    yield p + "model_" + flat
-        if info.ldm_weight and info.ldm_rows is None:
-            full = info.ldm_weight.rsplit(".", 1)[0]
-            yield full
-            yield _flat(full)
+                yield p + "model_" + flat
 
     def _add_fused(self, component: str, table) -> None:
-        """OpenCLIP ``attn.in_proj``: one alias for q/k/v stacked by rows."""
+        """Modules stored as rows of one fused weight: OpenCLIP's ``attn.in_proj`` (q/k/v) and
+        the DiT originals (Flux ``img_attn.qkv``, ``linear1`` = q|k|v|mlp, SD3 ``attn.qkv``)."""
         fused: dict[str, list] = {}
         for info in table.values():
             if info.ldm_rows is not None and info.ldm_weight:
                 fused.setdefault(info.ldm_weight, []).append(info)
         for key, parts in fused.items():
             parts.sort(key=lambda i: i.ldm_rows[0])
-            rows = sum(i.ldm_rows[1] - i.ldm_rows[0] for i in parts)
-            shape = (rows,) + tuple(parts[0].weight_shape[1:])
-            cand = Candidate(tuple(Target(component, i.path, i.block) for i in parts), shape)
-            full = key[: -len("_weight")] if key.endswith("_weight") else key.rsplit(".", 1)[0]
-            ldm_body = parts[0].ldm_path + ".in_proj"  # ldm_path is the MultiheadAttention
-            aliases = [full, _flat(full), ldm_body, "model." + ldm_body]
-            aliases += [p + _flat(ldm_body) for p in KOHYA_PREFIX[component] + NEUTRAL_FLAT]
-            aliases += [p + "model_" + _flat(ldm_body) for p in KOHYA_PREFIX[component]]
+            counts = tuple(i.ldm_rows[1] - i.ldm_rows[0] for i in parts)
+            shape = (sum(counts),) + tuple(parts[0].weight_shape[1:])
+            cand = Candidate(tuple(Target(component, i.path, i.block) for i in parts), shape,
+                             parts=counts if len(set(counts)) > 1 else ())
+            if key.endswith(parts[0].ldm_path + ".weight"):  # a Linear holding the parts (DiT)
+                body = parts[0].ldm_path
+                aliases = [key[: -len(".weight")], _flat(key[: -len(".weight")])]
+                aliases += list(self._body_spellings(component, body, True))
+                for k, info in enumerate(parts):  # OneTrainer OMI: ".qkv.0" / ".linear1.3" per part
+                    single = Candidate((Target(component, info.path, info.block),), tuple(info.weight_shape))
+                    for alias in self._body_spellings(component, f"{body}.{k}", True):
+                        self._add(alias, single)
+            else:  # OpenCLIP: ldm_path is the MultiheadAttention, the weight its in_proj_weight
+                full = key[: -len("_weight")] if key.endswith("_weight") else key.rsplit(".", 1)[0]
+                ldm_body = parts[0].ldm_path + ".in_proj"
+                aliases = [full, _flat(full), ldm_body, "model." + ldm_body]
+                aliases += [p + _flat(ldm_body) for p in KOHYA_PREFIX[component] + NEUTRAL_FLAT]
+                aliases += [p + "model_" + _flat(ldm_body) for p in KOHYA_PREFIX[component]]
             for alias in aliases:
                 self._add(alias, cand)
+        if component == "unet":
+            from .dit.aliases import extra_aliases
+
+            for alias, paths in extra_aliases(table):
+                infos = [table[p] for p in paths]
+                counts = tuple(int(i.weight_shape[0]) for i in infos)
+                shape = (sum(counts),) + tuple(infos[0].weight_shape[1:])
+                cand = Candidate(tuple(Target(component, i.path, i.block) for i in infos), shape,
+                                 parts=counts if len(set(counts)) > 1 else ())
+                for p in ("",) + LDM_DOTTED:
+                    self._add(p + alias, cand)
 
     # --- lookup --------------------------------------------------------------------------
     def candidates(self, prefix: str) -> list[Candidate]:

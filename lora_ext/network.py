@@ -93,7 +93,9 @@ class Lora:
 def bind_group(group: Group, keymap: KeyMap) -> tuple[Optional[Binding], str]:
     if group.adapter is not None:
         cand, reason = keymap.choose(group.prefix, group.adapter.fits)
-        return (Binding(group, group.adapter, cand), "") if cand else (None, reason)
+        if cand is None:
+            return None, reason
+        return Binding(group, _oriented(group.adapter, cand), cand), ""
     if group.problem:
         return None, group.problem
     # No registered type claimed the names: ask the structural auto-detector, per candidate
@@ -109,8 +111,17 @@ def bind_group(group: Group, keymap: KeyMap) -> tuple[Optional[Binding], str]:
             adapter = None
         if adapter is not None and adapter.fits(tuple(cand.weight_shape)):
             adapter.type_name = f"{adapter.type_name} (auto-detected)"  # shown by inspect
-            return Binding(group, adapter, cand), ""
+            return Binding(group, _oriented(adapter, cand), cand), ""
     return None, f"unknown adapter type: no registered type or structural rule explains tensors {', '.join(sorted(group.names))}"
+
+
+def _oriented(adapter: Adapter, cand: Candidate):
+    """The adapter as the candidate's module sees it (halves swapped where the layouts differ)."""
+    if getattr(cand, "swap", False):
+        from .deltas import SwappedHalves
+
+        return SwappedHalves(adapter)
+    return adapter
 
 
 def build_adapter(group: Group, types, metadata=None) -> None:

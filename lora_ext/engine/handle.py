@@ -287,7 +287,7 @@ class Handle(Transactions):
         entry.report.unmatched = list(res.unmatched)
         for b in res.bindings:
             targets = b.targets
-            if len(targets) > 1 and not splits_into_parts(b.adapter, tuple(b.candidate.weight_shape), len(targets)):
+            if len(targets) > 1 and not splits_into_parts(b.adapter, tuple(b.candidate.weight_shape), b.candidate.row_counts):
                 entry.report.unmatched.extend(
                     Unmatched(k, f"a {b.adapter.type_name} adapter spanning fused q/k/v mixes the rows of q, k "
                                  "and v; it cannot be applied to separate q/k/v modules")

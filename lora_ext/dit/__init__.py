@@ -1,0 +1,150 @@
+"""DiT families (Flux.1, Chroma, SD3/SD3.5, Qwen-Image): module tables and their sizes.
+
+``families`` holds the tables as data. This module finds, from the parameter shapes of a
+model or a checkpoint in either layout, which family it is and its dimensions
+(:func:`dims_from_shapes`), and names the full-size variant when the dimensions are one
+(:func:`variant_of`). Nothing here needs diffusers: a host's model or a file's header is
+enough.
+"""
+from __future__ import annotations
+
+import re
+from typing import Mapping, Optional
+
+from .families import FAMILIES, VARIANTS, table, variant_table
+
+__all__ = ["FAMILIES", "VARIANTS", "table", "variant_table", "dims_from_shapes", "variant_of",
+           "family_label", "table_for_shapes", "DIT_FAMILIES"]
+
+DIT_FAMILIES = tuple(FAMILIES)
+
+
+def family_label(name: str) -> str:
+    if name in VARIANTS:
+        return VARIANTS[name][1]
+    fam = FAMILIES.get(name)
+    return fam.label if fam else name
+
+
+def _count(shapes, pattern: str) -> int:
+    rx = re.compile(pattern)
+    idx = {int(m.group(1)) for k in shapes for m in [rx.match(k)] if m}
+    return max(idx) + 1 if idx else 0
+
+
+def _indices(shapes, pattern: str) -> set:
+    rx = re.compile(pattern)
+    return {int(m.group(1)) for k in shapes for m in [rx.match(k)] if m}
+
+
+def _dim(shapes, key: str, axis: int, default=None):
+    s = shapes.get(key)
+    return int(s[axis]) if s is not None and len(s) > axis else default
+
+
+def dims_from_shapes(shapes: Mapping[str, tuple]) -> Optional[tuple]:
+    """``(family, dims, naming)`` of a DiT denoiser from ``{parameter name: shape}`` (names
+    relative to the denoiser's root, either layout), or None when it is none of the families."""
+    s = {k: tuple(v) for k, v in shapes.items()}
+    if "double_blocks.0.img_attn.qkv.weight" in s or "single_blocks.0.linear1.weight" in s:
+        return _flux_original(s)
+    if "joint_blocks.0.x_block.attn.qkv.weight" in s:
+        return _sd3_original(s)
+    if "transformer_blocks.0.img_mod.1.weight" in s:
+        return _qwen(s)
+    if "single_transformer_blocks.0.proj_mlp.weight" in s or (
+            "transformer_blocks.0.attn.to_q.weight" in s and "transformer_blocks.0.ff_context.net.0.proj.weight" in s
+            and "pos_embed.proj.weight" not in s):
+        return _flux_diffusers(s)
+    if "transformer_blocks.0.attn.to_q.weight" in s and "pos_embed.proj.weight" in s:
+        return _sd3_diffusers(s)
+    return None
+
+
+def _flux_original(s):
+    b = "double_blocks.0."
+    h = _dim(s, b + "img_attn.proj.weight", 1) or _dim(s, "single_blocks.0.linear1.weight", 1)
+    m = _dim(s, b + "img_mlp.0.weight", 0, 4 * h)
+    dims = dict(h=h, m=m, d=_dim(s, b + "img_attn.norm.query_norm.scale", 0, 128),
+                c_in=_dim(s, "img_in.weight", 1, 64), c_out=_dim(s, "final_layer.linear.weight", 0, 64),
+                ctx=_dim(s, "txt_in.weight", 1, 4096), vec=_dim(s, "vector_in.in_layer.weight", 1, 768),
+                double=_count(s, r"double_blocks\.(\d+)\."), single=_count(s, r"single_blocks\.(\d+)\."),
+                mod=int(b + "img_mod.lin.weight" in s or "single_blocks.0.modulation.lin.weight" in s),
+                guidance=int("guidance_in.in_layer.weight" in s), chroma=0)
+    if "distilled_guidance_layer.in_proj.weight" in s:
+        dims.update(chroma=1, mod=0, a=_dim(s, "distilled_guidance_layer.in_proj.weight", 0),
+                    a_in=_dim(s, "distilled_guidance_layer.in_proj.weight", 1),
+                    approx=_count(s, r"distilled_guidance_layer\.layers\.(\d+)\."))
+        return "chroma", dims, "ldm"
+    return "flux", dims, "ldm"
+
+
+def _flux_diffusers(s):
+    b = "transformer_blocks.0."
+    h = _dim(s, b + "attn.to_q.weight", 1) or _dim(s, "single_transformer_blocks.0.attn.to_q.weight", 1)
+    dims = dict(h=h, m=_dim(s, b + "ff.net.0.proj.weight", 0, 4 * h), d=_dim(s, b + "attn.norm_q.weight", 0, 128),
+                c_in=_dim(s, "x_embedder.weight", 1, 64), c_out=_dim(s, "proj_out.weight", 0, 64),
+                ctx=_dim(s, "context_embedder.weight", 1, 4096),
+                vec=_dim(s, "time_text_embed.text_embedder.linear_1.weight", 1, 768),
+                double=_count(s, r"transformer_blocks\.(\d+)\."),
+                single=_count(s, r"single_transformer_blocks\.(\d+)\."),
+                mod=int(b + "norm1.linear.weight" in s or "single_transformer_blocks.0.norm.linear.weight" in s),
+                guidance=int("time_text_embed.guidance_embedder.linear_1.weight" in s), chroma=0)
+    if "distilled_guidance_layer.in_proj.weight" in s:
+        dims.update(chroma=1, mod=0, a=_dim(s, "distilled_guidance_layer.in_proj.weight", 0),
+                    a_in=_dim(s, "distilled_guidance_layer.in_proj.weight", 1),
+                    approx=_count(s, r"distilled_guidance_layer\.layers\.(\d+)\."))
+        return "chroma", dims, "diffusers"
+    return "flux", dims, "diffusers"
+
+
+def _sd3_original(s):
+    b = "joint_blocks.0.x_block."
+    h = _dim(s, b + "attn.proj.weight", 1)
+    conv = s.get("x_embedder.proj.weight", (h, 16, 2, 2))
+    dims = dict(h=h, m=_dim(s, b + "mlp.fc1.weight", 0, 4 * h), d=_dim(s, b + "attn.ln_q.weight", 0, 64),
+                c_in=int(conv[1]), patch=int(conv[2]) if len(conv) > 2 else 2,
+                c_out=_dim(s, "final_layer.linear.weight", 0, 64), ctx=_dim(s, "context_embedder.weight", 1, 4096),
+                vec=_dim(s, "y_embedder.mlp.0.weight", 1, 2048), depth=_count(s, r"joint_blocks\.(\d+)\."),
+                qk_norm=int(b + "attn.ln_q.weight" in s),
+                dual_layers=tuple(sorted(_indices(s, r"joint_blocks\.(\d+)\.x_block\.attn2\.qkv\.weight"))))
+    return "sd3", dims, "ldm"
+
+
+def _sd3_diffusers(s):
+    b = "transformer_blocks.0."
+    h = _dim(s, b + "attn.to_q.weight", 1)
+    conv = s.get("pos_embed.proj.weight", (h, 16, 2, 2))
+    dims = dict(h=h, m=_dim(s, b + "ff.net.0.proj.weight", 0, 4 * h), d=_dim(s, b + "attn.norm_q.weight", 0, 64),
+                c_in=int(conv[1]), patch=int(conv[2]) if len(conv) > 2 else 2,
+                c_out=_dim(s, "proj_out.weight", 0, 64), ctx=_dim(s, "context_embedder.weight", 1, 4096),
+                vec=_dim(s, "time_text_embed.text_embedder.linear_1.weight", 1, 2048),
+                depth=_count(s, r"transformer_blocks\.(\d+)\."), qk_norm=int(b + "attn.norm_q.weight" in s),
+                dual_layers=tuple(sorted(_indices(s, r"transformer_blocks\.(\d+)\.attn2\.to_q\.weight"))))
+    return "sd3", dims, "diffusers"
+
+
+def _qwen(s):
+    b = "transformer_blocks.0."
+    h = _dim(s, b + "attn.to_q.weight", 1)
+    dims = dict(h=h, m=_dim(s, b + "img_mlp.net.0.proj.weight", 0, 4 * h), d=_dim(s, b + "attn.norm_q.weight", 0, 128),
+                c_in=_dim(s, "img_in.weight", 1, 64), c_out=_dim(s, "proj_out.weight", 0, 64),
+                ctx=_dim(s, "txt_in.weight", 1, 3584), depth=_count(s, r"transformer_blocks\.(\d+)\."))
+    return "qwen_image", dims, "diffusers"
+
+
+def variant_of(family: str, dims: Mapping) -> Optional[str]:
+    """The full-size variant whose dimensions ``dims`` are, or None (a custom size)."""
+    for name, (fam, _, want) in VARIANTS.items():
+        if fam == family and all(dims.get(k) == v for k, v in want.items()):
+            return name
+    return None
+
+
+def table_for_shapes(shapes: Mapping[str, tuple], root: str = "") -> Optional[tuple]:
+    """``(family or variant name, naming, table)`` for a denoiser given its parameter shapes."""
+    found = dims_from_shapes(shapes)
+    if found is None:
+        return None
+    family, dims, naming = found
+    return variant_of(family, dims) or family, naming, table(family, dims, root)
