@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from .errors import LoraExtError
@@ -49,11 +50,120 @@ SCHEDULE_NAMES = ("normal", "karras", "exponential", "sgm_uniform", "trailing", 
 
 
 def _cmd_generate(args) -> int:
+    _check_generate_args(args)  # before torch or the model is loaded
     try:
         return _generate(args)
     except ValueError as exc:  # a bad option value (size, sampler name, ...)
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {printable(_first_line(exc))}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:
+        text = str(exc)
+        if "allocate" in text or "out of memory" in text.lower():
+            print(f"error: not enough memory for {args.batch} image(s) of this size on this device "
+                  f"({printable(_first_line(exc))}); nothing was written", file=sys.stderr)
+            return 2
+        raise
+
+
+#: bounds of generate's numbers (each far beyond any use: 16384 px is a 268-megapixel image)
+GENERATE_LIMITS = {"width": (1, 16384), "height": (1, 16384), "steps": (1, 1000), "batch": (1, 64),
+                   "clip_skip": (1, 24), "cfg": (-100.0, 100.0), "denoise": (0.0, 1.0), "eta": (0.0, 10.0),
+                   "seed": (0, 2 ** 63 - 1)}
+#: an --init-image larger than this many pixels is refused before it is decoded
+MAX_INIT_PIXELS = 16384 * 16384
+
+
+def _arg_error(option: str, problem: str) -> "LoraExtError":
+    return LoraExtError(f"{option}: {problem}")
+
+
+def _check_generate_args(args) -> None:
+    """Every number finite and in range, the device real, the init image an image, the output
+    writable: each refused with one line naming the option, before any work."""
+    import math
+
+    for name, (lo, hi) in GENERATE_LIMITS.items():
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        option = "--" + name.replace("_", "-")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise _arg_error(option, f"{value} is not a finite number")
+        if not lo <= value <= hi:
+            raise _arg_error(option, f"{value:g} is out of range ({lo:g} to {hi:g})" if isinstance(value, float)
+                             else f"{value} is out of range ({lo} to {hi})")
+    if args.seed is not None and args.seed + args.batch > 2 ** 63:
+        raise _arg_error("--seed", "too large for this batch")
+    if args.device is not None:
+        _check_device(args.device)
+    if args.init_image is not None:
+        _check_image(args.init_image)
+    _check_image_out(args.out)
+
+
+def _check_device(name: str) -> None:
+    import torch
+
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError, TypeError) as exc:
+        raise _arg_error("--device", f"{name!r} is not a device torch knows ({_first_line(exc)})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise _arg_error("--device", f"{name!r}: no CUDA device is available")
+    if dev.type not in ("cpu", "cuda"):
+        try:
+            torch.empty(1, device=dev)
+        except Exception as exc:  # any backend's refusal
+            raise _arg_error("--device", f"{name!r} cannot be used ({_first_line(exc)})") from None
+
+
+def _check_image(path: str) -> None:
+    """The init image opens as an image of a sane size and decodes (a bomb is refused unread)."""
+    import warnings
+
+    from PIL import Image
+
+    if not os.path.isfile(path):
+        raise _arg_error("--init-image", f"{path}: {'is a folder' if os.path.isdir(path) else 'no such file'}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                w, h = img.size
+                if w < 1 or h < 1 or w * h > MAX_INIT_PIXELS:
+                    raise _arg_error("--init-image", f"{path}: {w}x{h} pixels, beyond the limit of "
+                                                     f"{MAX_INIT_PIXELS} pixels")
+                img.load()
+    except LoraExtError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise _arg_error("--init-image", f"{path}: refused, too many pixels ({_first_line(exc)})") from None
+    except Image.UnidentifiedImageError:
+        raise _arg_error("--init-image", f"{path}: not an image PIL can read") from None
+    except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as exc:
+        raise _arg_error("--init-image", f"{path}: cannot read the image ({_first_line(exc)})") from None
+
+
+def _check_image_out(out: str) -> None:
+    """--out: a .png file whose folder exists, or a folder that exists or can be made."""
+    target = os.path.abspath(out)
+    if out.lower().endswith(".png"):
+        if os.path.isdir(target):
+            raise _arg_error("--out", f"{out}: is a folder")
+        folder = os.path.dirname(target)
+        if not os.path.isdir(folder):
+            raise _arg_error("--out", f"{out}: the folder {folder} does not exist")
+    elif os.path.exists(target) and not os.path.isdir(target):
+        raise _arg_error("--out", f"{out}: exists and is not a folder")
+    else:
+        folder = target
+        while not os.path.isdir(folder):
+            parent = os.path.dirname(folder)
+            if parent == folder:
+                break
+            folder = parent
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise _arg_error("--out", f"{out}: cannot write in {folder} (permission denied)")
 
 
 def _generate(args) -> int:
@@ -239,9 +349,16 @@ def _add_tools(sub) -> None:
     s.set_defaults(func=_cmd_transfer)
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument error is one line on stderr (exit 2): the command and the problem."""
+
+    def error(self, message):
+        self.exit(2, f"error: {printable(self.prog)}: {printable(message)} (see {printable(self.prog)} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lora-ext", description="Every LoRA type, in every Stable Diffusion host.")
-    sub = p.add_subparsers(dest="command", required=True)
+    p = _Parser(prog="lora-ext", description="Every LoRA type, in every Stable Diffusion host.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     s = sub.add_parser("inspect", help="what a LoRA file is, and what of it would not apply")
     s.add_argument("paths", nargs="+", metavar="PATH")
@@ -303,6 +420,28 @@ def main(argv=None) -> int:
     except LoraExtError as exc:
         print(f"error: {printable(exc)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print("error: not enough memory for this command; nothing was written", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        # a file the command could not read or write, named by the system
+        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+        print(f"error: {printable(where)}{printable(exc.strerror or exc)}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # a bug: still one line (LORA_EXT_TRACEBACK=1 shows the traceback)
+        if os.environ.get("LORA_EXT_TRACEBACK"):
+            raise
+        print(f"error: internal error ({type(exc).__name__}: {printable(_first_line(exc))}); "
+              "please report it (LORA_EXT_TRACEBACK=1 shows where)", file=sys.stderr)
+        return 3
+
+
+def _first_line(exc) -> str:
+    text = str(exc).strip().split("\n")[0]
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 if __name__ == "__main__":

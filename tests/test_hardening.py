@@ -220,3 +220,63 @@ def test_kohya_alpha_errors(tmp_path, capsys, alpha, frag):
     write_single_file(base, "sd1", _weights("sd1", SD1_MODULES[:3], torch.float32))
     for argv in (["inspect", lora], ["merge", "--base", base, "--lora", lora, "--out", tmp_path / "o.safetensors"]):
         run_cli(argv, capsys, folder=tmp_path, expect=[f"{lora}: tensor '{prefix}.alpha' (alpha)", frag])
+
+
+# ---------------------------------------------------------------------------------------------
+# item 4 / 5 / 7: generate's arguments, refused before anything is loaded
+
+
+def _png_header_only(path, w, h):
+    """A PNG whose header claims w x h pixels (a decompression bomb needs no more to be refused)."""
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    with open(path, "wb") as fh:
+        fh.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16))
+                 + chunk(b"IEND", b""))
+
+
+GENERATE_CASES = [
+    (["--width", "-16"], "--width: -16 is out of range"),
+    (["--width", "0"], "--width: 0 is out of range"),
+    (["--height", "1000000"], "--height: 1000000 is out of range"),
+    (["--cfg", "nan"], "--cfg: nan is not a finite number"),
+    (["--cfg", "inf"], "--cfg: inf is not a finite number"),
+    (["--denoise", "2"], "--denoise: 2 is out of range"),
+    (["--steps", "0"], "--steps: 0 is out of range"),
+    (["--steps", "99999999"], "--steps: 99999999 is out of range"),
+    (["--batch", "0"], "--batch: 0 is out of range"),
+    (["--seed", "-1"], "--seed: -1 is out of range"),
+    (["--eta", "nan"], "--eta: nan is not a finite number"),
+    (["--device", "quantum"], "--device: 'quantum' is not a device"),
+    (["--init-image", "{tmp}/missing.png"], "--init-image: {tmp}/missing.png: no such file"),
+    (["--init-image", "{tmp}/text.png"], "not an image PIL can read"),
+    (["--init-image", "{tmp}/bomb.png"], "too many pixels"),
+    (["--init-image", "{tmp}"], "is a folder"),
+    (["--out", "{tmp}/nowhere/x.png"], "--out: {tmp}/nowhere/x.png: the folder"),
+    (["--width", "x"], "argument --width: invalid int value: 'x'"),
+    (["--sampler"], "argument --sampler: expected one argument"),
+]
+
+
+@pytest.mark.parametrize("extra,frag", GENERATE_CASES, ids=[" ".join(c[0]) for c in GENERATE_CASES])
+def test_generate_argument_errors(tmp_path, capsys, extra, frag):
+    (tmp_path / "text.png").write_bytes(b"hello, not a png")
+    _png_header_only(tmp_path / "bomb.png", 60_000, 60_000)
+    ckpt = tmp_path / "model.safetensors"  # never read: the arguments are refused first
+    argv = ["generate", "--checkpoint", ckpt, "--prompt", "a cat", "--out", tmp_path / "out"]
+    argv += [a.format(tmp=tmp_path) for a in extra]
+    run_cli(argv, capsys, folder=tmp_path, expect=[frag.format(tmp=tmp_path)], bound=20)
+    assert not (tmp_path / "out").exists()
+
+
+def test_generate_library_refuses_zero_size_and_nan_cfg():
+    from lora_ext.sampler import generate
+
+    with pytest.raises(ValueError, match="width must be positive"):
+        generate("unused.safetensors", "x", width=0)
+    with pytest.raises(ValueError, match="cfg must be a finite number"):
+        generate("unused.safetensors", "x", cfg=float("nan"))

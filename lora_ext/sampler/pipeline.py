@@ -15,6 +15,7 @@ with that seed.
 """
 from __future__ import annotations
 
+import math
 import os
 import random
 from dataclasses import dataclass, field
@@ -196,6 +197,12 @@ def generate(checkpoint, prompt: str, negative: str = "", *,
     notes: list = []
     if batch < 1:
         raise ValueError(f"batch must be at least 1, not {batch}")
+    for name, value in (("width", width), ("height", height), ("steps", steps)):
+        if value is not None and int(value) < 1:  # 0 is not "the default"
+            raise ValueError(f"{name} must be positive, not {value}")
+    for name, value in (("cfg", cfg), ("denoise", denoise), ("eta", eta)):
+        if value is not None and not math.isfinite(float(value)):
+            raise ValueError(f"{name} must be a finite number, not {value}")
     model = checkpoint if isinstance(checkpoint, Model) else load_model(
         checkpoint, tokenizer=tokenizer, vae=vae, prediction=prediction, dtype=dtype,
         device=device or ("cuda" if torch.cuda.is_available() else None))
