@@ -17,7 +17,7 @@ import sys
 import pytest
 import torch
 
-from host_common import (FAKES, LIN, FF, ROOT, TE_FC1, TE_Q, _te_module, bits, make_loras, one_thread_fixture,
+from host_common import (FAKES, LIN, FF, MID_Q, ROOT, TE_FC1, TE_Q, _te_module, bits, make_loras, one_thread_fixture,
                          purge, reference, same_bits, write_lora)
 from lora_ext.errors import LoraExtError
 from lora_ext.spec import Keyframes, LoraSpec
@@ -379,6 +379,42 @@ def _te2_matches(ns, te2, specs):
         te2._forward_hooks.update(h)
 
 
+def real_host_loras(folder) -> list:
+    """LoRA files for the real-InvokeAI check (kohya names, as InvokeAI's own loader reads them:
+    ``lora_unet_`` + the diffusers module path, ``lora_te_text_model_...``): "mix" holds LoRA
+    (linear, 3x3 conv), LoHa and LoKr modules for the UNet and LoRA / LoHa for the text encoder;
+    "wrong_xl" says SDXL in its metadata, its text-encoder module fits, its UNet ones do not."""
+    from safetensors.torch import save_file
+    from test_engine import C3, adapter_tensors
+
+    os.makedirs(folder, exist_ok=True)
+    unet, te = tiny_unet(), tiny_text_encoder()
+    def shape(root, path):  # transformers 5.25 has no ``text_model`` level; InvokeAI's 5.5 has it
+        if path.startswith("text_model.") and not hasattr(root, "text_model"):
+            path = path[len("text_model."):]
+        return tuple(root.get_submodule(path).weight.shape)
+    g = torch.Generator().manual_seed(11)
+
+    def entries(items):
+        sd = {}
+        for comp, path, kind, shp in items:
+            prefix = ("lora_unet_" if comp == "unet" else "lora_te_") + path.replace(".", "_")
+            for k, t in adapter_tensors(kind, shp, g, rank=2, mag=0.3).items():
+                sd[f"{prefix}.{k}"] = t.contiguous()
+        return sd
+
+    q, fc1 = "text_model." + TE_Q, "text_model." + TE_FC1
+    mix = entries([("unet", LIN, "lora", shape(unet, LIN)), ("unet", C3, "lora", shape(unet, C3)),
+                   ("unet", FF, "loha", shape(unet, FF)), ("unet", MID_Q, "lokr", shape(unet, MID_Q)),
+                   ("te", q, "lora", shape(te, q)), ("te", fc1, "loha", shape(te, fc1))])
+    save_file(mix, os.path.join(folder, "mix.safetensors"))
+    lin = shape(unet, LIN)
+    wrong = entries([("unet", LIN, "lora", (lin[0] * 2, lin[1] * 2)), ("unet", FF, "lora", (7, 5)),
+                     ("te", q, "lora", shape(te, q))])
+    save_file(wrong, os.path.join(folder, "wrong_xl.safetensors"), metadata={"ss_base_model_version": "sdxl_base_v1-0"})
+    return ["mix", "wrong_xl"]
+
+
 _REAL_HOST_CHECK = """
 import importlib.util, json, sys, types
 root, tests, lora_dir, pack_dir = sys.argv[1:5]
@@ -435,10 +471,60 @@ def test_real_invokeai_node_pack(tmp_path):
     """Opt-in (``-m host``): in the real InvokeAI's own virtualenv (``LORA_EXT_INVOKEAI_PYTHON``),
     the pack registers its nodes, their schemas build, the loader validates and its stack
     survives JSON, and the denoise extension runs under InvokeAI's ExtensionsManager."""
-    python = os.environ.get("LORA_EXT_INVOKEAI_PYTHON")
-    if not python or not os.path.exists(python):
-        pytest.skip("set LORA_EXT_INVOKEAI_PYTHON to the python of a virtualenv with InvokeAI installed")
+    python = _invokeai_python()
     make_loras(str(tmp_path / "loras"), tiny_unet(), tiny_text_encoder())
     args = [ROOT, os.path.join(ROOT, "tests"), str(tmp_path / "loras"), os.path.join(ROOT, "hosts", "invokeai")]
     res = subprocess.run([python, "-c", _REAL_HOST_CHECK, *args], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
+
+
+def _invokeai_python():
+    python = os.environ.get("LORA_EXT_INVOKEAI_PYTHON")
+    if not python or not os.path.exists(python):
+        pytest.skip("set LORA_EXT_INVOKEAI_PYTHON to the python of a virtualenv with InvokeAI installed")
+    return python
+
+
+@pytest.mark.host
+def test_real_invokeai_runs_the_nodes(tmp_path):
+    """Opt-in (``-m host``): tests/invokeai_realhost_check.py, in InvokeAI's own virtualenv, starts
+    InvokeAI's services (model manager and cache, session queue and processor), loads the pack
+    from a ``nodes/`` folder and runs graphs on the queue with InvokeAI's own invocation code:
+    lora-ext's loader -> prompt -> denoise equals InvokeAI's ``lora_loader`` path (LoRA, LoHa, LoKr
+    on the UNet, LoRA and LoHa on the text encoder), a prompt tag equals the loader, every node
+    completes (a node that raises fails this test with InvokeAI's error), a LoRA for another base
+    gets a warning from the prompt node and fails the denoise node, lora-ext's log lines reach
+    InvokeAI's logger at their level, and the cached models end with no hook and their files' weights."""
+    import json
+
+    python = _invokeai_python()
+    loras = real_host_loras(str(tmp_path / "loras"))
+    (tmp_path / "root").mkdir()
+    out = tmp_path / "result.json"
+    res = subprocess.run([python, os.path.join(ROOT, "tests", "invokeai_realhost_check.py"), str(tmp_path / "root"),
+                          str(tmp_path / "loras"), str(out)], capture_output=True, text=True, timeout=900)
+    assert out.exists(), (res.stdout + res.stderr)[-3000:]
+    r = json.loads(out.read_text())
+    assert not r["errors"], r["errors"][0][-3000:]
+    print(f"InvokeAI {r['invokeai']} (torch {r['torch']}): {json.dumps(r['compare'])}")
+    assert set(r["registered"]) >= {"lora_ext_lora_loader", "lora_ext_compel", "lora_ext_sdxl_compel_prompt",
+                                    "lora_ext_denoise_latents"}
+    for name, run in r["runs"].items():
+        if not name.startswith("lora_ext:wrong"):
+            assert run["status"] == "completed", f"{name}: {run['error_type']}: {run['error_message']}"
+    for name in loras:
+        if name.startswith("wrong"):
+            continue
+        c = r["compare"][name]
+        assert c["lora_ext_vs_builtin"] <= 1e-5, c
+        assert c["tag_vs_builtin"] <= 1e-5, c
+        assert c["builtin_vs_plain"] > 1e-2, ("the LoRA acts", c)
+    wrong = r["runs"]["lora_ext:wrong_xl"]
+    assert wrong["status"] == "failed" and wrong["error_type"] == "LoraExtError", wrong
+    assert "none of its 6 keys for it fits this SD1.x UNet (it is an SDXL LoRA)" in wrong["error_message"]
+    assert any(lv == "warning" and "is for SDXL, but this text encoder is SD1.x" in m for lv, m in r["wrong_base_log"])
+    # lora-ext's own log lines (the engine's, the session's) reach InvokeAI's logger at their level
+    assert any(lv == "info" and "modules applied to the UNet" in m for lv, m in r["lora_ext_log"])
+    assert any(lv == "debug" and "keys not applied (first:" in m for lv, m in r["wrong_base_log"]), r["wrong_base_log"]
+    assert r["clean"] == {"unet": {"hooks": 0, "weights_equal_file": True},
+                          "text_encoder": {"hooks": 0, "weights_equal_file": True}}
