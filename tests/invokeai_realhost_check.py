@@ -36,16 +36,22 @@ import torch  # noqa: E402
 result = {"errors": []}
 
 
-def build_models(folder):
-    """A tiny SD1.5-shaped diffusers folder: UNet, CLIP text encoder, tokenizer, scheduler."""
+def build_models(folder, sdxl=False):
+    """A tiny SD1.5- or SDXL-shaped diffusers folder: UNet, CLIP text encoder(s), tokenizer(s),
+    scheduler. The SDXL one has two 16-wide text encoders (the second with a projection), so its
+    UNet takes 32-wide context and the "text_time" added embedding."""
     from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     from tiny_models import TE_CONFIG, UNET_CONFIG
 
     os.makedirs(folder, exist_ok=True)
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(**UNET_CONFIG).eval()
+    ucfg = dict(UNET_CONFIG)
+    if sdxl:
+        ucfg.update(cross_attention_dim=2 * TE_CONFIG["hidden_size"], addition_embed_type="text_time",
+                    addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + TE_CONFIG["projection_dim"])
+    unet = UNet2DConditionModel(**ucfg).eval()
     with torch.no_grad():
         for p in unet.parameters():
             p.add_(torch.randn_like(p) * 0.05)
@@ -54,25 +60,31 @@ def build_models(folder):
     vocab = {c: i for i, c in enumerate(chars + [c + "</w>" for c in chars])}
     vocab["<|startoftext|>"] = len(vocab)
     vocab["<|endoftext|>"] = len(vocab)
-    tok_dir = os.path.join(folder, "tokenizer")
-    os.makedirs(tok_dir, exist_ok=True)
-    with open(os.path.join(tok_dir, "vocab.json"), "w") as f:
-        json.dump(vocab, f)
-    with open(os.path.join(tok_dir, "merges.txt"), "w") as f:
-        f.write("#version: 0.2\n")
-    tok = CLIPTokenizer(os.path.join(tok_dir, "vocab.json"), os.path.join(tok_dir, "merges.txt"), model_max_length=77)
-    tok.save_pretrained(tok_dir)
     cfg = dict(TE_CONFIG, vocab_size=len(vocab), max_position_embeddings=77, bos_token_id=vocab["<|startoftext|>"],
                eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"])
-    torch.manual_seed(1)
-    CLIPTextModel(CLIPTextConfig(**cfg)).eval().save_pretrained(os.path.join(folder, "text_encoder"))
+    index = {"_class_name": "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline",
+             "_diffusers_version": "0.40.0", "unet": ["diffusers", "UNet2DConditionModel"],
+             "scheduler": ["diffusers", "EulerDiscreteScheduler"]}
+    encoders = [("text_encoder", "tokenizer", CLIPTextModel)]
+    if sdxl:
+        encoders.append(("text_encoder_2", "tokenizer_2", CLIPTextModelWithProjection))
+    for i, (te_name, tok_name, cls) in enumerate(encoders):
+        tok_dir = os.path.join(folder, tok_name)
+        os.makedirs(tok_dir, exist_ok=True)
+        with open(os.path.join(tok_dir, "vocab.json"), "w") as f:
+            json.dump(vocab, f)
+        with open(os.path.join(tok_dir, "merges.txt"), "w") as f:
+            f.write("#version: 0.2\n")
+        CLIPTokenizer(os.path.join(tok_dir, "vocab.json"), os.path.join(tok_dir, "merges.txt"),
+                      model_max_length=77).save_pretrained(tok_dir)
+        torch.manual_seed(1 + i)
+        cls(CLIPTextConfig(**cfg)).eval().save_pretrained(os.path.join(folder, te_name))
+        index[te_name] = ["transformers", cls.__name__]
+        index[tok_name] = ["transformers", "CLIPTokenizer"]
     EulerDiscreteScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                            beta_schedule="scaled_linear").save_pretrained(os.path.join(folder, "scheduler"))
     with open(os.path.join(folder, "model_index.json"), "w") as f:
-        json.dump({"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.40.0",
-                   "unet": ["diffusers", "UNet2DConditionModel"], "text_encoder": ["transformers", "CLIPTextModel"],
-                   "tokenizer": ["transformers", "CLIPTokenizer"],
-                   "scheduler": ["diffusers", "EulerDiscreteScheduler"]}, f)
+        json.dump(index, f)
 
 
 def byte_chars():
@@ -98,6 +110,7 @@ def main():
     if not os.path.exists(link):
         os.symlink(os.path.join(repo, "hosts", "invokeai"), link)  # the README's install
     build_models(os.path.join(root, "models", "tiny-sd1"))
+    build_models(os.path.join(root, "models", "tiny-sdxl"), sdxl=True)
 
     from invokeai.app.api.dependencies import ApiDependencies
     from invokeai.app.invocations.load_custom_nodes import load_custom_nodes
@@ -121,8 +134,8 @@ def main():
     from invokeai.app.invocations.model import ModelIdentifierField
     from invokeai.app.services.session_queue.session_queue_common import Batch
     from invokeai.app.services.shared.graph import Edge, EdgeConnection, Graph
-    from invokeai.backend.model_manager.configs.lora import LoRA_LyCORIS_SD1_Config
-    from invokeai.backend.model_manager.configs.main import Main_Diffusers_SD1_Config
+    from invokeai.backend.model_manager.configs.lora import LoRA_LyCORIS_SD1_Config, LoRA_LyCORIS_SDXL_Config
+    from invokeai.backend.model_manager.configs.main import Main_Diffusers_SD1_Config, Main_Diffusers_SDXL_Config
     from invokeai.backend.model_manager.taxonomy import (ModelSourceType, ModelVariantType,
                                                          SchedulerPredictionType, SubModelType)
 
@@ -135,11 +148,18 @@ def main():
         key="tiny-sd1", hash="tiny-sd1", path=main_path, file_size=1, name="tiny-sd1", source=main_path,
         source_type=ModelSourceType.Path, prediction_type=SchedulerPredictionType.Epsilon,
         variant=ModelVariantType.Normal))
-    loras = sorted(f[:-len(".safetensors")] for f in os.listdir(lora_dir) if f.endswith(".safetensors"))
-    for name in loras:
+    xl_path = os.path.join(root, "models", "tiny-sdxl")
+    store.add_model(Main_Diffusers_SDXL_Config(
+        key="tiny-sdxl", hash="tiny-sdxl", path=xl_path, file_size=1, name="tiny-sdxl", source=xl_path,
+        source_type=ModelSourceType.Path, prediction_type=SchedulerPredictionType.Epsilon,
+        variant=ModelVariantType.Normal))
+    files = sorted(f[:-len(".safetensors")] for f in os.listdir(lora_dir) if f.endswith(".safetensors"))
+    loras = [n for n in files if not n.endswith("_sdxl")]  # SD1.5 ones, and one for the wrong base
+    for name in files:
         p = os.path.join(lora_dir, name + ".safetensors")
-        store.add_model(LoRA_LyCORIS_SD1_Config(key=f"lora-{name}", hash=name, path=p, file_size=1, name=name,
-                                                source=p, source_type=ModelSourceType.Path))
+        cls = LoRA_LyCORIS_SDXL_Config if name.endswith("_sdxl") else LoRA_LyCORIS_SD1_Config
+        store.add_model(cls(key=f"lora-{name}", hash=name, path=p, file_size=1, name=name, source=p,
+                            source_type=ModelSourceType.Path))
     main_id = ModelIdentifierField.from_config(store.get_model("tiny-sd1"))
 
     def ident(key):
@@ -160,9 +180,11 @@ def main():
 
     common = dict(steps=3, cfg_scale=5.0, scheduler="euler")
 
-    def denoise_graph(positive, extra_nodes, edges, lora_ext_denoise=False):
+    def denoise_graph(positive, extra_nodes, edges, lora_ext_denoise=False, sdxl=False):
         den = "lora_ext_denoise_latents" if lora_ext_denoise else "denoise_latents"
-        nodes = [node("main_model_loader", "model", model=main_id),
+        loader = node("sdxl_model_loader", "model", model=ident("tiny-sdxl")) if sdxl else \
+            node("main_model_loader", "model", model=main_id)
+        nodes = [loader,
                  node("noise", "noise", seed=7, width=64, height=64),
                  node(den, "denoise", **common)] + extra_nodes
         return graph(nodes, edges + [(("noise", "noise"), ("denoise", "noise"))])
@@ -220,6 +242,32 @@ def main():
         runs[f"lora_ext:{name}"] = run(lora_ext(name, 0.7, prompt), f"lora-ext {name}")
         runs[f"tag:{name}"] = run(lora_ext(name, 0.7, prompt, tag=True), f"lora-ext tag {name}")
     runs["plain"] = run(lora_ext(None, 1.0, prompt), "no LoRA")
+
+    # --- SDXL: InvokeAI's sdxl_lora_loader vs a tag in the *style* of lora-ext's SDXL prompt node ----
+    def sdxl(lora, weight, builtin_path):
+        if builtin_path:
+            extra = [node("sdxl_lora_loader", "lora", lora=ident(f"lora-{lora}"), weight=weight),
+                     node("sdxl_compel_prompt", "pos", prompt=prompt, style="ink wash"),
+                     node("sdxl_compel_prompt", "neg", prompt="", style="")]
+            src = "lora"
+            edges = [(("model", "unet"), ("lora", "unet")), (("model", "clip"), ("lora", "clip")),
+                     (("model", "clip2"), ("lora", "clip2")), (("lora", "unet"), ("denoise", "unet"))]
+        else:
+            extra = [node("lora_ext_sdxl_compel_prompt", "pos", prompt=prompt,
+                          style=f"ink wash <lora:{lora}:{weight}>" if lora else "ink wash"),
+                     node("lora_ext_sdxl_compel_prompt", "neg", prompt="", style="")]
+            src = "model"
+            edges = [(("model", "unet"), ("denoise", "unet")), (("pos", "lora_ext"), ("denoise", "lora_ext"))]
+        for p in ("pos", "neg"):
+            edges += [((src, "clip"), (p, "clip")), ((src, "clip2"), (p, "clip2"))]
+        edges += [(("pos", "conditioning"), ("denoise", "positive_conditioning")),
+                  (("neg", "conditioning"), ("denoise", "negative_conditioning"))]
+        return denoise_graph("pos", extra, edges, lora_ext_denoise=not builtin_path, sdxl=True)
+
+    for name in [n for n in files if n.endswith("_sdxl")]:
+        runs[f"builtin:{name}"] = run(sdxl(name, 0.7, True), f"builtin {name}")
+        runs[f"style_tag:{name}"] = run(sdxl(name, 0.7, False), f"lora-ext style tag {name}")
+    runs["plain_sdxl"] = run(sdxl(None, 1.0, False), "SDXL, no LoRA")
     result["lora_ext_log"] = [r for r in capture.records if "lora-ext" in r[1]]
     capture.records.clear()
     for name in [n for n in loras if n.startswith("wrong")]:
@@ -238,6 +286,11 @@ def main():
                          "tag_vs_builtin": rel(t["latents"], b["latents"]),
                          "builtin_vs_plain": rel(b["latents"], runs["plain"]["latents"])
                          if "latents" in runs["plain"] else None}
+    for name in [n for n in files if n.endswith("_sdxl")]:
+        b, t, p = runs[f"builtin:{name}"], runs[f"style_tag:{name}"], runs["plain_sdxl"]
+        if "latents" in b and "latents" in t and "latents" in p:
+            cmp[name] = {"style_tag_vs_builtin": rel(t["latents"], b["latents"]),
+                         "builtin_vs_plain": rel(b["latents"], p["latents"])}
     result["compare"] = cmp
 
     # --- afterwards: the cached models carry no hook and have the weights of their files ---------------

@@ -412,7 +412,14 @@ def real_host_loras(folder) -> list:
     wrong = entries([("unet", LIN, "lora", (lin[0] * 2, lin[1] * 2)), ("unet", FF, "lora", (7, 5)),
                      ("te", q, "lora", shape(te, q))])
     save_file(wrong, os.path.join(folder, "wrong_xl.safetensors"), metadata={"ss_base_model_version": "sdxl_base_v1-0"})
-    return ["mix", "wrong_xl"]
+    # for the tiny SDXL model: the same UNet modules, LoRA on CLIP-L and LoHa on CLIP-G ("lora_te1_"/"lora_te2_")
+    xl = entries([("unet", LIN, "lora", shape(unet, LIN)), ("unet", C3, "lora", shape(unet, C3)),
+                  ("unet", FF, "loha", shape(unet, FF)), ("unet", MID_Q, "lokr", shape(unet, MID_Q))])
+    for comp, path, kind in (("lora_te1_", q, "lora"), ("lora_te2_", fc1, "loha")):
+        for k, t in adapter_tensors(kind, shape(te, path), g, rank=2, mag=0.3).items():
+            xl[f"{comp}{path.replace('.', '_')}.{k}"] = t.contiguous()
+    save_file(xl, os.path.join(folder, "mix_sdxl.safetensors"))
+    return ["mix", "wrong_xl", "mix_sdxl"]
 
 
 _REAL_HOST_CHECK = """
@@ -516,9 +523,10 @@ def test_real_invokeai_runs_the_nodes(tmp_path):
         if name.startswith("wrong"):
             continue
         c = r["compare"][name]
-        assert c["lora_ext_vs_builtin"] <= 1e-5, c
-        assert c["tag_vs_builtin"] <= 1e-5, c
-        assert c["builtin_vs_plain"] > 1e-2, ("the LoRA acts", c)
+        for k in ("lora_ext_vs_builtin", "tag_vs_builtin", "style_tag_vs_builtin"):
+            assert c.get(k, 0) <= 1e-5, (name, c)
+        assert c["builtin_vs_plain"] > 1e-2, ("the LoRA acts", name, c)
+    assert "style_tag_vs_builtin" in r["compare"]["mix_sdxl"], "the SDXL prompt node read the tag in the style"
     wrong = r["runs"]["lora_ext:wrong_xl"]
     assert wrong["status"] == "failed" and wrong["error_type"] == "LoraExtError", wrong
     assert "none of its 6 keys for it fits this SD1.x UNet (it is an SDXL LoRA)" in wrong["error_message"]
