@@ -174,6 +174,49 @@ _WEIGHT_FILES = (
 )
 
 
+#: an SD component's config.json is a few kB; its layer counts are tens, its lists short
+MAX_CONFIG_BYTES = 1_000_000
+_LAYER_KEYS = ("layers_per_block", "transformer_layers_per_block", "num_hidden_layers", "num_layers",
+               "num_single_layers", "depth")
+MAX_LAYERS = 1000
+MAX_LIST = 64
+
+
+def read_config(cfg_path: str) -> dict:
+    """A component's config.json: a JSON object of bounded size and depth whose layer counts
+    and lists are small enough to build a module table from; LoraFileError otherwise."""
+    try:
+        with open(cfg_path, "rb") as fh:
+            raw = fh.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise LoraFileError(cfg_path, f"cannot read config ({exc.strerror or exc})") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise LoraFileError(cfg_path, f"config larger than {MAX_CONFIG_BYTES // 1000} kB; not a model config")
+    try:
+        cfg = json.loads(raw.decode("utf-8"))
+    except RecursionError:
+        raise LoraFileError(cfg_path, "cannot read config (the JSON is nested too deeply)") from None
+    except UnicodeDecodeError as exc:
+        raise LoraFileError(cfg_path, f"cannot read config (not UTF-8 text, bad byte at position {exc.start})") from None
+    except ValueError as exc:
+        detail = f"{exc.msg} at character {exc.pos}" if isinstance(exc, json.JSONDecodeError) else "not JSON"
+        raise LoraFileError(cfg_path, f"cannot read config ({detail})") from None
+    if not isinstance(cfg, dict):
+        kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(cfg), "a number")
+        raise LoraFileError(cfg_path, f"config is {kind}, not a JSON object")
+    for key, value in cfg.items():
+        if isinstance(value, list) and len(value) > MAX_LIST:
+            raise LoraFileError(cfg_path, f"config field {key!r} lists {len(value)} items, more than {MAX_LIST}")
+        if key in _LAYER_KEYS:
+            for v in value if isinstance(value, list) else [value]:
+                if isinstance(v, list):
+                    v = max((x for x in v if isinstance(x, int)), default=0)
+                if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_LAYERS:
+                    raise LoraFileError(cfg_path, f"config field {key!r} is {json.dumps(value)[:60]}, "
+                                                  f"not a layer count from 0 to {MAX_LAYERS}")
+    return cfg
+
+
 class DiffusersFolder(Checkpoint):
     """A diffusers pipeline folder; components it lacks are simply absent."""
 
@@ -181,7 +224,7 @@ class DiffusersFolder(Checkpoint):
         self.path = os.fspath(path)
         self.layout, self.files, self.key_of = {}, {}, {}
         self.pending: dict = {}  # (component, key) -> tensor
-        configs = {}
+        configs, weights = {}, {}
         for comp, sub in DIFFUSERS_COMPONENTS:
             folder = os.path.join(self.path, sub)
             cfg_path = os.path.join(folder, "config.json")
@@ -190,14 +233,30 @@ class DiffusersFolder(Checkpoint):
             weight = next((os.path.join(folder, f) for f in _WEIGHT_FILES if os.path.isfile(os.path.join(folder, f))), None)
             if weight is None:
                 raise LoraFileError(folder, "component folder has config.json but no weight file")
+            configs[comp], weights[comp] = read_config(cfg_path), weight
+        for comp, weight in weights.items():
             try:
-                with open(cfg_path, encoding="utf-8") as fh:
-                    configs[comp] = json.load(fh)
-            except (OSError, ValueError) as exc:
-                raise LoraFileError(cfg_path, f"cannot read config ({exc})") from None
-            self.files[comp] = open_tensors(weight, kind="checkpoint")
+                self.files[comp] = open_tensors(weight, kind="checkpoint")
+            except BaseException:
+                self.close()
+                raise
         if not self.files:
             raise LoraFileError(self.path, "not a diffusers pipeline folder: no unet/, text_encoder/ or text_encoder_2/ with config.json")
+        try:
+            self._build(configs)
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self, configs) -> None:
+        try:
+            self._build_layout(configs)
+        except (ValueError, TypeError, KeyError, AttributeError, IndexError, ZeroDivisionError, OverflowError) as exc:
+            # a config whose fields have the wrong types or values for a model of its kind
+            raise LoraFileError(self.path, f"a component config.json cannot be used: {type(exc).__name__}: "
+                                           f"{str(exc).splitlines()[0][:200] if str(exc) else 'bad value'}") from None
+
+    def _build_layout(self, configs) -> None:
         self.family = family_from_unet_config(configs.get("unet"), configs)
         unet_cfg = configs.get("unet")
         if self.family == "custom" and unet_cfg and int(unet_cfg.get("in_channels", 4)) > 4:
@@ -243,14 +302,15 @@ class DiffusersFolder(Checkpoint):
         if os.path.exists(out):
             raise LoraFileError(out, "output already exists; choose a new path")
         parent = os.path.dirname(os.path.abspath(out)) or "."
-        tmp = tempfile.mkdtemp(prefix=".lora-ext-", dir=parent)
+        self.save_notes = []
         try:
-            for name in os.listdir(self.path):
-                src = os.path.join(self.path, name)
-                if os.path.isdir(src):
-                    shutil.copytree(src, os.path.join(tmp, name))
-                else:
-                    shutil.copy2(src, os.path.join(tmp, name))
+            tmp = tempfile.mkdtemp(prefix=".lora-ext-", dir=parent)
+        except OSError as exc:
+            raise LoraFileError(out, f"cannot save: {exc.strerror or exc}") from None
+        try:
+            changed_dirs = {os.path.dirname(os.path.abspath(tf.path)) for comp, tf in self.files.items()
+                            if any(c == comp for c, _ in self.pending)}
+            self._copy_pipeline(tmp, changed_dirs)
             for comp, tf in self.files.items():
                 changed = {k: v for (c, k), v in self.pending.items() if c == comp}
                 if not changed:
@@ -259,14 +319,73 @@ class DiffusersFolder(Checkpoint):
                 dest = os.path.join(tmp, rel)
                 tensors = {k: changed.get(k, None) if k in changed else tf.get(k) for k in tf.keys()}
                 if not dest.endswith(".safetensors"):
-                    os.remove(dest)
                     dest = os.path.splitext(dest)[0] + ".safetensors"
                     dest = dest.replace("pytorch_model.safetensors", "model.safetensors")
                 save_safetensors(dest, tensors, dict(tf.metadata) or {"format": "pt"})
             os.replace(tmp, out)
-        except BaseException:
+        except BaseException as exc:
             shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(exc, OSError):  # shutil.Error too
+                detail = exc.strerror or str(exc).splitlines()[0][:200]
+                raise LoraFileError(out, f"cannot save: {detail}") from None
             raise
+
+    #: the folders of a diffusers pipeline (used when model_index.json does not name them)
+    PIPELINE_FOLDERS = ("unet", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "vae", "scheduler",
+                        "feature_extractor", "safety_checker", "image_encoder")
+
+    def _copy_pipeline(self, tmp: str, changed_dirs: set) -> None:
+        """Copy what a diffusers pipeline is made of into ``tmp``: model_index.json and the
+        folders it names; in a component whose weights are rewritten, its other weight files
+        (another variant would hold the unpatched weights) are left out. Other files of the
+        base folder are not copied; links are followed once (no loops); FIFOs and other
+        non-regular files are skipped. Each left-out item becomes a note (``save_notes``)."""
+        index = os.path.join(self.path, "model_index.json")
+        names = set(self.PIPELINE_FOLDERS)
+        if os.path.isfile(index):
+            try:
+                idx = read_config(index)
+                names |= {k for k, v in idx.items() if not k.startswith("_") and isinstance(v, list)}
+            except LoraFileError as exc:
+                self.save_notes.append(f"model_index.json not read ({exc.problem}); copied the usual folders")
+        left_out = []
+        for entry in sorted(os.listdir(self.path)):
+            src = os.path.join(self.path, entry)
+            if entry == "model_index.json" and os.path.isfile(src):
+                shutil.copyfile(src, os.path.join(tmp, entry))
+            elif entry in names and os.path.isdir(src):
+                self._copy_tree(src, os.path.join(tmp, entry), changed_dirs,
+                                {os.path.realpath(src), os.path.realpath(self.path)}, left_out)
+            else:
+                left_out.append(entry)
+        if left_out:
+            shown = ", ".join(left_out[:5]) + (f" and {len(left_out) - 5} more" if len(left_out) > 5 else "")
+            self.save_notes.append(f"not copied (not part of the pipeline): {shown}")
+
+    def _copy_tree(self, src: str, dst: str, changed_dirs: set, seen: set, left_out: list, depth: int = 0) -> None:
+        os.makedirs(dst)
+        for entry in sorted(os.scandir(src), key=lambda e: e.name):
+            rel = os.path.relpath(entry.path, self.path)
+            real = os.path.realpath(entry.path)
+            try:
+                is_dir, is_file = entry.is_dir(), entry.is_file()  # links followed
+            except OSError:
+                is_dir = is_file = False
+            if is_dir:
+                if real in seen or depth >= 8:
+                    left_out.append(f"{rel} (a link loop or too deep)")
+                    continue
+                self._copy_tree(entry.path, os.path.join(dst, entry.name), changed_dirs, seen | {real}, left_out,
+                                depth + 1)
+            elif not is_file:
+                left_out.append(f"{rel} (not a regular file)")
+            elif entry.name in _WEIGHT_FILES and os.path.abspath(src) in changed_dirs:
+                # the weights of a rewritten component: the new file replaces them all (another
+                # variant left beside it would hold the unpatched weights)
+                if os.path.abspath(entry.path) not in {os.path.abspath(tf.path) for tf in self.files.values()}:
+                    left_out.append(f"{rel} (another variant of rewritten weights)")
+            else:
+                shutil.copyfile(entry.path, os.path.join(dst, entry.name))
 
     def close(self):
         for tf in self.files.values():

@@ -31,7 +31,7 @@ def _cmd_inspect(args) -> int:
 def _cmd_merge(args) -> int:
     from .merge import merge, parse_lora_arg
 
-    merge(args.base, [parse_lora_arg(a) for a in args.lora], args.out, log=_print_line)
+    merge(args.base, [parse_lora_arg(a) for a in args.lora], args.out, log=_print_line, allow_empty=args.allow_empty)
     return 0
 
 
@@ -369,6 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--base", required=True, metavar="CKPT", help="A1111 single file or diffusers folder")
     s.add_argument("--lora", required=True, action="append", metavar="PATH[:STRENGTH]")
     s.add_argument("--out", required=True, metavar="OUT")
+    s.add_argument("--allow-empty", action="store_true",
+                   help="write the output even when a LoRA changes nothing (no modules, rank 0, strength 0)")
     s.set_defaults(func=_cmd_merge)
 
     s = sub.add_parser("generate", help="make images from a prompt (LoRA tags work), no host needed")

@@ -41,6 +41,7 @@ __all__ = [
     "MAX_HEADER_BYTES",
     "MAX_TENSORS",
     "MAX_NDIM",
+    "check_output_target",
 ]
 
 SAFETENSORS_EXTENSIONS = (".safetensors",)
@@ -894,6 +895,50 @@ def save_safetensors(path, tensors: Mapping[str, torch.Tensor], metadata: Option
         if isinstance(exc, OSError):
             raise LoraFileError(spath, f"cannot save: {_one_line(exc)}") from None
         raise
+
+
+def check_output_target(out, *, need_bytes: int = 0) -> str:
+    """Refuse an output path before any work is done: its folder must exist and be writable,
+    its name short enough for the temporary name written beside it, and (with ``need_bytes``)
+    the disk must have room. Returns ``out`` as a str; raises LoraFileError naming it."""
+    spath = os.fspath(out)
+    if isinstance(spath, bytes):
+        spath = os.fsdecode(spath)
+    if not spath or "\0" in spath:
+        raise LoraFileError(spath or "''", "cannot save: not a usable path")
+    abspath = os.path.abspath(spath)
+    folder, name = os.path.split(abspath)
+    if not name:
+        raise LoraFileError(spath, "cannot save: the path names no file")
+    if os.path.isdir(folder):
+        try:
+            name_max = os.pathconf(folder, "PC_NAME_MAX")
+        except (OSError, ValueError, AttributeError):
+            name_max = 255
+        if len(os.fsencode(name)) + 20 > name_max:  # ".<name>.<12 hex>.tmp" is written first
+            raise LoraFileError(spath, f"cannot save: the file name is too long ({len(os.fsencode(name))} bytes; "
+                                       f"at most {name_max - 20} here)")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise LoraFileError(spath, f"cannot save: no permission to write in {folder}")
+        if need_bytes:
+            try:
+                free = shutil_disk_free(folder)
+            except OSError:
+                free = None
+            if free is not None and free < need_bytes:
+                raise LoraFileError(spath, f"cannot save: {folder} has {free / 1e9:.2f} GB free, the output "
+                                           f"needs about {need_bytes / 1e9:.2f} GB")
+    elif os.path.exists(folder):
+        raise LoraFileError(spath, f"cannot save: {folder} is not a folder")
+    else:
+        raise LoraFileError(spath, f"cannot save: the folder {folder} does not exist")
+    return spath
+
+
+def shutil_disk_free(folder: str) -> int:
+    import shutil
+
+    return shutil.disk_usage(folder).free
 
 
 # ----------------------------------------------------------------------------------------------

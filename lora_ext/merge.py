@@ -12,6 +12,7 @@ from .checkpoint import open_checkpoint
 from .deltas import binding_deltas, check_finite
 from .detect import LABELS, detect_base_model
 from .errors import AdapterError, BaseModelMismatch, LoraExtError, LoraFileError
+from .io import check_output_target
 from .keys import KeyMap
 from .network import Unmatched, load_lora
 
@@ -66,18 +67,33 @@ def check_output_path(out, source, what: str) -> str:
     It may not be ``source`` itself nor exist already, and beside a single-file ``source`` it
     must be a ``.safetensors`` file (a folder source is written as a folder).
     """
-    out = os.fspath(out)
-    if os.path.abspath(out) == os.path.abspath(os.fspath(source)):
+    out, source = os.fspath(out), os.fspath(source)
+    if os.path.abspath(out) == os.path.abspath(source):
         raise LoraFileError(out, f"output would overwrite the {what} checkpoint")
-    if os.path.exists(out):
+    if os.path.lexists(out):
         raise LoraFileError(out, "output already exists; choose a new path")
-    if not os.path.isdir(os.fspath(source)) and not out.endswith(".safetensors"):
+    folder_source = os.path.isdir(source)
+    if not folder_source and not out.endswith(".safetensors"):
         raise LoraFileError(out, "a single-file output must end in .safetensors")
-    return out
+    if folder_source:
+        inside = os.path.realpath(os.path.dirname(os.path.abspath(out)))
+        src = os.path.realpath(source)
+        if inside == src or inside.startswith(src.rstrip(os.sep) + os.sep):
+            raise LoraFileError(out, f"the output folder would lie inside the {what} folder {source}")
+    need = 0
+    if not folder_source:
+        try:
+            need = os.path.getsize(source)  # the output is about as large as the checkpoint
+        except OSError:
+            need = 0
+    return check_output_target(out, need_bytes=need)
 
 
-def merge(base, loras, out, *, log: Optional[Callable[[str], None]] = None) -> list:
-    """Bake ``loras`` ([(path, strength)]) into ``base`` and write ``out``; returns reports."""
+def merge(base, loras, out, *, log: Optional[Callable[[str], None]] = None, allow_empty: bool = False) -> list:
+    """Bake ``loras`` ([(path, strength)]) into ``base`` and write ``out``; returns reports.
+
+    A LoRA that changes nothing (no modules, rank 0 or all-zero factors, strength 0) is an
+    error unless ``allow_empty`` (then the output is the base, rewritten unchanged)."""
     log = log or (lambda s: None)
     out = check_output_path(out, base, "base")
     ckpt = open_checkpoint(base)
@@ -93,6 +109,7 @@ def merge(base, loras, out, *, log: Optional[Callable[[str], None]] = None) -> l
             _check_base(lora, detected, ckpt.family)
             res = lora.resolve(keymap)
             report.unmatched.extend(res.unmatched)
+            changes = 0  # modules whose delta is not all zeros
             for binding in res.bindings:
                 try:
                     deltas = binding_deltas(binding, ckpt.read)
@@ -103,6 +120,7 @@ def merge(base, loras, out, *, log: Optional[Callable[[str], None]] = None) -> l
                     report.unmatched.extend(Unmatched(k, reason) for k in sorted(binding.group.keys.values()))
                     continue
                 report.applied += 1
+                changes += any(bool(dw.any()) or (db is not None and bool(db.any())) for dw, db in deltas.values())
                 for t, (dw, db) in deltas.items():
                     acc = per_target.setdefault(t, [None, None])
                     acc[0] = strength * dw if acc[0] is None else acc[0] + strength * dw
@@ -110,6 +128,11 @@ def merge(base, loras, out, *, log: Optional[Callable[[str], None]] = None) -> l
                         acc[1] = strength * db if acc[1] is None else acc[1] + strength * db
             if report.applied == 0 and lora.groups:
                 raise BaseModelMismatch(f"{path}: nothing in this LoRA applies to {base} ({len(report.unmatched)} keys, e.g. {report.unmatched[0].key}: {report.unmatched[0].reason})")
+            if not allow_empty and (changes == 0 or strength == 0):
+                why = ("it holds no LoRA modules" if not lora.groups else "strength 0" if strength == 0 else
+                       f"its {report.applied} modules have rank 0 or all-zero factors")
+                raise LoraExtError(f"{path}: this LoRA changes nothing ({why}); nothing written "
+                                   "(--allow-empty writes the base unchanged)")
             reports.append(report)
             for line in report.lines():
                 log(line)
@@ -121,6 +144,8 @@ def merge(base, loras, out, *, log: Optional[Callable[[str], None]] = None) -> l
                 b0 = ckpt.read(t, "bias")
                 ckpt.write(t, "bias", finite_result(b0, b0.float() + db.reshape(b0.shape), f"{t.component}:{t.module}.bias"))
         ckpt.save(out)
+        for note in getattr(ckpt, "save_notes", ()):
+            log(note)
         log(f"wrote {out}: {len(per_target)} modules changed")
         return reports
     finally:

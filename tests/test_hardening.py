@@ -280,3 +280,146 @@ def test_generate_library_refuses_zero_size_and_nan_cfg():
         generate("unused.safetensors", "x", width=0)
     with pytest.raises(ValueError, match="cfg must be a finite number"):
         generate("unused.safetensors", "x", cfg=float("nan"))
+
+
+# ---------------------------------------------------------------------------------------------
+# item 4 / 5 / 7: merge outputs checked first, folder bases, empty LoRAs
+
+
+@pytest.fixture
+def sd1_files(tmp_path):
+    from test_merge import SD1_MODULES, _weights, write_diffusers_folder, write_kohya_lora, write_single_file
+
+    weights = _weights("sd1", SD1_MODULES[:3], torch.float32)
+    single = tmp_path / "model.safetensors"
+    write_single_file(single, "sd1", weights)
+    folder = tmp_path / "pipe"
+    write_diffusers_folder(str(folder), "sd1", weights)
+    lora = tmp_path / "lora.safetensors"
+    write_kohya_lora(lora, "sd1", SD1_MODULES[:2])
+    return single, folder, lora
+
+
+@pytest.mark.parametrize("which", ["single", "folder"])
+@pytest.mark.parametrize("case", ["missing_folder", "name_too_long", "out_is_a_file_folder", "inside_base", "no_room"])
+def test_merge_output_checked_before_any_work(tmp_path, capsys, monkeypatch, sd1_files, which, case):
+    import lora_ext.merge as lmerge
+
+    single, folder, lora = sd1_files
+    base = single if which == "single" else folder
+    name = "out.safetensors" if which == "single" else "out"
+    out, frag = {
+        "missing_folder": (tmp_path / "no" / "such" / name, "does not exist"),
+        "name_too_long": (tmp_path / ("x" * 250 + name), "file name is too long"),
+        "out_is_a_file_folder": (tmp_path / "model.safetensors" / name, "is not a folder"),
+        "inside_base": (folder / "sub" / name, "inside the base folder"),
+        "no_room": (tmp_path / name, "GB free"),
+    }[case]
+    if case == "inside_base" and which == "single":
+        pytest.skip("only a folder base has an inside")
+    if case == "no_room":
+        if which == "folder":
+            pytest.skip("a folder output's size is not estimated")
+        monkeypatch.setattr("lora_ext.io.shutil_disk_free", lambda folder: 1000)
+
+    def no_work(*a, **k):
+        raise AssertionError("the base was opened before the output was checked")
+
+    monkeypatch.setattr(lmerge, "open_checkpoint", no_work)
+    run_cli(["merge", "--base", base, "--lora", lora, "--out", out], capsys, folder=tmp_path, expect=[frag], bound=10)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
+def test_merge_output_folder_without_permission(tmp_path, capsys, sd1_files):
+    single, folder, lora = sd1_files
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        run_cli(["merge", "--base", single, "--lora", lora, "--out", ro / "o.safetensors"], capsys,
+                folder=tmp_path, expect=["no permission"])
+    finally:
+        ro.chmod(0o700)
+
+
+def _write_config(folder, text):
+    (folder / "unet" / "config.json").write_text(text)
+
+
+@pytest.mark.parametrize("text,frag", [
+    ("[1, 2, 3]", "config is an array, not a JSON object"),
+    ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+    ('{"block_out_channels": "abc", "in_channels": 4}', "cannot be used"),
+    ('{"in_channels": "abc"}', "cannot be used"),
+    ('{"layers_per_block": 1000000000}', "not a layer count"),
+    ('{"block_out_channels": [' + ",".join(["320"] * 1000) + "]}", "lists 1000 items"),
+    ("{nope", "cannot read config"),
+])
+def test_merge_folder_base_with_bad_config(tmp_path, capsys, sd1_files, text, frag):
+    single, folder, lora = sd1_files
+    _write_config(folder, text)
+    run_cli(["merge", "--base", folder, "--lora", lora, "--out", tmp_path / "out"], capsys, folder=tmp_path,
+            expect=[frag])
+
+
+def test_folder_merge_copies_only_the_pipeline(tmp_path, capsys, sd1_files):
+    """Unrelated files (a sparse 1 GB file) are not copied; a FIFO and a link loop are skipped
+    with a note; the other weight variant of a rewritten component is left out."""
+    single, folder, lora = sd1_files
+    with open(folder / "huge.bin", "wb") as fh:
+        fh.truncate(1 << 30)  # sparse
+    os.mkfifo(folder / "unet" / "pipe.fifo")
+    os.symlink("..", folder / "unet" / "loop")
+    (folder / "unet" / "diffusion_pytorch_model.fp16.safetensors").write_bytes(
+        (folder / "unet" / "diffusion_pytorch_model.safetensors").read_bytes())
+    (folder / "tokenizer").mkdir()
+    (folder / "tokenizer" / "vocab.json").write_text("{}")
+    out = tmp_path / "out"
+    capsys.readouterr()
+    t0 = time.monotonic()
+    assert main(["merge", "--base", str(folder), "--lora", str(lora), "--out", str(out)]) == 0
+    assert time.monotonic() - t0 < TIME_BOUND
+    printed = capsys.readouterr().out
+    assert "not copied (not part of the pipeline): huge.bin" in printed
+    assert "unet/pipe.fifo (not a regular file)" in printed and "unet/loop (a link loop" in printed
+    assert "fp16.safetensors (another variant of rewritten weights)" in printed
+    assert not (out / "huge.bin").exists() and not (out / "unet" / "pipe.fifo").exists()
+    assert not (out / "unet" / "diffusion_pytorch_model.fp16.safetensors").exists()
+    assert (out / "tokenizer" / "vocab.json").read_text() == "{}"
+    assert (out / "model_index.json").exists() and (out / "unet" / "config.json").exists()
+
+
+def _empty_lora(path):
+    write_st(path, {"__metadata__": {"ss_network_dim": "4"}})
+
+
+def _rank0_lora(path):
+    p = "lora_unet_down_blocks_0_attentions_0_proj_in"
+    save_file({f"{p}.lora_down.weight": torch.zeros(0, 320), f"{p}.lora_up.weight": torch.zeros(320, 0),
+               f"{p}.alpha": torch.tensor(1.0)}, str(path))
+
+
+def _zero_lora(path):
+    p = "lora_unet_down_blocks_0_attentions_0_proj_in"
+    save_file({f"{p}.lora_down.weight": torch.ones(4, 320), f"{p}.lora_up.weight": torch.zeros(320, 4)}, str(path))
+
+
+@pytest.mark.parametrize("make,strength,frag", [
+    (_empty_lora, "", "holds no LoRA modules"),
+    (_rank0_lora, "", "rank 0 or all-zero factors"),
+    (_zero_lora, "", "rank 0 or all-zero factors"),
+    (None, ":0", "strength 0"),
+])
+@pytest.mark.parametrize("which", ["single", "folder"])
+def test_merge_of_a_lora_that_changes_nothing(tmp_path, capsys, sd1_files, make, strength, frag, which):
+    single, folder, lora = sd1_files
+    if make is not None:
+        lora = tmp_path / "nothing.safetensors"
+        make(lora)
+    base = single if which == "single" else folder
+    out = tmp_path / ("out.safetensors" if which == "single" else "out")
+    run_cli(["merge", "--base", base, "--lora", f"{lora}{strength}", "--out", out], capsys, folder=tmp_path,
+            expect=["changes nothing", frag, "--allow-empty"])
+    capsys.readouterr()
+    assert main(["merge", "--base", str(base), "--lora", f"{lora}{strength}", "--out", str(out), "--allow-empty"]) == 0
+    assert out.exists()

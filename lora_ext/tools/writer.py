@@ -30,7 +30,7 @@ from typing import Iterable, Mapping, Optional
 import torch
 
 from ..errors import LoraExtError, LoraFileError
-from ..io import save_safetensors
+from ..io import check_output_target, save_safetensors
 from ..keys import Target
 
 Tensor = torch.Tensor
@@ -245,9 +245,9 @@ def check_out(out, fmt: str) -> str:
         raise FormatError(f"unknown output format {fmt!r}; expected kohya or peft")
     if not out.endswith(".safetensors"):
         raise LoraFileError(out, "a LoRA output must end in .safetensors")
-    if os.path.exists(out):
+    if os.path.lexists(out):
         raise LoraFileError(out, "output already exists; choose a new path")
-    return out
+    return check_output_target(out)
 
 
 def write_lora(out, entries: list, *, fmt: str = "kohya", family: str = "custom", layout: Mapping = None,
