@@ -39,7 +39,7 @@ def _cmd_demo(args) -> int:
     from .demo import write_demo_files
 
     for path in write_demo_files(args.folder):
-        print(path)
+        _print_line(path)
     return 0
 
 
@@ -176,24 +176,24 @@ def _generate(args) -> int:
                        device=args.device or ("cuda" if torch.cuda.is_available() else None), dtype=dtype)
     if args.verbose:
         for note in model.notes:
-            print(note)
+            _print_line(note)
     result = generate(
         model, args.prompt, args.negative, lora_dirs=args.lora_dir, sampler=args.sampler, schedule=args.schedule,
         steps=args.steps, cfg=args.cfg, seed=args.seed, width=args.width, height=args.height, batch=args.batch,
         init_image=args.init_image, denoise=args.denoise, out=args.out, clip_skip=args.clip_skip, eta=args.eta,
-        lora_method=args.lora_method, progress=not args.quiet, log=print,
+        lora_method=args.lora_method, progress=not args.quiet, log=_print_line,
     )
     s = result.settings
-    print(f"{s['sampler']} / {s['schedule']}, {s['steps']} steps, CFG {s['cfg']:g}, {s['width']}x{s['height']}")
+    _print_line(f"{s['sampler']} / {s['schedule']}, {s['steps']} steps, CFG {s['cfg']:g}, {s['width']}x{s['height']}")
     for path, seed in zip(result.paths, result.seeds):
-        print(f"{path}  (seed {seed})")
+        _print_line(f"{path}  (seed {seed})")
     return 0
 
 
 # --- LoRA tools ------------------------------------------------------------------------------
 def _tool_done(args, report) -> int:
     for line in report.lines(per_module=not args.summary_only):
-        print(line)
+        _print_line(line)  # module names, paths and reasons come from files
     if args.report_json:
         report.write_json(args.report_json)
     return 0
@@ -418,6 +418,10 @@ def _print_line(line) -> None:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "report_json", None):
+            from .io import check_output_target
+
+            check_output_target(args.report_json)  # before the work, not after it
         return args.func(args)
     except LoraExtError as exc:
         print(f"error: {printable(exc)}", file=sys.stderr)

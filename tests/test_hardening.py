@@ -423,3 +423,37 @@ def test_merge_of_a_lora_that_changes_nothing(tmp_path, capsys, sd1_files, make,
     capsys.readouterr()
     assert main(["merge", "--base", str(base), "--lora", f"{lora}{strength}", "--out", str(out), "--allow-empty"]) == 0
     assert out.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# item 6: report lines of the other tools escape text from files
+
+
+def test_tool_reports_escape_control_characters(tmp_path, capsys):
+    from test_merge import SD1_MODULES, write_kohya_lora
+    from safetensors.torch import load_file
+
+    lora = tmp_path / "lora.safetensors"
+    write_kohya_lora(lora, "sd1", SD1_MODULES[:2])
+    sd = load_file(str(lora))
+    sd["lora_unet_\x1b[2J\rFAKE: 0 keys not applied\n.lora_down.weight"] = torch.ones(2, 3)
+    evil = tmp_path / "evil.safetensors"
+    save_file(sd, str(evil))
+    capsys.readouterr()
+    code = main(["convert", str(evil), "--to", "peft", "--out", str(tmp_path / "out.safetensors")])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "\x1b" not in out and "\r" not in out
+    assert "\\x1b[2J\\x0dFAKE: 0 keys not applied\\x0a" in out
+    assert not any(line.startswith("FAKE") for line in out.splitlines())
+
+
+def test_tool_report_json_path_checked_before_the_work(tmp_path, capsys, monkeypatch):
+    from test_merge import SD1_MODULES, write_kohya_lora
+    import lora_ext.tools as tools
+
+    lora = tmp_path / "lora.safetensors"
+    write_kohya_lora(lora, "sd1", SD1_MODULES[:2])
+    monkeypatch.setattr(tools, "convert", lambda *a, **k: pytest.fail("the work ran first"))
+    run_cli(["convert", lora, "--to", "peft", "--out", tmp_path / "o.safetensors", "--report-json",
+             tmp_path / "missing" / "r.json"], capsys, folder=tmp_path, expect=["does not exist"])
