@@ -81,6 +81,8 @@ class LoKrAdapter(BaseAdapter):
         return self._r2 if self._r2 is not None else self._r1
 
     def scale(self):
+        if self.scale_override is not None:
+            return self.scale_override
         if self.rank is None:  # both factors full: LyCORIS uses scale 1 whatever alpha says
             return 1.0
         return super().scale()

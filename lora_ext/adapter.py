@@ -109,8 +109,13 @@ class Adapter:
         a = self.tensors.get("alpha")
         return None if a is None else float(a)
 
+    #: a scale the file's own convention fixes (PEFT LoHa/LoKr: the config's alpha / r), or None
+    scale_override: Optional[float] = None
+
     def scale(self) -> float:
         """alpha / rank, or 1 when the file has no alpha (kohya convention)."""
+        if self.scale_override is not None:
+            return self.scale_override
         a, r = self.alpha, self.rank
         if a is None or not r:
             return 1.0

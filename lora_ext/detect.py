@@ -42,18 +42,26 @@ _METADATA_HINTS = (
 
 @dataclass
 class BaseModel:
-    name: str  # "sd1" | "sd2" | "sdxl" | "sd3" | "flux" | "stable_cascade" | "unknown"
+    # "sd1" | "sd2" | "sdxl" | a DiT variant ("flux-dev", "sd3.5-large", ... see lora_ext.dit)
+    # | a family recognised by name only ("flux", "sd3", "stable_cascade") | "unknown"
+    name: str
     evidence: str
     scores: dict = field(default_factory=dict)  # arch -> groups that fit by shape
     v_prediction: bool = False
 
+    family_label: str = ""  # set when several variants of one DiT family fit alike
+
     @property
     def label(self) -> str:
-        return LABELS.get(self.name, self.name)
+        return self.family_label or _label(self.name)
 
     @property
     def supported(self) -> bool:
-        return self.name in SD_ARCHS
+        if self.name in SD_ARCHS:
+            return True
+        from .dit import VARIANTS
+
+        return self.name in VARIANTS
 
 
 def metadata_hint(metadata: dict):
@@ -77,33 +85,63 @@ def is_v_prediction(metadata: dict) -> bool:
 
 
 def detect_base_model(lora) -> BaseModel:
-    """Best guess of the base model of a loaded ``Lora``, with the evidence for it."""
+    """Best guess of the base model of a loaded ``Lora``, with the evidence for it.
+
+    Every key group is bound against the full-size layouts (SD1.x, SD2.x, SDXL; and, when SD
+    does not explain every group, each DiT variant: Flux.1 dev / schnell / Fill / Canny-Depth,
+    Chroma, SD3 Medium, SD3.5 Medium / Large, Qwen-Image), and the layout where the most
+    groups fit by name *and* shape wins. DiT variants that fit equally (a Flux LoRA without
+    guidance or input keys fits dev and schnell alike) are named as their family.
+    """
     prefixes = list(lora.groups)
     hint = metadata_hint(lora.metadata)
     vpred = is_v_prediction(lora.metadata)
-    for name, pattern in _OTHER_FAMILIES:
-        hits = sum(1 for p in prefixes if pattern.search(p))
-        if hits and hits * 4 >= len(prefixes):
-            return BaseModel(name, f"{hits} of {len(prefixes)} modules use {LABELS[name]} names", {}, vpred)
     scores = {arch: len(lora.resolve(arch_keymap(arch)).bindings) for arch in SD_ARCHS}
+    if not prefixes or max(scores.values(), default=0) < len(prefixes):
+        from . import dit
+
+        for variant in dit.VARIANTS:
+            scores[variant] = len(lora.resolve(arch_keymap(variant)).bindings)
     best = max(scores.values()) if scores else 0
     if best == 0:
+        for name, pattern in _OTHER_FAMILIES:
+            hits = sum(1 for p in prefixes if pattern.search(p))
+            if hits and hits * 4 >= len(prefixes):
+                return BaseModel(name, f"{hits} of {len(prefixes)} modules use {_label(name)} names, "
+                                       "but none fits a known model of that family by shape", scores, vpred)
         if hint:
-            return BaseModel(hint, f"no module fits SD1.x/SD2.x/SDXL; metadata says {LABELS[hint]}", scores, vpred)
-        return BaseModel("unknown", "no module fits SD1.x, SD2.x or SDXL by name and shape", scores, vpred)
-    top = [a for a in SD_ARCHS if scores[a] == best]
+            return BaseModel(hint, f"no module fits a known base model; metadata says {_label(hint)}", scores, vpred)
+        return BaseModel("unknown", "no module fits SD1.x, SD2.x, SDXL, Flux.1, Chroma, SD3 or Qwen-Image by "
+                                    "name and shape", scores, vpred)
+    top = [a for a in scores if scores[a] == best]
+    of = f"{best} of {len(prefixes)} {_modules(len(prefixes))}"
     if len(top) == 1:
         name = top[0]
-        why = f"{best} of {len(prefixes)} {_modules(len(prefixes))} fit {LABELS[name]} by name and shape"
-    elif hint in top:
-        name = hint
-        why = f"{best} {_modules(best)} fit {' and '.join(LABELS[a] for a in top)} alike; metadata says {LABELS[hint]}"
+        why = f"{of} fit {_label(name)} by name and shape"
+    elif hint and any(a == hint or a.startswith((hint + "-", hint + ".")) for a in top):
+        name = next(a for a in top if a == hint or a.startswith((hint + "-", hint + ".")))
+        why = f"{of} fit {' and '.join(_label(a) for a in top)} alike; metadata says {_label(hint)}"
     else:
         name = top[0]
-        why = f"{best} {_modules(best)} {'fits' if best == 1 else 'fit'} {' and '.join(LABELS[a] for a in top)} alike; chose {LABELS[name]}"
-    if hint and hint != name and len(top) == 1:
-        why += f" (metadata claims {LABELS[hint]}; shapes win)"
-    return BaseModel(name, why, scores, vpred)
+        why = f"{of} {'fits' if best == 1 else 'fit'} {' and '.join(_label(a) for a in top)} alike; chose {_label(name)}"
+    if hint and hint != name and len(top) == 1 and hint in SD_ARCHS:
+        why += f" (metadata claims {_label(hint)}; shapes win)"
+    base = BaseModel(name, why, scores, vpred)
+    if len(top) > 1 and name not in SD_ARCHS:
+        from . import dit
+
+        families = {dit.VARIANTS[a][0] for a in top if a in dit.VARIANTS}
+        if len(families) == 1:  # variants of one family fit alike: name the family
+            base.family_label = dit.FAMILIES[families.pop()].label
+    return base
+
+
+def _label(name: str) -> str:
+    if name in LABELS:
+        return LABELS[name]
+    from .dit import family_label
+
+    return family_label(name)
 
 
 def _modules(n: int) -> str:

@@ -396,12 +396,12 @@ def bind(host: HostModel, *, min_coverage: float = 0.9) -> BoundModel:
     for comp, root in host.components.items():
         if root is None:
             continue
-        if comp not in ("unet", "te1", "te2"):
-            raise LoraExtError(f"unknown model component {comp!r} (use unet, te1, te2)")
+        if comp not in ("unet", "te1", "te2", "te3"):
+            raise LoraExtError(f"unknown model component {comp!r} (use unet, te1, te2, te3)")
         naming = host.naming_of(comp)
         chosen = None
         tables = _candidate_tables(host.family, comp)
-        dit_table = _dit_table(root) if comp == "unet" else None
+        dit_table = _dit_table(root) if comp == "unet" else _t5_table(root) if comp == "te3" else None
         if dit_table is not None:
             tables = iter([dit_table])
         for fam, table in tables:
@@ -437,6 +437,19 @@ def _dit_label(family: str) -> str:
     from .dit import family_label
 
     return family_label(family)
+
+
+def _t5_table(root):
+    """("t5", table) of a T5 encoder (the DiT families' te3), or None."""
+    from .dit.text import t5_dims, t5_table
+
+    try:
+        shapes = {name: tuple(t.shape) for name, t in root.state_dict(keep_vars=True).items()
+                  if isinstance(t, torch.Tensor)}
+    except Exception:  # noqa: BLE001
+        return None
+    dims = t5_dims(shapes)
+    return None if dims is None else ("t5", {p: i for p, i in t5_table(dims).items()})
 
 
 def _dit_table(root):

@@ -99,7 +99,7 @@ def group_keys(keys: Iterable[str], names: Iterable[str] = _BASE_NAMES) -> dict[
 class Target:
     """One module of the model: where a LoRA group's delta goes."""
 
-    component: str  # "unet" | "te1" | "te2"
+    component: str  # "unet" | "te1" | "te2" | "te3" (a DiT's T5)
     module: str  # canonical path: diffusers naming (unet), HF CLIP without `text_model.` (te)
     block: str  # "BASE" | "INxx" | "M00" | "OUTxx"
 
@@ -135,11 +135,18 @@ class Candidate:
 # kohya prefixes per component; "lora_te_" is SD1/SD2's only TE and SDXL's first.
 # kohya's networks.oft writes "oft_unet_" / "oft_te_" instead of "lora_". OneTrainer's
 # legacy DiT files name the denoiser "lora_transformer_" (diffusers paths, flattened).
+# te3 is the DiT families' T5: kohya writes "lora_te3_", OneTrainer "lora_te2_" on Flux (its
+# names cannot be confused with a CLIP's, so both prefixes are safe).
 KOHYA_PREFIX = {"unet": ("lora_unet_", "oft_unet_", "lora_transformer_"),
                 "te1": ("lora_te_", "lora_te1_", "oft_te_", "oft_te1_"),
-                "te2": ("lora_te2_", "oft_te2_")}
-# diffusers pipelines call the denoiser "unet" (SD) or "transformer" (DiT families)
-DIFFUSERS_PREFIX = {"unet": ("unet.", "transformer."), "te1": ("text_encoder.", "te."), "te2": ("text_encoder_2.",)}
+                "te2": ("lora_te2_", "oft_te2_"),
+                "te3": ("lora_te3_", "lora_te2_")}
+# diffusers pipelines call the denoiser "unet" (SD) or "transformer" (DiT families); ComfyUI
+# and OneTrainer's OMI files name the text encoders after the model (clip_l, clip_g, t5xxl)
+DIFFUSERS_PREFIX = {"unet": ("unet.", "transformer."),
+                    "te1": ("text_encoder.", "te.", "text_encoders.clip_l.transformer.", "clip_l."),
+                    "te2": ("text_encoder_2.", "text_encoders.clip_g.transformer.", "clip_g."),
+                    "te3": ("text_encoder_3.", "text_encoder_2.", "text_encoders.t5xxl.transformer.", "t5.")}
 # Prefixes that don't say the component: resolve by shape among all components.
 NEUTRAL_FLAT = ("lycoris_", "lora_")
 NEUTRAL_DOTTED = ("base_model.model.", "")

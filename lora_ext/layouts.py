@@ -20,13 +20,36 @@ SD_ARCHS = arch.ARCHS
 
 @functools.lru_cache(maxsize=None)
 def arch_layout(name: str) -> dict:
-    return {comp: arch.module_table(name, comp) for comp in arch.components(name)}
+    """The full-size layout of an SD family or a DiT variant (``lora_ext.dit.VARIANTS``)."""
+    if name in SD_ARCHS:
+        return {comp: arch.module_table(name, comp) for comp in arch.components(name)}
+    from . import dit
+    from .dit.text import t5_table
+
+    family = dit.VARIANTS[name][0]
+    layout = {"unet": dit.variant_table(name)}
+    # the text encoders LoRAs touch: CLIP-L (SD1's), SD3's CLIP-G (SDXL's second), T5-XXL
+    if family in ("flux", "sd3"):
+        layout["te1"] = arch.module_table("sd1", "te1")
+    if family == "sd3":
+        layout["te2"] = arch.module_table("sdxl", "te2")
+    if family in ("flux", "chroma", "sd3"):
+        layout["te3"] = t5_table()
+    return layout
+
+
+def label_of(name: str) -> str:
+    if name in SD_ARCHS:
+        return {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL"}[name]
+    from .dit import family_label
+
+    return family_label(name)
 
 
 @functools.lru_cache(maxsize=None)
 def arch_keymap(name: str) -> KeyMap:
-    """KeyMap of a full-size SD family (built once per process)."""
-    return KeyMap(arch_layout(name), label={"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL"}[name])
+    """KeyMap of a full-size SD family or DiT variant (built once per process)."""
+    return KeyMap(arch_layout(name), label=label_of(name))
 
 
 def family_from_unet_config(unet_config: Optional[Mapping], configs: Mapping = ()) -> str:

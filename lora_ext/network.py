@@ -169,6 +169,8 @@ def load_lora(path, *, peft_config: Optional[dict] = None) -> Lora:
         if config and "alpha" not in group.tensors and "lora_down.weight" in group.tensors:
             _inject_peft_alpha(group, config)
         build_adapter(group, types, metadata)
+        if config and group.adapter is not None and "alpha" not in group.tensors:
+            _peft_lycoris_scale(group, config)
     return Lora(path, metadata, groups, file_format)
 
 
@@ -230,6 +232,20 @@ def _inject_peft_alpha(group: Group, config: dict) -> None:
     scale = float(alpha) / (float(r) ** 0.5 if cfg.get("use_rslora") else float(r))
     # Stored as an equivalent kohya alpha, so alpha / rank reproduces PEFT's scaling.
     group.tensors["alpha"] = torch.tensor(scale * rank, dtype=torch.float32)
+
+
+def _peft_lycoris_scale(group: Group, config: dict) -> None:
+    """PEFT's LoHa and LoKr scale by ``alpha / r`` from their config, always (``peft/tuners/
+    loha|lokr/layer.py``), where a LyCORIS file's LoKr with both factors full uses 1: the same
+    tensors mean different things, and only the config tells which (see the DiT reference §2.0)."""
+    cfg = _config_for(group, config)
+    kind = str(cfg.get("peft_type", "")).upper() if cfg else ""
+    if kind not in ("LOHA", "LOKR"):
+        return
+    r = _pattern_value(cfg.get("rank_pattern"), group.prefix) or cfg.get("r")
+    alpha = _pattern_value(cfg.get("alpha_pattern"), group.prefix) or cfg.get("alpha") or r
+    if r:
+        group.adapter.scale_override = float(alpha) / float(r)
 
 
 def describe_failure(exc: Exception) -> str:

@@ -42,7 +42,7 @@ __all__ = ["Session", "HostModel", "LoraReport", "new_plugin_manager", "spec_fro
 
 log = logging.getLogger("lora_ext")
 
-TE_COMPONENTS = ("te1", "te2")
+TE_COMPONENTS = ("te1", "te2", "te3")
 
 
 def new_plugin_manager() -> pluggy.PluginManager:

@@ -18,7 +18,8 @@ from ..network import Lora
 from ..spec import LoraSpec
 
 COMPONENT_ALIASES = {"unet": "unet", "te1": "te1", "te2": "te2", "te": "te1", "text_encoder": "te1",
-                     "text_encoder_1": "te1", "text_encoder_2": "te2", "clip_l": "te1", "clip_g": "te2"}
+                     "text_encoder_1": "te1", "text_encoder_2": "te2", "clip_l": "te1", "clip_g": "te2",
+                     "transformer": "unet", "te3": "te3", "t5": "te3", "t5xxl": "te3", "text_encoder_3": "te3"}
 
 
 def components_of(model) -> dict:
@@ -29,19 +30,27 @@ def components_of(model) -> dict:
                 continue
             comp = COMPONENT_ALIASES.get(str(k).lower())
             if comp is None:
-                raise LoraExtError(f"unknown model component {k!r} (use unet, te1, te2)")
+                raise LoraExtError(f"unknown model component {k!r} (use unet, te1, te2, te3)")
             out[comp] = v
         return out
     if isinstance(model, nn.Module):
         cfg = getattr(model, "config", None)
         if isinstance(cfg, dict) and "block_out_channels" in cfg:
             return {"unet": model}
+        if dit_table(model) is not None:  # a DiT denoiser (Flux, Chroma, SD3, Qwen-Image)
+            return {"unet": model}
+        if t5_table(model) is not None:  # a DiT's T5 encoder
+            return {"te3": model}
         return {"te1": model}
-    # a diffusers pipeline (or anything with the same attributes)
+    # a diffusers pipeline (or anything with the same attributes); a DiT pipeline's denoiser
+    # is its "transformer"
     out = {}
-    for attr, comp in (("unet", "unet"), ("text_encoder", "te1"), ("text_encoder_2", "te2")):
+    for attr, comp in (("unet", "unet"), ("transformer", "unet"), ("text_encoder", "te1"),
+                       ("text_encoder_2", "te2"), ("text_encoder_3", "te3")):
         m = getattr(model, attr, None)
         if isinstance(m, nn.Module):
+            if comp == "te2" and t5_table(m) is not None:
+                comp = "te3"  # Flux's text_encoder_2 is its T5
             out[comp] = m
     if not out:
         raise LoraExtError(f"cannot apply LoRAs to a {type(model).__name__}: pass a UNet, a text encoder, "
@@ -77,6 +86,19 @@ def _fingerprint(index: dict) -> tuple:
     return tuple((name, id(mod)) for name, mod in index.items())
 
 
+def dit_table(model):
+    """(family, table) of a DiT denoiser in diffusers naming, or None."""
+    from ..hostmodel import _dit_table
+
+    return _dit_table(model)
+
+
+def t5_table(model):
+    from ..hostmodel import _t5_table
+
+    return _t5_table(model)
+
+
 def keymap_for(components: dict, index: dict) -> KeyMap:
     """KeyMap of live models, cached while the models' modules stay the same."""
     from ..arch import table_for_model
@@ -86,7 +108,8 @@ def keymap_for(components: dict, index: dict) -> KeyMap:
         fp = (comp, _fingerprint(index[comp]))
         cached = _TABLES.get(model)
         if cached is None or cached[0] != fp:
-            cached = (fp, table_for_model(comp, model, config_of(model)))
+            dit = dit_table(model) if comp == "unet" else t5_table(model) if comp == "te3" else None
+            cached = (fp, dit[1] if dit is not None else table_for_model(comp, model, config_of(model)))
             _TABLES[model] = cached
         tables[comp] = cached[1]
     last = _LAST_KEYMAP[0]
