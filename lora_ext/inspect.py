@@ -20,9 +20,9 @@ def inspect_lora(path) -> dict:
         bindings, unmatched = res.bindings, res.unmatched
     else:
         why = (
-            f"{base.label} LoRA: recognised, not supported yet"
+            f"{base.label} names, but no module of a known {base.label} model has this name and shape"
             if base.name != "unknown"
-            else f"no module of SD1.x, SD2.x or SDXL has this name and shape"
+            else "no module of SD1.x, SD2.x, SDXL, Flux.1, Chroma, SD3 or Qwen-Image has this name and shape"
         )
         bindings = []
         unmatched = [Unmatched(k, why) for g in lora.groups.values() for k in sorted(g.keys.values())]

@@ -171,7 +171,7 @@ MAX_RANK = 65_536
 MAX_ALPHA = 1e6
 #: an adapter_config.json is a few hundred bytes; refused beyond this
 MAX_CONFIG_BYTES = 10_000_000
-_PEFT_NUMBERS = {"r": "rank", "lora_alpha": "alpha"}
+_PEFT_NUMBERS = {"r": "rank", "lora_alpha": "alpha", "alpha": "alpha"}  # "alpha": LoHa/LoKr configs
 _PEFT_PATTERNS = {"rank_pattern": "r", "alpha_pattern": "lora_alpha"}
 _PEFT_FLAGS = ("use_rslora", "use_dora")
 
@@ -215,7 +215,10 @@ def check_peft_config(cfg: Any, *, depth: int = 0) -> Optional[str]:
         if field in _PEFT_NUMBERS:
             if value is None:
                 continue
-            problem = _bad_number(value, field, key)
+            if field == "r" and value == 0 and not isinstance(value, bool) and (
+                    str(cfg.get("peft_type", "")).upper() in ("OFT", "BOFT") or cfg.get("oft_block_size")):
+                continue  # PEFT's OFT sizes its blocks by oft_block_size and writes r = 0
+            problem = _bad_number(value, "r" if field == "r" else "lora_alpha", key)
         elif field in _PEFT_PATTERNS:
             if value is None:
                 continue
