@@ -457,3 +457,24 @@ def test_tool_report_json_path_checked_before_the_work(tmp_path, capsys, monkeyp
     monkeypatch.setattr(tools, "convert", lambda *a, **k: pytest.fail("the work ran first"))
     run_cli(["convert", lora, "--to", "peft", "--out", tmp_path / "o.safetensors", "--report-json",
              tmp_path / "missing" / "r.json"], capsys, folder=tmp_path, expect=["does not exist"])
+
+
+# ---------------------------------------------------------------------------------------------
+# item 8: argument handling and --help load no heavy module
+
+
+@pytest.mark.parametrize("argv", [
+    ["--help"], ["merge", "--help"], ["generate", "--checkpoint", "c", "--prompt", "p", "--cfg", "nan"],
+    ["generate", "--checkpoint", "c", "--prompt", "p", "--width", "0"], ["frobnicate"],
+])
+def test_cli_start_imports_no_torch(argv):
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom lora_ext.cli import main\ntry:\n    main(%r)\nexcept SystemExit:\n    pass\n"
+            "heavy = sorted(m for m in ('torch', 'diffusers', 'transformers', 'PIL', 'numpy', 'safetensors') "
+            "if m in sys.modules)\nprint('HEAVY', heavy)\n") % (argv,)
+    t0 = time.monotonic()
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert "HEAVY []" in res.stdout, (res.stdout, res.stderr)
+    assert time.monotonic() - t0 < 20
