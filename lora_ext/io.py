@@ -767,11 +767,15 @@ def _open_pickle(path: str, kind: str) -> TensorFile:
     obj = _unwrap(obj, skipped)
     if not isinstance(obj, dict):
         raise LoraFileError(path, f"holds a {_py_type(obj)}, expected a dict of tensors")
+    if len(obj) > MAX_TENSORS:
+        raise LoraFileError(path, f"holds {len(obj)} entries, more than the {MAX_TENSORS} tensors allowed")
     tensors: dict[str, torch.Tensor] = {}
     for k, v in obj.items():
         if not isinstance(k, str):
             raise LoraFileError(path, f"key {k!r} is a {_py_type(k)}, expected a string tensor name")
         if isinstance(v, torch.Tensor):
+            if v.dim() > MAX_NDIM:
+                raise LoraFileError(path, f"tensor {_quote(k)} has {v.dim()} dimensions, more than the {MAX_NDIM} allowed")
             tensors[k] = v
             continue
         if kind == "checkpoint" and (v is None or isinstance(v, (bool, int, float, str))):

@@ -478,3 +478,56 @@ def test_cli_start_imports_no_torch(argv):
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert "HEAVY []" in res.stdout, (res.stdout, res.stderr)
     assert time.monotonic() - t0 < 20
+
+
+# ---------------------------------------------------------------------------------------------
+# more of item 4: pickles, a full disk, a size that cannot be allocated
+
+
+def test_pickle_bounds(tmp_path, capsys):
+    p = tmp_path / "dims.pt"
+    torch.save({"lora_unet_x.lora_down.weight": torch.zeros([1] * 20)}, p)
+    run_cli(["inspect", p], capsys, folder=tmp_path, expect=[str(p), "20 dimensions"])
+
+
+def test_folder_merge_on_a_full_disk(tmp_path, capsys, monkeypatch, sd1_files):
+    import errno
+    import shutil as _shutil
+
+    single, folder, lora = sd1_files
+    (folder / "tokenizer").mkdir()
+    (folder / "tokenizer" / "vocab.json").write_text("{}")
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(_shutil, "copyfile", full)
+    out = tmp_path / "out"
+    run_cli(["merge", "--base", folder, "--lora", lora, "--out", out], capsys, folder=tmp_path,
+            expect=[f"{out}: cannot save: No space left on device"])
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".lora-ext-")]
+
+
+def test_generate_size_that_cannot_be_allocated(tmp_path, capsys, monkeypatch):
+    import lora_ext.cli as cli
+
+    def boom(args):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 1099511627776 bytes.\nmore")
+
+    monkeypatch.setattr(cli, "_generate", boom)
+    run_cli(["generate", "--checkpoint", tmp_path / "c.safetensors", "--prompt", "p", "--width", "16384",
+             "--height", "16384", "--out", tmp_path / "o"], capsys, folder=tmp_path,
+            expect=["not enough memory", "nothing was written"])
+
+
+def test_unexpected_failure_is_one_line(tmp_path, capsys, monkeypatch):
+    import lora_ext.cli as cli
+
+    monkeypatch.setattr(cli, "_cmd_demo", lambda args: {}["missing"])
+    monkeypatch.delenv("LORA_EXT_TRACEBACK", raising=False)
+    parser = cli.build_parser()
+    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    parser._subparsers._group_actions[0].choices["demo-files"].set_defaults(func=cli._cmd_demo)
+    line = run_cli(["demo-files", tmp_path / "d"], capsys, folder=tmp_path, code_ok=(3,))
+    assert "internal error (KeyError" in line
