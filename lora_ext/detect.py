@@ -130,9 +130,9 @@ def detect_base_model(lora) -> BaseModel:
     if len(top) > 1 and name not in SD_ARCHS:
         from . import dit
 
-        families = {dit.VARIANTS[a][0] for a in top if a in dit.VARIANTS}
-        if len(families) == 1:  # variants of one family fit alike: name the family
-            base.family_label = dit.FAMILIES[families.pop()].label
+        if all(a in dit.VARIANTS for a in top):  # variants fit alike: name their families
+            families = list(dict.fromkeys(dit.VARIANTS[a][0] for a in top))
+            base.family_label = " or ".join(dit.FAMILIES[f].label for f in families)
     return base
 
 

@@ -143,7 +143,7 @@ KOHYA_PREFIX = {"unet": ("lora_unet_", "oft_unet_", "lora_transformer_"),
                 "te3": ("lora_te3_", "lora_te2_")}
 # diffusers pipelines call the denoiser "unet" (SD) or "transformer" (DiT families); ComfyUI
 # and OneTrainer's OMI files name the text encoders after the model (clip_l, clip_g, t5xxl)
-DIFFUSERS_PREFIX = {"unet": ("unet.", "transformer."),
+DIFFUSERS_PREFIX = {"unet": ("unet.", "transformer.", "transformer.base_model.model."),
                     "te1": ("text_encoder.", "te.", "text_encoders.clip_l.transformer.", "clip_l."),
                     "te2": ("text_encoder_2.", "text_encoders.clip_g.transformer.", "clip_g."),
                     "te3": ("text_encoder_3.", "text_encoder_2.", "text_encoders.t5xxl.transformer.", "t5.")}
@@ -279,7 +279,12 @@ class KeyMap:
 
     # --- lookup --------------------------------------------------------------------------
     def candidates(self, prefix: str) -> list[Candidate]:
-        return list(self._aliases.get(prefix, ()))
+        found = self._aliases.get(prefix)
+        if found is None and prefix.endswith("_"):
+            # SimpleTuner wrote kohya-style names with a trailing underscore
+            # ("..._attn_to_k_.lora_down.weight", Comfy-Org/ComfyUI#4347)
+            found = self._aliases.get(prefix.rstrip("_"))
+        return list(found or ())
 
     def __contains__(self, prefix: str) -> bool:
         return prefix in self._aliases
