@@ -26,6 +26,9 @@ Tensor = torch.Tensor
 
 class Checkpoint:
     family: str = "custom"
+    #: how the stored modules are named, for KeyMap (a DiT's original layout fuses q/k/v and
+    #: swaps the final modulation's halves): "ldm" for single files, "diffusers" for folders
+    naming: str = "ldm"
     layout: dict
     #: (component, path) -> (stored input channels, the table's): a wider input layer (an
     #: inpainting / instruct-pix2pix / depth UNet's conv_in); LoRAs read and write its first
@@ -92,6 +95,14 @@ class SingleFileCheckpoint(Checkpoint):
         self.path = os.fspath(path)
         self.tf = open_tensors(self.path, kind="checkpoint")
         keys = set(self.tf.keys())
+        self.pending: dict = {}  # ldm key -> new tensor (full param, stored dtype)
+        from .dit.files import single_file_layout
+
+        dit = single_file_layout(keys, self.tf.shape)
+        if dit is not None:  # a Flux / Chroma / SD3 / Qwen-Image single file (original layout)
+            self.family, self.layout = dit
+            self.naming = "ldm"
+            return
         self.family = next((fam for fam, marker in SINGLE_FILE_MARKERS if any(k.startswith(marker) for k in keys)), None)
         if self.family is None:
             if any(k.startswith("model.diffusion_model.") for k in keys):
@@ -219,6 +230,8 @@ def read_config(cfg_path: str) -> dict:
 
 class DiffusersFolder(Checkpoint):
     """A diffusers pipeline folder; components it lacks are simply absent."""
+
+    naming = "diffusers"
 
     def __init__(self, path):
         self.path = os.fspath(path)

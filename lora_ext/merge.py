@@ -98,7 +98,7 @@ def merge(base, loras, out, *, log: Optional[Callable[[str], None]] = None, allo
     out = check_output_path(out, base, "base")
     ckpt = open_checkpoint(base)
     try:
-        keymap = KeyMap(ckpt.layout, label=f"this checkpoint ({LABELS.get(ckpt.family, ckpt.family)})")
+        keymap = KeyMap(ckpt.layout, label=f"this checkpoint ({_label(ckpt.family)})", naming=ckpt.naming)
         for note in ckpt.notes:
             log(note)
         reports, per_target = [], {}
@@ -150,6 +150,12 @@ def merge(base, loras, out, *, log: Optional[Callable[[str], None]] = None, allo
         return reports
     finally:
         ckpt.close()
+
+
+def _label(family: str) -> str:
+    from .detect import _label as label
+
+    return label(family)
 
 
 def _check_base(lora, detected, family: str) -> None:

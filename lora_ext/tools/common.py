@@ -131,7 +131,8 @@ def open_model(base=None, loras=(), *, what: str = "this LoRA") -> Model:
     if base is not None:
         ckpt = open_checkpoint(base)
         label = LABELS.get(ckpt.family, ckpt.family)
-        return Model(ckpt.family, ckpt.layout, KeyMap(ckpt.layout, label=f"this checkpoint ({label})"), ckpt)
+        return Model(ckpt.family, ckpt.layout, KeyMap(ckpt.layout, label=f"this checkpoint ({label})",
+                                                        naming=ckpt.naming), ckpt)
     names = set()
     for lora in loras:
         found = detect_base_model(lora)

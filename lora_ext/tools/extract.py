@@ -217,7 +217,8 @@ def restore_base(merged, loras, out, *, reference=None, max_iter: int = 30, prog
     ref = open_checkpoint(reference) if reference is not None else None
     report = Report("unmerge", out)
     try:
-        keymap = KeyMap(ckpt.layout, label=f"this checkpoint ({LABELS.get(ckpt.family, ckpt.family)})")
+        keymap = KeyMap(ckpt.layout, label=f"this checkpoint ({LABELS.get(ckpt.family, ckpt.family)})",
+                        naming=ckpt.naming)
         work = []  # (binding, strength)
         for path, strength in loras:
             lora = load_lora(path)

@@ -54,7 +54,7 @@ METHODS = ("align", "project")
 def _model(path) -> Model:
     ckpt = open_checkpoint(path)
     label = LABELS.get(ckpt.family, ckpt.family)
-    return Model(ckpt.family, ckpt.layout, KeyMap(ckpt.layout, label=f"{path} ({label})"), ckpt)
+    return Model(ckpt.family, ckpt.layout, KeyMap(ckpt.layout, label=f"{path} ({label})", naming=ckpt.naming), ckpt)
 
 
 def _stack(model: Model, targets) -> Optional[Tensor]:
