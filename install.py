@@ -1,12 +1,16 @@
-"""Installer for lora-ext inside a host UI (A1111/SD.Next run it on extension load).
+"""Installer for lora-ext inside a host UI (A1111/SD.Next run it on extension load; ComfyUI
+users and ComfyUI-Manager run it from ``custom_nodes/lora-ext``).
 
 It installs lora-ext into the host's own Python environment without touching anything the host
 pinned: the host runtime needs only torch (the host's own; never installed here), safetensors,
 numpy and pluggy. Those of the last three that are missing are installed (never upgraded),
 then this folder with ``--no-deps`` in editable mode, so updating the extension (``git pull``)
 needs no reinstall. diffusers and transformers are not needed in a host (the SD module tables
-ship as data). Finally ``import lora_ext.hosts.a1111.shim`` is tried in a fresh interpreter;
-if it fails the installer exits with the reason. Usable standalone too: ``python install.py``.
+ship as data). Run from the extension / node folder, where ``./lora_ext`` is importable from the
+working directory, it still installs: it asks the package metadata, and checks what imports
+from a fresh interpreter in an empty folder. Finally the host shims (``lora_ext.hosts.a1111.shim``,
+``lora_ext.hosts.comfyui.patching``) are imported in such a fresh interpreter; if that fails the
+installer exits with the reason. Usable standalone too: ``python install.py``.
 """
 import importlib.metadata
 import importlib.util
@@ -19,7 +23,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # Runtime dependencies besides torch (distribution name -> requirement to install when missing).
 # None of them has dependencies of its own, so --no-deps loses nothing.
 REQUIREMENTS = {"safetensors": "safetensors>=0.4", "numpy": "numpy>=1.24", "pluggy": "pluggy>=1.3"}
-CHECK_IMPORT = "lora_ext.hosts.a1111.shim"
+CHECK_IMPORTS = ("lora_ext.hosts.a1111.shim", "lora_ext.hosts.comfyui.patching")
 
 
 def installed(dist: str) -> bool:
@@ -105,10 +109,11 @@ def main():
         pip("--no-deps", *need)
     if not installed_here():
         pip("--no-deps", *build_isolation_flags(), "-e", HERE)
-    res = run_python(f"import {CHECK_IMPORT}")
+    check = "; ".join(f"import {m}" for m in CHECK_IMPORTS)
+    res = run_python(check)
     if res.returncode != 0:
         tail = "\n".join((res.stderr or res.stdout).strip().splitlines()[-8:])
-        sys.exit(f"lora-ext: installed, but `import {CHECK_IMPORT}` fails in this environment "
+        sys.exit(f"lora-ext: installed, but `{check}` fails in this environment "
                  f"({sys.executable}):\n{tail}\nlora-ext will not work until this is fixed.")
 
 

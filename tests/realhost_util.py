@@ -538,6 +538,183 @@ def set_model(url: str, title: str, timeout: float = 900):
     return _post(url.rstrip("/") + "/sdapi/v1/options", {"sd_model_checkpoint": title}, timeout)
 
 
+
+# --------------------------------------------------------------------------- ComfyUI
+# A real ComfyUI checkout (Comfy-Org/ComfyUI) in LORA_EXT_COMFYUI_DIR, its interpreter
+# <dir>/venv/bin/python unless LORA_EXT_COMFYUI_PYTHON names another. It is driven through its
+# own HTTP API (POST /prompt, GET /history/<id>, POST /free), on 127.0.0.1, --cpu.
+
+def comfyui_dir() -> str | None:
+    return host_dir("comfyui")
+
+
+def comfyui_python() -> str | None:
+    return host_python("comfyui")
+
+
+def _wait_history(url: str, prompt_id: str, timeout: float) -> dict:
+    t0 = time.time()
+    while True:
+        h = _get(f"{url}/history/{prompt_id}", timeout=30)
+        if prompt_id in h:
+            return h[prompt_id]
+        if time.time() - t0 > timeout:
+            raise TimeoutError(f"ComfyUI prompt {prompt_id} did not finish within {timeout}s")
+        time.sleep(0.2)
+
+
+def comfy_run(url: str, graph: dict, timeout: float = 900) -> dict:
+    """Queue an API-format workflow and wait for it; returns its /history entry (with
+    ``outputs`` and ``status``). Raises with ComfyUI's own error when the prompt fails."""
+    r = _post(url.rstrip("/") + "/prompt", {"prompt": graph, "client_id": "lora-ext-tests"}, timeout=120)
+    if r.get("node_errors"):
+        raise RuntimeError(f"ComfyUI refused the prompt: {json.dumps(r['node_errors'])[:2000]}")
+    entry = _wait_history(url.rstrip("/"), r["prompt_id"], timeout)
+    status = entry.get("status") or {}
+    if status.get("status_str") != "success":
+        msgs = [m for m in status.get("messages", []) if m and m[0] == "execution_error"]
+        raise RuntimeError(f"ComfyUI prompt failed: {json.dumps(msgs)[:4000]}")
+    return entry
+
+
+def comfy_seconds(entry: dict) -> float:
+    """Wall time of one executed prompt, from ComfyUI's own execution_start/success timestamps."""
+    ts = {m[0]: m[1].get("timestamp") for m in (entry.get("status") or {}).get("messages", []) if m}
+    return (ts["execution_success"] - ts["execution_start"]) / 1000.0
+
+
+def comfy_free(url: str) -> None:
+    """POST /free: unload every model (weights unpatched) and free memory, before the next prompt."""
+    _post(url.rstrip("/") + "/free", {"unload_models": True, "free_memory": True}, timeout=120)
+
+
+@contextlib.contextmanager
+def start_comfyui(extra_args=(), env=None, boot_timeout: float = 300, log_path=None,
+                  checkout: str | None = None, python: str | None = None):
+    """Boot ComfyUI headless (``main.py --cpu --listen 127.0.0.1 --port N``), wait until
+    /system_stats answers, yield a RunningHost, kill its process group on exit."""
+    d = checkout or comfyui_dir()
+    py = python or comfyui_python()
+    if not d or not py:
+        raise RuntimeError("ComfyUI not configured (LORA_EXT_COMFYUI_DIR)")
+    port = free_port()
+    cmd = [py, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--disable-auto-launch",
+           *extra_args]
+    e = dict(os.environ)
+    e.update({"PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "DO_NOT_TRACK": "1"})
+    e.pop("VIRTUAL_ENV", None)
+    e.pop("PYTHONPATH", None)
+    if env:
+        e.update(env)
+    if log_path is None:
+        fd, log_path = tempfile.mkstemp(prefix="comfyui-", suffix=".log")
+        os.close(fd)
+    logf = open(log_path, "wb")
+    t0 = time.time()
+    proc = subprocess.Popen(cmd, cwd=d, env=e, stdout=logf, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+    h = RunningHost("comfyui", proc, port, log_path)
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"ComfyUI exited with {proc.returncode} during boot:\n{h.log()[-4000:]}")
+            if time.time() - t0 > boot_timeout:
+                raise TimeoutError(f"ComfyUI did not answer within {boot_timeout}s:\n{h.log()[-4000:]}")
+            try:
+                _get(h.url + "/system_stats", timeout=5)
+                break
+            except (OSError, ValueError):
+                time.sleep(1)
+        h.boot_s = time.time() - t0
+        yield h
+    finally:
+        h.stop()
+        logf.close()
+
+
+# kohya module names (ldm spelling, as ComfyUI's key map also reads them) of a full-size SD1.5
+# UNet and CLIP-L, with their weight shapes: attention, feed-forward, 1x1 proj convs, 3x3 resnet
+# convs, and text-encoder projections.
+def sd15_lora_modules(n_blocks: int = 16, with_te: bool = True, with_convs: bool = True) -> dict:
+    """``{kohya name: weight shape}`` for ``n_blocks`` of the 16 SD1.5 transformer blocks (all
+    their attention, feed-forward and proj_in/proj_out layers), plus resnet 3x3 convs and
+    CLIP-L attention/MLP layers."""
+    shapes = checkpoint_shapes("sd15")
+    out = {}
+    blocks = sorted({k.split(".transformer_blocks.")[0] for k in shapes
+                     if ".transformer_blocks." in k and k.startswith("model.diffusion_model.")})
+    for b in blocks[:n_blocks]:
+        for k, shape in shapes.items():
+            if not k.startswith(b + ".") or not k.endswith(".weight") or len(shape) < 2:
+                continue
+            mod = k[len("model.diffusion_model."):-len(".weight")]
+            if ".norm" in mod:
+                continue
+            out["lora_unet_" + mod.replace(".", "_")] = tuple(shape)
+    if with_convs:
+        for k, shape in shapes.items():
+            if k.startswith("model.diffusion_model.") and k.endswith("in_layers.2.weight") and len(shape) == 4:
+                mod = k[len("model.diffusion_model."):-len(".weight")]
+                if mod.startswith(("input_blocks.1.", "output_blocks.11.")):
+                    out["lora_unet_" + mod.replace(".", "_")] = tuple(shape)
+    if with_te:
+        for i in (0, 5, 11):
+            for m in ("self_attn.q_proj", "self_attn.v_proj", "mlp.fc1"):
+                k = f"cond_stage_model.transformer.text_model.encoder.layers.{i}.{m}.weight"
+                out["lora_te_text_model_encoder_layers_" + f"{i}_{m}".replace(".", "_")] = tuple(shapes[k])
+    return out
+
+
+def adapter_tensors_of(kind: str, shape: tuple, g, rank: int = 4, mag: float = 0.1) -> dict:
+    """LyCORIS / kohya tensors of ``kind`` for a weight of ``shape`` (random, non-trivial):
+    lora, locon_tucker, dora, loha, lokr, full, oft, ia3."""
+    out, inn, *k = shape
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    alpha = torch.tensor(float(rank) * 0.75)
+    ones = [1] * len(k)
+    if kind in ("lora", "dora"):
+        t = {"lora_down.weight": r(rank, inn, *k) * mag, "lora_up.weight": r(out, rank, *ones) * mag, "alpha": alpha}
+        if kind == "dora":
+            t["dora_scale"] = torch.rand(out, *([1] * (len(shape) - 1)), generator=g) * 0.02 + 0.01
+        return t
+    if kind == "locon_tucker":
+        if not k:
+            return adapter_tensors_of("lora", shape, g, rank, mag)
+        return {"lora_down.weight": r(rank, inn, *ones) * mag, "lora_mid.weight": r(rank, rank, *k) * mag,
+                "lora_up.weight": r(out, rank, *ones) * mag, "alpha": alpha}
+    kk = 1
+    for d in k:
+        kk *= d
+    if kind == "loha":
+        return {"hada_w1_a": r(out, rank) * mag, "hada_w1_b": r(rank, inn * kk) * mag,
+                "hada_w2_a": r(out, rank) * mag, "hada_w2_b": r(rank, inn * kk) * mag, "alpha": alpha}
+    if kind == "lokr":
+        a = 4 if out % 4 == 0 else 1
+        c = 4 if inn % 4 == 0 else 1
+        return {"lokr_w1": r(a, c) * mag * 3, "lokr_w2": r(out // a, inn // c, *k) * mag}
+    if kind == "full":
+        return {"diff": r(*shape) * 0.002}
+    if kind == "oft":
+        b = 8 if out % 8 == 0 else out
+        return {"oft_blocks": r(out // b, b, b) * 0.01, "alpha": torch.tensor(0.0)}
+    if kind == "ia3":
+        return {"weight": r(out) * 0.3}
+    raise ValueError(kind)
+
+
+def write_lycoris_lora(path: str, kind: str, modules: dict, rank: int = 4, seed: int = 3,
+                       dtype=torch.float16) -> str:
+    """A LoRA file of one adapter ``kind`` on ``modules`` (``{kohya name: weight shape}``)."""
+    from safetensors.torch import save_file
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for name, shape in modules.items():
+        for t, v in adapter_tensors_of(kind, shape, g, rank).items():
+            sd[f"{name}.{t}"] = v.to(dtype).contiguous()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    save_file(sd, path, metadata={"ss_network_module": "lycoris.kohya", "ss_base_model_version": "sd_v1"})
+    return path
+
 if __name__ == "__main__":  # tiny CLI: python realhost_util.py ckpt|lora ARCH PATH
     what, arch_, out = sys.argv[1:4]
     (write_sd_checkpoint if what == "ckpt" else write_kohya_lora)(out, arch_)

@@ -256,3 +256,135 @@ def test_inpainting_model_takes_the_lora_on_conv_ins_first_channels(comfy, tmp_p
     assert torch.equal(got[:, 4:], pristine["conv_in.weight"][:, 4:])
     m.unpatch_model()
     assert same_bits(wide, pristine)
+
+
+def test_low_vram_partial_load_computes_every_forward_from_pristine_weights(comfy):
+    """A partial load (ComfyUI's LowVramPatch on the modules beyond the budget): the weights
+    stay pristine, every forward computes the patched weight, and the UNet computes what the
+    reference computes; plain LoRAs reach ComfyUI as its own LoRAAdapter."""
+    ns = comfy
+    pristine = bits(ns.unet)
+    ns.mm.LOWVRAM_BUDGET = 1  # nothing fits: every module through LowVramPatch
+    try:
+        loader = ns.nodes["LoraExtLoader"]()
+        m1, c1 = loader.load(ns.model, ns.clip, "alpha.safetensors", 0.8, 0.0)
+        m2, _ = loader.load(m1, c1, "beta.safetensors", 0.6, 0.0)
+        m3, _ = loader.load(m2, c1, "gamma.safetensors", 1.0, 0.0, keyframes="0@0,1@1")
+        kinds = {type(p[1]).__name__ for ps in m3.patches.values() for p in ps}
+        assert kinds == {"LoRAAdapter", "LoraExtWeightPatch"}, kinds
+        alpha = LoraSpec("alpha", path=ns.loras["alpha"], te=0.0, unet=0.8)
+        beta = LoraSpec("beta", path=ns.loras["beta"], te=0.0, unet=0.6)
+        gamma = LoraSpec("gamma", path=ns.loras["gamma"], te=0.0, unet=Keyframes(((0.0, 0.0), (1.0, 1.0))))
+        refs, seen = {}, []
+
+        def observe(patcher, timestep):
+            step = {10.0: 0, 7.5: 1, 5.0: 2, 2.5: 3}[round(float(timestep), 3)]
+            assert same_bits(ns.unet, pristine), "a partly loaded model keeps its weights"
+            if step not in refs:
+                refs[step] = unet_out(reference({"unet": ns.base_unet}, [alpha, beta, gamma], step, 4)["unet"])
+            assert max_rel_err(unet_out(ns.unet), refs[step]) <= 1e-5, f"step {step}"
+            seen.append(step)
+
+        sample(ns, m3, steps=4, observe=observe)
+        assert seen == [0, 1, 2, 3]
+        assert ns.model.model.model_lowvram
+    finally:
+        ns.mm.LOWVRAM_BUDGET = 0
+    ns.mm.unload_all_models()
+    assert same_bits(ns.unet, pristine)
+    assert not any("weight_function" in m.__dict__ for m in ns.unet.modules())
+
+
+def test_weight_patch_computes_on_the_weights_device_and_in_one_tensor(comfy):
+    """LowVramPatch hands the patch the weight on the compute device in its dtype: the delta is
+    computed there (a 'meta' weight stays on 'meta': nothing goes through the CPU), added into
+    the tensor given, and the extra input channels of a wider conv_in keep their weights."""
+    from lora_ext.hosts.comfyui import patching
+
+    ns = comfy
+    m, _ = ns.nodes["LoraExtLoader"]().load(ns.model, ns.clip, "beta.safetensors", 0.5, 0.0)
+    ours = [(k, p[1]) for k, ps in m.patches.items() for p in ps if type(p[1]).__name__ == "LoraExtWeightPatch"]
+    assert ours
+    identity = lambda a: a  # noqa: E731
+    for key, patch in ours:
+        w = ns.comfy.utils.get_attr(m.model, key).detach()
+        meta = torch.empty(w.shape, device="meta", dtype=torch.float16)
+        out = patch.calculate_weight(meta, key, 1.0, 1.0, None, identity, torch.float16)
+        assert out.device.type == "meta" and out.dtype == torch.float16
+        w16 = w.to(torch.float16)
+        got = patch.calculate_weight(w16.clone(), key, 1.0, 1.0, None, identity, torch.float16)
+        ref = w.float().clone()
+        ref = patch.calculate_weight(ref, key, 1.0, 1.0, None, identity, torch.float32)
+        assert got.dtype == torch.float16 and torch.allclose(got.float(), ref, atol=2e-3, rtol=1e-2)
+    # the factors of small adapters are cached per device, in fp32
+    item = ours[0][1].items[0]
+    a = item._on(torch.empty(1, 1))
+    assert a is item._on(torch.empty(1, 1))
+    assert all(t.dtype == torch.float32 for t in a.tensors.values() if t.is_floating_point())
+    assert patching.CACHE_FRACTION < 1
+
+
+def test_bypass_mode_adds_what_the_weight_patch_adds(comfy):
+    """ComfyUI's bypass mode (2026 builds) calls ``h(x, base_out)`` with ``multiplier``,
+    ``is_conv``, ``conv_dim``, ``kw_dict`` set on the adapter: lora-ext's patch gives the
+    same change as its weight patch, and refuses, naming the types, where the maths needs the
+    layer's weight (which bypass never reads)."""
+    ns = comfy
+    m, _ = ns.nodes["LoraExtLoader"]().load(ns.model, ns.clip, "alpha.safetensors", 1.0, 0.0)
+    identity = lambda a: a  # noqa: E731
+    checked = 0
+    for key, ps in m.patches.items():
+        for p in ps:
+            patch = p[1]
+            if type(patch).__name__ != "LoraExtWeightPatch" or patch.part != "weight":
+                continue
+            w = ns.comfy.utils.get_attr(m.model, key).detach().float()
+            new = patch.calculate_weight(w.clone(), key, 1.0, 1.0, None, identity)
+            patch.multiplier = 0.5
+            patch.is_conv = w.dim() == 4
+            patch.conv_dim = 2
+            patch.kw_dict = {"stride": (1, 1), "padding": (1, 1) if w.shape[-1] == 3 else (0, 0),
+                             "dilation": (1, 1), "groups": 1}
+            x = torch.randn(2, w.shape[1], 6, 6) if patch.is_conv else torch.randn(3, w.shape[1])
+            op = (lambda t, k: torch.nn.functional.conv2d(t, k, **patch.kw_dict)) if patch.is_conv else \
+                torch.nn.functional.linear
+            want = 0.5 * (op(x, new) - op(x, w))
+            got = patch.g(op(x, w) + patch.h(x, op(x, w))) - op(x, w)
+            assert torch.allclose(got, want, atol=1e-5, rtol=1e-4), key
+            checked += 1
+    assert checked
+    m2, _ = ns.nodes["LoraExtLoader"]().load(ns.model, ns.clip, "beta.safetensors", 1.0, 0.0)
+    dep = [p[1] for ps in m2.patches.values() for p in ps
+           if type(p[1]).__name__ == "LoraExtWeightPatch" and any(i.weight_dependent for i in p[1].items)]
+    assert dep
+    with pytest.raises(Exception, match="bypass mode"):
+        dep[0].h(torch.randn(2, 3), torch.zeros(2, 3))
+
+
+def test_model_only_and_clip_failure_do_not_block_each_other(comfy, caplog):
+    """MODEL only (CLIP left open, or the model-only node): the LoRA's text-encoder keys are
+    not "not applied"; a CLIP lora-ext cannot bind leaves the CLIP as it was and the MODEL
+    still takes the LoRA."""
+    import logging
+
+    ns = comfy
+    caplog.set_level(logging.INFO, logger="lora_ext")
+    m, c = ns.nodes["LoraExtLoader"]().load(ns.model, None, "alpha.safetensors", 0.8, 0.5)
+    assert c is None and m.patches
+    (m2,) = ns.nodes["LoraExtLoaderModelOnly"]().load(ns.model, "alpha.safetensors", 0.8)
+    assert set(m2.patches) == set(m.patches)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+    from lora_ext.hosts.comfyui import patching
+
+    _, _, lines = patching.apply(ns.model, None, [ns.nodes["LoraExtLoader"] and
+                                                 __import__("lora_ext.session", fromlist=["x"]).spec_from_inputs(
+                                                     "alpha", ns.loras["alpha"], unet=0.8, te=0.5)])
+    assert any("keys for the CLIP, which is not connected" in ln for ln in lines), lines
+    # a CLIP without any CLIP-L/H/G: reported, left unchanged; the MODEL still patched
+    broken = ns.clip.clone()
+    broken.cond_stage_model = torch.nn.Module()
+    m3, c3 = ns.nodes["LoraExtLoader"]().load(ns.model, broken, "alpha.safetensors", 0.8, 0.5)
+    assert c3 is broken and set(m3.patches) == set(m.patches)
+    assert any("CLIP is left unchanged" in r.getMessage() for r in caplog.records)
+    with pytest.raises(Exception, match="CLIP"):
+        ns.nodes["LoraExtLoader"]().load(ns.model, broken, "alpha.safetensors", 0.0, 0.5)

@@ -398,16 +398,18 @@ def _apply_clip(clip, entries, account, other):
 def _keys_of(bound, entries, components, out) -> None:
     """The keys of each entry that bind to ``components`` of the same family (the input that
     is not connected): they are not "not applied", they are for the other input."""
-    from lora_ext import arch
+    from lora_ext.hostmodel import _candidate_tables
     from lora_ext.keys import KeyMap
 
-    fam = bound.family
-    if fam not in arch.ARCHS:
+    layout = {}
+    for comp in components:
+        for fam, table in _candidate_tables(bound.family, comp):
+            if fam == bound.family:
+                layout[comp] = table
+            break  # the family's own table comes first, or there is none
+    if not layout:
         return
-    comps = [c for c in components if c in arch.components(fam)]
-    if not comps:
-        return
-    keymap = KeyMap({c: arch.module_table(fam, c) for c in comps})
+    keymap = KeyMap(layout)
     for i, (_, lora) in enumerate(entries):
         res = lora.resolve(keymap)
         out.setdefault(i, set()).update(k for b in res.bindings for k in b.group.keys.values())

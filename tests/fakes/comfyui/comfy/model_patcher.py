@@ -10,6 +10,16 @@ wrappers, callbacks and attachments go:
   ``comfy.lora.calculate_weight(patches, fp32 copy, key)`` rounded to the weight's dtype,
   replacing the Parameter (``weight_inplace_update`` False); ``unpatch_model()`` puts the
   backups back;
+* **partial loads** (``patch_model(lowvram_model_memory=N)``, what ``load_models_gpu`` asks for
+  when the model does not fit; model_patcher.py L636-L735): modules are taken largest first
+  (``_load_list``, L621-L634); those within the budget are patched as above, every other one
+  keeps its pristine weight and gets ``weight_function`` / ``bias_function`` =
+  ``[LowVramPatch(key, patches)]`` (L660-L682), which the cast layer runs on a copy of the
+  weight at every forward (comfy/ops.py ``cast_bias_weight`` L61-L95); ``LowVramPatch.__call__``
+  (L125-L147) computes ``comfy.lora.calculate_weight(patches, weight, key,
+  intermediate_dtype=weight.dtype)``. ``unpatch_model`` wipes the weight functions
+  (``wipe_lowvram_weight``, L98-L107). The fake's modules are torch's own Linear/Conv2d, so the
+  cast layer is mirrored by a forward that reads the weight through those functions.
 * ``add_wrapper_with_key`` / ``get_wrappers`` / ``remove_wrappers_with_key``,
   ``add_callback_with_key`` / ``get_all_callbacks``; ``pre_run`` (sets
   ``model.current_patcher``), ``prepare_state(timestep)`` (ON_PREPARE_STATE callbacks),
@@ -25,6 +35,42 @@ import comfy.float
 import comfy.lora
 import comfy.utils
 from comfy.patcher_extension import CallbacksMP, WrappersMP
+
+
+class LowVramPatch:
+    def __init__(self, key, patches):
+        self.key = key
+        self.patches = patches
+
+    def __call__(self, weight):
+        return comfy.lora.calculate_weight(self.patches[self.key], weight, self.key, intermediate_dtype=weight.dtype)
+
+
+def _cast_forward(m):
+    """comfy.ops' cast layer forward for a torch Linear/Conv: weight and bias through their
+    functions, on copies (cast_to(copy=has_function))."""
+
+    def forward(x):
+        w, b = m.weight, m.bias
+        if b is not None and m.bias_function:
+            b = b.clone()
+            for f in m.bias_function:
+                b = f(b)
+        if m.weight_function:
+            w = w.clone()
+            for f in m.weight_function:
+                w = f(w)
+        if isinstance(m, torch.nn.Linear):
+            return torch.nn.functional.linear(x, w, b)
+        return m._conv_forward(x, w, b)
+
+    return forward
+
+
+def _wipe_lowvram(m):
+    for name in ("weight_function", "bias_function", "forward"):
+        if name in m.__dict__:
+            delattr(m, name)
 
 
 class ModelPatcher:
@@ -125,13 +171,42 @@ class ModelPatcher:
                 self.object_patches_backup[k] = old
         if load_weights:
             with torch.no_grad():
-                for key in self.patches:
-                    self.patch_weight_to_device(key, device_to)
+                if lowvram_model_memory:
+                    self._load_partially(lowvram_model_memory)
+                else:
+                    for key in self.patches:
+                        self.patch_weight_to_device(key, device_to)
             self.model.current_weight_patches_uuid = self.patches_uuid
         return self.model
 
+    def _load_partially(self, budget):
+        loading = []
+        for n, m in self.model.named_modules():
+            if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
+                size = sum(p.numel() * p.element_size() for p in m.parameters(recurse=False))
+                loading.append((size, n, m))
+        loading.sort(key=lambda x: (x[0], x[1]), reverse=True)
+        used = 0
+        self.lowvram_modules = []
+        for size, n, m in loading:
+            wkey, bkey = f"{n}.weight", f"{n}.bias"
+            if used + size >= budget:
+                m.weight_function = [LowVramPatch(wkey, self.patches)] if wkey in self.patches else []
+                m.bias_function = [LowVramPatch(bkey, self.patches)] if bkey in self.patches else []
+                m.forward = _cast_forward(m)
+                self.lowvram_modules.append(n)
+            else:
+                used += size
+                for key in (wkey, bkey):
+                    self.patch_weight_to_device(key)
+        self.model.model_lowvram = bool(self.lowvram_modules)
+
     def unpatch_model(self, device_to=None, unpatch_weights=True):
         if unpatch_weights:
+            if getattr(self.model, "model_lowvram", False):
+                for m in self.model.modules():
+                    _wipe_lowvram(m)
+                self.model.model_lowvram = False
             for k in list(self.backup.keys()):
                 bk = self.backup[k]
                 if bk.inplace_update:
