@@ -25,7 +25,10 @@ import threading
 import time
 
 root, lora_dir, out_json = sys.argv[1:4]
+pressure = "--ram-pressure" in sys.argv[4:]
 repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if pressure:  # a RAM cache far too small for the models: every load drops every unlocked model
+    os.environ["INVOKEAI_MAX_CACHE_RAM_GB"] = "0.000001"
 os.environ.update(INVOKEAI_ROOT=root, INVOKEAI_USE_MEMORY_DB="true", INVOKEAI_DEVICE="cpu",
                   INVOKEAI_PRECISION="float32", INVOKEAI_NODE_CACHE_SIZE="0", INVOKEAI_LOG_LEVEL="debug",
                   LORA_EXT_DIRS=lora_dir)

@@ -204,8 +204,8 @@ def _check_ran(runs: "_Runs", expected, specs) -> None:
     idle = [c for c in expected if runs.count.get(c) == 0]
     if idle:
         names = ", ".join(s.name for s in specs)
-        raise LoraExtError(f"lora-ext: InvokeAI ran another copy of the {' and '.join(_COMPONENT_NAMES[c] for c in idle)}"
-                           f" than the one the LoRAs ({names}) were put on (its model cache reloaded it?): "
+        raise LoraExtError(f"lora-ext: InvokeAI ran a copy of the {' and '.join(_COMPONENT_NAMES[c] for c in idle)} "
+                           f"other than the one the LoRAs ({names}) were put on (its model cache reloaded it?): "
                            f"they did not apply; run the graph again")
 
 
@@ -288,11 +288,25 @@ def check_fit(context, session: Session, own: tuple, model_base: Optional[str], 
         raise LoraExtError("lora-ext: " + "; ".join(failures))
 
 
+_BASES: dict = {}
+
+
 def _detect(lora) -> Optional[str]:
+    """The base model a LoRA file is for (lora-ext's name), or None; once per file version."""
     from lora_ext.detect import detect_base_model
 
+    try:
+        st = os.stat(lora.path)
+        key = (lora.path, st.st_mtime_ns, st.st_size)
+    except OSError:
+        key = None
+    if key is not None and key in _BASES:
+        return _BASES[key]
     name = detect_base_model(lora).name
-    return None if name == "unknown" else name
+    base = None if name == "unknown" else name
+    if key is not None:
+        _BASES[key] = base
+    return base
 
 
 @invocation_output("lora_ext_stack_output")

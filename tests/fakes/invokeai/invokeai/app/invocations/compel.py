@@ -1,10 +1,11 @@
-"""Mirrors invokeai/app/invocations/compel.py (InvokeAI 6.14.2 from PyPI; read at invoke-ai/InvokeAI 8e71a8a5, which agrees for these parts): the "compel" node
-(prompt, clip, mask) loads the text encoder (``context.models.load``, L74), then locks it with
-``model_on_device()`` and the tokenizer as a context manager (L78-80), encodes, saves the
+"""Mirrors invokeai/app/invocations/compel.py (InvokeAI 6.14.2 from PyPI, whose line numbers L... cite; read at invoke-ai/InvokeAI 8e71a8a5, which agrees
+for these parts): the "compel" node
+(prompt, clip, mask) loads the text encoder (``context.models.load``, L76), then locks it with
+``model_on_device()`` and the tokenizer as a context manager (L80-82), encodes, saves the
 conditioning and returns ConditioningOutput; "sdxl_compel_prompt" (L245-340) runs
 ``run_clip_compel`` for ``clip`` with the prompt and ``clip2`` with the style, or the prompt
-when ``style.strip() == ""`` (L282-287); an empty prompt gives zeros without running that
-text encoder (``zero_on_empty``, L149-166). The tokenizer here is a fake (a callable from
+when ``style.strip() == ""`` (L281-286); an empty prompt gives zeros without running that
+text encoder (``zero_on_empty``, L151-169). The tokenizer here is a fake (a callable from
 text to ids) and compel's prompt weighting is left out: lora-ext only needs the text encoders
 to run on the prompt it is given."""
 from typing import Optional

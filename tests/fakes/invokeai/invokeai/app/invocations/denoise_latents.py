@@ -1,4 +1,5 @@
-"""Mirrors invokeai/app/invocations/denoise_latents.py (InvokeAI 6.14.2 from PyPI; read at invoke-ai/InvokeAI 8e71a8a5, which agrees for these parts): the
+"""Mirrors invokeai/app/invocations/denoise_latents.py (InvokeAI 6.14.2 from PyPI, whose line numbers L... cite; read at invoke-ai/InvokeAI 8e71a8a5, which agrees
+for these parts): the
 "denoise_latents" node's fields, ``get_scheduler``, ``init_scheduler`` (set_timesteps, skip
 higher orders, cut by denoising_start/end in whole steps, re-expand by order) and the default
 path (``_old_invoke``; ``_new_invoke`` when USE_MODULAR_DENOISE is set): ``get_scheduler`` loads

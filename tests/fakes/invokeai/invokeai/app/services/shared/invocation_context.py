@@ -1,6 +1,7 @@
 """Mirrors the parts of invokeai/app/services/shared/invocation_context.py,
 invokeai/backend/model_manager/load/load_base.py and .../load/model_cache/model_cache.py
-(InvokeAI 6.14.2 from PyPI; read at invoke-ai/InvokeAI 8e71a8a5, which agrees for these parts)
+(InvokeAI 6.14.2 from PyPI, whose line numbers L... cite; read at invoke-ai/InvokeAI 8e71a8a5, which agrees
+for these parts)
 that nodes use.
 
 Models (load_base.py ``LoadedModelWithoutConfig``):
