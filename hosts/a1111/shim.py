@@ -674,6 +674,13 @@ def _forge_host_model(forge, family, label) -> HostModel:
     texts = [getattr(getattr(cond, n, None), "transformer", None) for n in ("clip_l", "clip_h", "clip_g")]
     for comp, root in zip(("te1", "te2"), [t for t in texts if t is not None]):
         comps[comp], naming[comp] = root, "diffusers"
+    # Flux / SD3 in Forge (backend/diffusion_engine/flux.py, sd35.py): the denoiser keeps BFL / SAI
+    # names (bind finds the DiT family from them) and the T5 sits beside the CLIPs
+    t5 = getattr(getattr(cond, "t5xxl", None), "transformer", None)
+    if t5 is not None:
+        comps["te3"], naming["te3"] = t5, "diffusers"
+    if family not in ("sd1", "sd2", "sdxl"):
+        family = None  # a DiT: its tables come from the module shapes
     return HostModel(comps, naming=naming, family=family, label=label)
 
 
