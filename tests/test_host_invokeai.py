@@ -252,6 +252,18 @@ def test_wrong_base_lora_is_reported_and_fails_the_denoise(invoke, tmp_path):
     assert all(rec["locks"] == 0 for rec in ns.ctx.models.records.values())
     debug = [m for lv, m in ns.ctx.logger.records if lv == "debug"]
     assert sum("not applied to the UNet" in m for m in debug) == 9, "every key reported"
+    # an SDXL LoRA with nothing for the text encoder: a warning there (the denoise node fails on it)
+    from safetensors.torch import load_file, save_file
+
+    unet_only = str(tmp_path / "loras" / "xl_unet.safetensors")
+    save_file({k: v for k, v in load_file(path).items() if k.startswith("lora_unet_")}, unet_only,
+              metadata={"ss_base_model_version": "sdxl_base_v1-0"})
+    ns.ctx.logger.records.clear()
+    stack = ns.pack.LoraExtLoaderInvocation(lora=unet_only).invoke(ns.ctx).lora_ext
+    ns.pack.LoraExtCompelInvocation(prompt="a castle", clip=ns.clip_field, lora_ext=stack).invoke(ns.ctx)
+    assert [m for lv, m in ns.ctx.logger.records if lv == "warning"] == [
+        "lora-ext: <lora:xl_unet:1> is for SDXL, but this text encoder is SD1.x: it has no keys for the text "
+        "encoder; 6 keys are for the UNet"]
 
 
 def test_a_lora_with_nothing_for_the_text_encoder_fails_the_prompt_node(invoke, tmp_path):

@@ -248,7 +248,8 @@ def check_fit(context, session: Session, own: tuple, model_base: Optional[str], 
     """Report, through ``context.logger``, what of each LoRA does not apply to this node's model
     (``own``: the components the node runs, e.g. ("unet",) or ("te1", "te2")); raise
     ``LoraExtError`` when a LoRA has keys for them (or keys for no known component) and none of
-    its keys applies, or when it is for another base model and nothing of it applies here."""
+    its keys applies. A LoRA for another base model than the node's model gets a warning where
+    some of it applies (or where it has nothing for this node)."""
     log = context.logger
     failures = []
     for r in session.reports():
@@ -267,13 +268,13 @@ def check_fit(context, session: Session, own: tuple, model_base: Optional[str], 
         note = f" (it is {'an' if _label(base)[:1] in 'AEIOS' else 'a'} {_label(base)} LoRA)" if wrong_base else ""
         for u in mine + other:
             log.debug(f"lora-ext: {r.name}: not applied to the {what}: {u['key']}: {u['reason']}")
-        if r.applied == 0 and (mine or wrong_base):
-            n = len(mine) or len(other)
-            failures.append(f"{tag}: none of its {n} keys {'for it ' if mine else ''}fits this "
+        if r.applied == 0 and mine:
+            failures.append(f"{tag}: none of its {len(mine)} keys for it fits this "
                             f"{_label(model_base) + ' ' if model_base else ''}{what}{note}")
         elif wrong_base:
-            msg = (f"lora-ext: {tag} is for {_label(base)}, but this {what} is {_label(model_base)}: only "
-                   f"{r.applied} of its modules fit it and were applied")
+            msg = (f"lora-ext: {tag} is for {_label(base)}, but this {what} is {_label(model_base)}: "
+                   + (f"only {r.applied} of its modules fit it and were applied" if r.applied else
+                      f"it has no keys for the {what}"))
             if mine:
                 msg += f"; {len(mine)} of its keys for it did not (first: {mine[0]['key']}: {mine[0]['reason']})"
             if other:
