@@ -84,6 +84,14 @@ def is_v_prediction(metadata: dict) -> bool:
     )
 
 
+def _fitting(lora, keymap) -> int:
+    """How many key groups bind to ``keymap``'s model (``len(lora.resolve(keymap).bindings)``
+    without building the report of every key that does not: linear, with a small constant)."""
+    from .network import bind_group
+
+    return sum(1 for group in lora.groups.values() if bind_group(group, keymap)[0] is not None)
+
+
 def detect_base_model(lora) -> BaseModel:
     """Best guess of the base model of a loaded ``Lora``, with the evidence for it.
 
@@ -96,12 +104,12 @@ def detect_base_model(lora) -> BaseModel:
     prefixes = list(lora.groups)
     hint = metadata_hint(lora.metadata)
     vpred = is_v_prediction(lora.metadata)
-    scores = {arch: len(lora.resolve(arch_keymap(arch)).bindings) for arch in SD_ARCHS}
+    scores = {arch: _fitting(lora, arch_keymap(arch)) for arch in SD_ARCHS}
     if not prefixes or max(scores.values(), default=0) < len(prefixes):
         from . import dit
 
         for variant in dit.VARIANTS:
-            scores[variant] = len(lora.resolve(arch_keymap(variant)).bindings)
+            scores[variant] = _fitting(lora, arch_keymap(variant))
     best = max(scores.values()) if scores else 0
     if best == 0:
         for name, pattern in _OTHER_FAMILIES:

@@ -8,6 +8,7 @@ out.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -265,26 +266,25 @@ def parse_peft_config(text: Any, source: str) -> Optional[dict]:
 def checked_alpha(path: str, key: str, t: Any):
     """A kohya ``alpha`` tensor, refused unless it is one real, finite number within
     :data:`MAX_ALPHA` (several values, bytes, booleans or complex numbers are errors)."""
-    import torch
-
     from .errors import LoraFileError
 
     if t.numel() != 1:
         raise LoraFileError(path, f"tensor {key!r} (alpha) holds {t.numel()} values (shape {tuple(t.shape)}); "
                                   "an alpha is one number")
-    if t.dtype == torch.bool or t.is_complex() or not (t.is_floating_point() or t.dtype in _INT_DTYPES()):
+    if not (t.is_floating_point() or t.dtype in _INT_DTYPES()):  # bool, complex, ...
         raise LoraFileError(path, f"tensor {key!r} (alpha) has dtype {str(t.dtype).replace('torch.', '')}; "
                                   "an alpha is a real number")
-    value = float(t.reshape(()).double())
+    value = float(t.item())
     if not math.isfinite(value) or abs(value) > MAX_ALPHA:
         raise LoraFileError(path, f"tensor {key!r} (alpha) is {value:g}, beyond the limit of {MAX_ALPHA:g}")
     return t
 
 
-def _INT_DTYPES():
+@functools.lru_cache(maxsize=1)
+def _INT_DTYPES() -> frozenset:
     import torch
 
-    return (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+    return frozenset((torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8))
 
 
 def _json_name(value: Any) -> str:
