@@ -74,3 +74,15 @@ def test_merge_keeps_fp16_and_detects_sd3(tmp_path):
     want = (state[key].float() + sd[key.replace("model.diffusion_model.", "lora_unet_").replace(".weight", "").replace(".", "_")
                                     + ".lora_up.weight"] @ sd["lora_unet_joint_blocks_2_context_block_adaLN_modulation_1.lora_down.weight"]).half()
     assert torch.equal(merged[key], want)
+
+
+def test_generate_refuses_a_dit_checkpoint_clearly(tmp_path, capsys):
+    from lora_ext.cli import main
+
+    save_file({"model.diffusion_model." + k: v for k, v in original_state(tiny("flux")).items()}, tmp_path / "f.safetensors")
+    code = main(["generate", "--checkpoint", str(tmp_path / "f.safetensors"), "--prompt", "a cat", "--steps", "1",
+                 "--out", str(tmp_path / "x.png")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0 and len(err) == 1
+    assert "Flux.1 checkpoint" in err[0] and "ComfyUI" in err[0]
+    assert not (tmp_path / "x.png").exists()

@@ -230,6 +230,15 @@ def _configs_of_single_file(path: str, tf) -> tuple[str, dict, str]:
     keys = tf.keys()
     family = _family_of(keys)
     if family is None:
+        from ..dit.files import single_file_layout
+
+        dit = single_file_layout(keys, tf.shape)
+        if dit is not None:
+            from ..detect import _label
+
+            raise LoraFileError(path, f"is a {_label(dit[0])} checkpoint; the standalone sampler runs SD1.x, SD2.x "
+                                      "and SDXL only. Use its LoRAs in ComfyUI, Forge or SD.Next (lora-ext nodes / "
+                                      "extension), or bake them in with `lora-ext merge`")
         if any(k.startswith("model.diffusion_model.") for k in keys):
             raise LoraFileError(path, "has a UNet but no text encoder; generate needs a complete checkpoint")
         raise LoraFileError(path, "not a Stable Diffusion checkpoint: no model.diffusion_model.* keys")
