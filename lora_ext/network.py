@@ -171,6 +171,8 @@ def load_lora(path, *, peft_config: Optional[dict] = None) -> Lora:
         build_adapter(group, types, metadata)
         if config and group.adapter is not None and "alpha" not in group.tensors:
             _peft_lycoris_scale(group, config)
+        if group.adapter is not None and hasattr(group.adapter, "configure_peft"):
+            _configure_peft(group, config)
     return Lora(path, metadata, groups, file_format)
 
 
@@ -232,6 +234,17 @@ def _inject_peft_alpha(group: Group, config: dict) -> None:
     scale = float(alpha) / (float(r) ** 0.5 if cfg.get("use_rslora") else float(r))
     # Stored as an equivalent kohya alpha, so alpha / rank reproduces PEFT's scaling.
     group.tensors["alpha"] = torch.tensor(scale * rank, dtype=torch.float32)
+
+
+def _configure_peft(group: Group, config: Optional[dict]) -> None:
+    """Types whose maths the PEFT config fixes (PEFT OFT: Cayley-Neumann terms, coft) read it
+    through ``adapter.configure_peft(cfg)`` ({} without a config); a bad value is the group's
+    problem, reported with its keys."""
+    try:
+        group.adapter.configure_peft(_config_for(group, config) if config else {})
+    except AdapterError as exc:
+        group.problem = f"bad {group.adapter.type_name} config: {exc}"
+        group.adapter = None
 
 
 def _peft_lycoris_scale(group: Group, config: dict) -> None:

@@ -9,7 +9,8 @@ import pluggy
 from . import hookspecs
 
 BUILTIN_ADAPTER_MODULES = (
-    "lora", "loha", "lokr", "ia3", "oft", "boft", "glora", "full", "norm", "autodetect",
+    "lora", "loha", "lokr", "ia3", "oft", "boft", "peft_oft", "peft_boft", "glora", "full", "norm",
+    "autodetect",
 )
 
 
