@@ -119,6 +119,15 @@ FAMILY_BLOCKS = MappingProxyType({"sd1": SD1_BLOCKS, "sd2": SD1_BLOCKS, "sdxl": 
 
 _GROUP = {**{i: "in" for i in IN_IDS}, "M00": "mid", **{o: "out" for o in OUT_IDS}}
 
+#: text-encoder ids: BASE (every text encoder), and lbw's Flux ids CLIP (the CLIP encoders,
+#: components te1/te2) and T5 (T5-XXL, component te3), which take precedence over BASE
+TE_IDS = ("BASE", "CLIP", "T5")
+_TE_SPECIFIC = {"te1": "CLIP", "te2": "CLIP", "te3": "T5"}
+#: the denoiser's top-level ids of every DiT family: input embedders, output layers
+DIT_TOP_IDS = ("IN", "OUT")
+#: lbw's 61 Flux ids, in lbw's order (its BLOCKIDFLUX)
+LBW_FLUX_IDS = ("CLIP", "T5", "IN") + _ids("D", 19) + _ids("S", 38) + ("OUT",)
+
 
 def family_blocks(family: str) -> tuple:
     """The block ids of ``family`` ("sd1", "SD1.x", "sd2", "sdxl", "SDXL" ...)."""
@@ -133,6 +142,7 @@ def family_blocks(family: str) -> tuple:
 
 
 def is_block_id(name: str) -> bool:
+    """An SD block id of lbw's numbering (``BASE``, ``IN00``..``IN11``, ``M00``, ``OUT00``..)."""
     return name in _GROUP or name == "BASE"
 
 
@@ -150,14 +160,17 @@ LBW_LAYOUTS = MappingProxyType({
     20: SDXL_BLOCKS,
     # SD1.x LyCORIS/LoCon: every SD1.x block
     26: SD1_BLOCKS,
+    # Flux.1 (lbw's BLOCKIDFLUX): CLIP, T5, IN, D00..D18, S00..S37, OUT
+    61: LBW_FLUX_IDS,
 })
 LBW_LAYOUT_NAMES = MappingProxyType({
-    12: "SDXL LoRA", 17: "SD1.x LoRA", 20: "SDXL LyCORIS", 26: "SD1.x LyCORIS",
+    12: "SDXL LoRA", 17: "SD1.x LoRA", 20: "SDXL LyCORIS", 26: "SD1.x LyCORIS", 61: "Flux.1",
 })
 
 
 def expand_vector(values: Iterable[float]) -> dict:
-    """An lbw vector (12, 17, 20 or 26 numbers) as a dict over all 26 ids, 0 where not named."""
+    """An lbw vector (12, 17, 20 or 26 numbers) as a dict over all 26 ids, 0 where not named;
+    61 numbers (lbw's Flux vector) as a dict over :data:`LBW_FLUX_IDS`."""
     vals = [float(v) for v in values]
     layout = LBW_LAYOUTS.get(len(vals))
     if layout is None:
@@ -165,6 +178,8 @@ def expand_vector(values: Iterable[float]) -> dict:
     for v in vals:
         if not math.isfinite(v):
             raise BlockWeightError(f"block weight {v!r} is not a finite number")
+    if layout is LBW_FLUX_IDS:  # every one of lbw's Flux ids is named
+        return dict(zip(layout, vals))
     out = dict.fromkeys(ALL_IDS, 0.0)
     out.update(zip(layout, vals))
     return out
@@ -172,8 +187,7 @@ def expand_vector(values: Iterable[float]) -> dict:
 
 def _length_problem(n: int) -> str:
     kinds = ", ".join(f"{k} ({v})" for k, v in LBW_LAYOUT_NAMES.items())
-    extra = " (lbw's 61-value Flux vectors are not supported)" if n == 61 else ""
-    return f"a block-weight vector has {n} values; expected {kinds}{extra}"
+    return f"a block-weight vector has {n} values; expected {kinds}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,6 +245,7 @@ def _build_presets() -> dict:
         p[prefix + "INALL"] = _groups(n, "in")
         p[prefix + "MIDALL"] = _groups(n, "mid")
         p[prefix + "OUTALL"] = _groups(n, "out")
+    p["FLUXALL"] = (1.0,) * 61  # lbw's Flux preset (its DEF_WEIGHT_PRESET)
     for name, v in p.items():
         assert len(v) in LBW_LAYOUTS, name
     return p
@@ -269,8 +284,8 @@ def _unknown_preset(name: str, presets) -> str:
         name.upper(), names, n=3, cutoff=0.6)
     hint = f" (did you mean {', '.join(close)}?)" if close else ""
     return (f"unknown block-weight preset {name!r}{hint}; presets: "
-            f"{', '.join(list(_LBW_DEFAULTS) + ['SD-...', 'SDXL-...', 'SD-LyC-...', 'SDXL-LyC-...'])},"
-            f" or 12/17/20/26 numbers")
+            f"{', '.join(list(_LBW_DEFAULTS) + ['FLUXALL', 'SD-...', 'SDXL-...', 'SD-LyC-...', 'SDXL-LyC-...'])},"
+            f" 12/17/20/26/61 numbers, or ID=v,...")
 
 
 _NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
@@ -282,13 +297,14 @@ _UNSUPPORTED_TOKENS = (
 )
 
 
-def parse_vector(text: str) -> tuple:
-    """Comma-separated numbers; raises :class:`BlockWeightError` naming the first bad value."""
+def _numbers(text: str) -> tuple:
     vals = []
     for i, raw in enumerate(str(text).split(",")):
         tok = raw.strip()
         if not _NUMBER.fullmatch(tok):
             what = next((w for rx, w in _UNSUPPORTED_TOKENS if rx.match(tok)), None)
+            if what is None and len(tok.split()) > 1 and all(_NUMBER.fullmatch(t) for t in tok.split()):
+                what = "the Inspire Pack's per-key values within one block (space-separated)"
             if what:
                 raise BlockWeightError(
                     f"block weight {i + 1} is {tok!r}, {what}, which is not supported: use numbers")
@@ -298,16 +314,27 @@ def parse_vector(text: str) -> tuple:
         if not math.isfinite(v):
             raise BlockWeightError(f"block weight {i + 1} ({tok}) is not a finite number")
         vals.append(v)
-    if len(vals) not in LBW_LAYOUTS:
-        raise BlockWeightError(_length_problem(len(vals)))
     return tuple(vals)
 
 
+def parse_vector(text: str) -> tuple:
+    """Comma-separated numbers, 12/17/20/26/61 of them; raises :class:`BlockWeightError`
+    naming the first bad value, or the length."""
+    vals = _numbers(text)
+    if len(vals) not in LBW_LAYOUTS:
+        raise BlockWeightError(_length_problem(len(vals)))
+    return vals
+
+
 def parse_lbw(text: str, presets: Optional[Mapping[str, Iterable[float]]] = None) -> dict:
-    """``lbw=`` text: a preset name or a 12/17/20/26-number vector, as a dict over 26 ids."""
+    """``lbw=`` text as a dict of block weights: a preset name, a 12/17/20/26-number vector
+    (over the 26 SD ids), a 61-number Flux vector (over :data:`LBW_FLUX_IDS`), or explicit
+    ``ID=v,ID-ID=v,...`` weights (:func:`parse_ids`)."""
     s = str(text).strip()
     if not s:
-        raise BlockWeightError("empty block weights: give a preset name or 12/17/20/26 numbers")
+        raise BlockWeightError("empty block weights: give a preset name, 12/17/20/26/61 numbers or ID=v,...")
+    if "=" in s:
+        return parse_ids(s)
     if "," in s or _NUMBER.fullmatch(s):
         return expand_vector(parse_vector(s))
     return preset(s, presets)
@@ -316,7 +343,7 @@ def parse_lbw(text: str, presets: Optional[Mapping[str, Iterable[float]]] = None
 def parse_preset_text(text: str) -> dict:
     """Presets in lbw's ``lbwpresets.txt`` format: ``NAME:v,v,...`` per line.
 
-    As in lbw, a line that is not a name, a colon and 12/17/20/26 numbers is a comment.
+    As in lbw, a line that is not a name, a colon and 12/17/20/26/61 numbers is a comment.
     """
     out = {}
     for line in str(text).splitlines():
@@ -350,6 +377,371 @@ def coarse(in_=None, mid=None, out=None) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
+# DiT families: family-native ids, explicit ID=v weights, the coarse form per depth, Inspire
+
+def _dit_tags() -> dict:
+    """Numbered-block prefixes of every DiT family (``lora_ext.dit.families``): tag -> its rank
+    inside its family (Flux: D 0, S 1), which orders the blocks by depth."""
+    global _TAGS
+    if _TAGS is None:
+        from .dit.families import FAMILIES
+
+        tags = {}
+        for fam in FAMILIES.values():
+            for i, g in enumerate(fam.blocks):
+                tags.setdefault(g.tag, i)
+        _TAGS = tags
+    return _TAGS
+
+
+_TAGS: Optional[dict] = None
+_DIT_NUMBERED = re.compile(r"([A-Z])(\d\d)\Z")
+
+
+def is_dit_block(name: str) -> bool:
+    """A DiT denoiser block id: ``IN``, ``OUT`` or a family's numbered id (``D05``, ``S37``,
+    ``J12``, ``B59``)."""
+    if name in DIT_TOP_IDS:
+        return True
+    m = _DIT_NUMBERED.match(name)
+    return m is not None and m.group(1) in _dit_tags()
+
+
+def is_known_id(name: str) -> bool:
+    """Any id a block-weight dict may hold: SD ids, text-encoder ids, DiT ids."""
+    return name in _GROUP or name in TE_IDS or is_dit_block(name)
+
+
+def dit_order(block: str) -> tuple:
+    """Sort key of DiT ids in depth order: IN, the numbered blocks (a family's groups in order,
+    e.g. every D before every S), OUT."""
+    if block == "IN":
+        return (0, 0, 0)
+    if block == "OUT":
+        return (2, 0, 0)
+    return (1, _dit_tags().get(block[0], 99), int(block[1:]))
+
+
+def dit_block_ids(name: str) -> tuple:
+    """The block ids of a DiT family or full-size variant, in depth order: ``IN``, numbered
+    blocks, ``OUT`` (``"flux"``/``"flux-dev"``: IN, D00..D18, S00..S37, OUT; ``"sd3.5-large"``:
+    IN, J00..J37, OUT; ``"qwen-image"``: IN, B00..B59, OUT). A family whose variants differ in
+    depth (SD3) needs the variant."""
+    from .dit.families import FAMILIES, VARIANTS
+
+    if name in VARIANTS:
+        fam, _, dims = VARIANTS[name]
+        variants = [dims]
+    elif name in FAMILIES:
+        fam = name
+        variants = [d for f, _, d in VARIANTS.values() if f == name]
+    else:
+        raise BlockWeightError(f"no DiT family or variant {name!r}; known: "
+                               f"{', '.join(list(FAMILIES) + list(VARIANTS))}")
+    groups = FAMILIES[fam].blocks
+    counts = {tuple(int(d.get(g.count, 0)) for g in groups) for d in variants}
+    if len(counts) != 1:
+        raise BlockWeightError(f"the {fam} variants differ in depth; name one of "
+                               f"{', '.join(v for v, (f, _, _) in VARIANTS.items() if f == fam)}")
+    (ns,) = counts
+    return ("IN",) + tuple(b for g, n in zip(groups, ns) for b in _ids(g.tag, n)) + ("OUT",)
+
+
+def coarse_groups(model_blocks: Iterable[str]) -> dict:
+    """DiT id -> ``"in"``/``"mid"``/``"out"`` for a model with these block ids (the coarse form).
+
+    The numbered blocks in depth order are cut into thirds: the first ``round(n/3)`` are "in",
+    up to ``round(2n/3)`` "mid", the rest "out"; ``IN`` (input embedders) is "in", ``OUT``
+    (output layers) "out". Flux (57 blocks): in = IN + D00..D18, mid = S00..S18, out =
+    S19..S37 + OUT; SD3 Medium (24): J00..J07 / J08..J15 / J16..J23; SD3.5 Large (38):
+    J00..J12 / J13..J24 / J25..J37; Qwen-Image (60): B00..B19 / B20..B39 / B40..B59.
+    """
+    ids = sorted({b for b in model_blocks if is_dit_block(b)}, key=dit_order)
+    numbered = [b for b in ids if b not in DIT_TOP_IDS]
+    n = len(numbered)
+    a, b = round(n / 3), round(2 * n / 3)
+    out = {blk: ("in" if i < a else "mid" if i < b else "out") for i, blk in enumerate(numbered)}
+    if "IN" in ids:
+        out["IN"] = "in"
+    if "OUT" in ids:
+        out["OUT"] = "out"
+    return out
+
+
+_ID_ITEM = re.compile(r"\s*([A-Za-z]+\d*)\s*(?:-\s*([A-Za-z]+\d*)\s*)?=\s*(\S*)\s*\Z")
+
+
+def parse_ids(text: str) -> dict:
+    """Explicit weights ``ID=v,ID-ID=v,...`` (ids case-insensitive; a range runs over one
+    prefix, ``D00-D18``, ``S10-S37``, ``IN04-IN08``).
+
+    DiT ids (``IN OUT Dnn Snn Jnn Bnn``) and the text-encoder ids ``BASE CLIP T5``: only the
+    named ids are in the dict (the others mean 1). SD ids (``IN00..``, ``M00``, ``OUT00..``,
+    or ``BASE`` alone): the dict holds all 26 SD ids, 1 where not named, so it reads like an
+    lbw vector. SD and DiT block ids cannot be mixed.
+    """
+    out: dict = {}
+    for i, raw in enumerate(str(text).split(",")):
+        m = _ID_ITEM.match(raw)
+        if m is None:
+            raise BlockWeightError(f"block weight {i + 1} ({raw.strip()!r}) is not ID=value")
+        first, last, val = m.group(1).upper(), (m.group(2) or "").upper(), m.group(3)
+        if not _NUMBER.fullmatch(val) or not math.isfinite(float(val)):
+            raise BlockWeightError(f"block weight {i + 1} ({raw.strip()}): {val!r} is not a number")
+        for b in _id_range(first, last, i):
+            if b in out:
+                raise BlockWeightError(f"block {b} is given twice")
+            out[b] = float(val)
+    sd = [b for b in out if b in _GROUP]
+    dit = [b for b in out if is_dit_block(b)]
+    if sd and (dit or any(b in ("CLIP", "T5") for b in out)):
+        raise BlockWeightError(f"block weights mix SD ids ({sd[0]}) and DiT ids "
+                               f"({(dit or ['CLIP/T5'])[0]}); a LoRA has one kind")
+    if sd or set(out) == {"BASE"}:
+        full = dict.fromkeys(ALL_IDS, 1.0)
+        full.update(out)
+        return full
+    return out
+
+
+def _id_range(first: str, last: str, i: int) -> list:
+    for b in (first, last):
+        if b and not is_known_id(b):
+            raise BlockWeightError(f"block weight {i + 1}: unknown block id {b!r}; ids are BASE, "
+                                   f"IN00..IN11, M00, OUT00..OUT11 (SD), CLIP, T5, IN, OUT, "
+                                   f"{', '.join(t + 'nn' for t in _dit_tags())} (DiT)")
+    if not last:
+        return [first]
+    m1, m2 = re.match(r"([A-Z]+)(\d+)\Z", first), re.match(r"([A-Z]+)(\d+)\Z", last)
+    if not (m1 and m2) or m1.group(1) != m2.group(1):
+        raise BlockWeightError(f"block weight {i + 1}: {first}-{last} is not a range of one kind of block")
+    lo, hi = sorted((int(m1.group(2)), int(m2.group(2))))
+    ids = [f"{m1.group(1)}{k:02d}" for k in range(lo, hi + 1)]
+    bad = [b for b in ids if not is_known_id(b)]
+    if bad:
+        raise BlockWeightError(f"block weight {i + 1}: {first}-{last} runs past the known ids ({bad[0]})")
+    return ids
+
+
+def kind_of(blocks: Optional[Mapping]) -> str:
+    """``"sd"`` (SD block ids), ``"dit"`` (DiT block ids or CLIP/T5, maybe with the SD coarse
+    form), ``"te"`` (text-encoder ids only) or ``"none"``."""
+    if not blocks:
+        return "none"
+    if any(b in ("CLIP", "T5") or is_dit_block(b) for b in blocks):
+        return "dit"
+    if any(b in _GROUP for b in blocks):
+        return "sd"
+    return "te"
+
+
+def coarse_values(blocks: Mapping) -> Optional[dict]:
+    """``{"in"|"mid"|"out": value}`` when the SD block ids of ``blocks`` are exactly the coarse
+    form (whole groups, one value each), else None. No SD ids: ``{}``."""
+    groups = {}
+    for ids, g in ((IN_IDS, "in"), (MID_IDS, "mid"), (OUT_IDS, "out")):
+        present = [i for i in ids if i in blocks]
+        if not present:
+            continue
+        vals = [blocks[i] for i in present]
+        if len(present) != len(ids) or any(v != vals[0] for v in vals[1:]):
+            return None
+        groups[g] = vals[0]
+    return groups
+
+
+def _mul(a, b):
+    """Product of two weights, at most one of them keyframes (scaled point by point, which
+    commutes with the linear interpolation)."""
+    from .spec import Keyframes
+
+    ka, kb = isinstance(a, Keyframes), isinstance(b, Keyframes)
+    if ka and kb:
+        raise BlockWeightError("two keyframed block weights cannot be multiplied")
+    if ka or kb:
+        k, c = (a, b) if ka else (b, a)
+        return k if float(c) == 1.0 else Keyframes(tuple((w * float(c), p) for w, p in k.points))
+    return float(a) * float(b)
+
+
+# --- ComfyUI Inspire Pack: positional over the blocks present in the LoRA ----------------------
+
+#: Inspire's block groups walked positionally, in its order (its ``double_blocks``, then
+#: ``single_blocks``); every other module ("others") takes BASE, the vector's first value
+INSPIRE_GROUPS = ("D", "S")
+#: Inspire Pack's numeric presets (``resources/lbw-preset.txt``; R/U/A/B ones left out)
+INSPIRE_PRESETS = MappingProxyType({
+    **{"SD-" + k: v for k, v in _LBW_DEFAULTS.items()}, **{"SD-" + k: v for k, v in _SD_EXTRA.items()},
+    "SD-LyC-NONE": (0.0,) * 27, "SD-LyC-ALL": (1.0,) * 27,
+    "SD-LyC-INALL": (1.0,) * 12 + (0.0,) * 15,
+    "SD-LyC-MIDALL": (1.0,) + (0.0,) * 11 + (1.0,) * 3 + (0.0,) * 12,
+    "SD-LyC-OUTALL": (1.0,) + (0.0,) * 14 + (1.0,) * 12,
+    "SDXL-NONE": (0.0,) * 12, "SDXL-ALL": (1.0,) * 12,
+    "SDXL-INALL": (1.0,) * 5 + (0.0,) * 7, "SDXL-MIDALL": (1.0,) + (0.0,) * 4 + (1.0,) + (0.0,) * 6,
+    "SDXL-OUTALL": (1.0,) + (0.0,) * 5 + (1.0,) * 6,
+    "SDXL-LyC-NONE": (0.0,) * 21, "SDXL-LyC-ALL": (1.0,) * 21,
+    "SDXL-LyC-INALL": (1.0,) * 9 + (0.0,) * 12,
+    "SDXL-LyC-MIDALL": (1.0,) + (0.0,) * 8 + (1.0,) * 3 + (0.0,) * 9,
+    "SDXL-LyC-OUTALL": (1.0,) + (0.0,) * 11 + (1.0,) * 9,
+    "FLUX-DBL-FRONT": (1.0,) * 6 + (0.0,) * 12,
+    "FLUX-DBL-MID": (0.0,) * 6 + (1.0,) * 6 + (0.0,) * 6,
+    "FLUX-DBL-TAIL": (0.0,) * 12 + (1.0,) * 6,
+})
+INSPIRE_MIN = 12  # Inspire's validate(): fewer values are not a vector
+
+
+def parse_inspire(text: str) -> tuple:
+    """``inspire=`` text: an Inspire Pack preset name or at least 12 comma-separated numbers
+    (Inspire's own rule; a full Flux LoRA takes 58: BASE, 19 double, 38 single)."""
+    s = str(text).strip()
+    if not s:
+        raise BlockWeightError("empty Inspire block vector: give a preset name or numbers (58 for Flux)")
+    if "," not in s and not _NUMBER.fullmatch(s):
+        hit = INSPIRE_PRESETS.get(s) or next(
+            (v for k, v in INSPIRE_PRESETS.items() if k.lower() == s.lower()), None)
+        if hit is None:
+            raise BlockWeightError(f"unknown Inspire preset {s!r}; presets: {', '.join(INSPIRE_PRESETS)},"
+                                   f" or {INSPIRE_MIN}+ numbers (58 for Flux)")
+        return tuple(hit)
+    vals = _numbers(s)
+    if len(vals) < INSPIRE_MIN:
+        raise BlockWeightError(f"an Inspire block vector has {len(vals)} values; it needs at least "
+                               f"{INSPIRE_MIN} (58 for Flux: BASE, 19 double, 38 single)")
+    return vals
+
+
+def inspire_name(values: tuple) -> Optional[str]:
+    """The Inspire preset that is exactly ``values``, or None."""
+    return next((k for k, v in INSPIRE_PRESETS.items() if tuple(v) == tuple(values)), None)
+
+
+def inspire_weights(values: Iterable[float], present: Iterable[str],
+                    model_blocks: Iterable[str] = ()) -> dict:
+    """Inspire Pack's "LoRA Loader (Block Weight)" semantics, exactly (its ``load_lbw``).
+
+    ``present``: the denoiser block ids the LoRA has modules in. Inspire walks the LoRA's
+    double blocks (sorted by number), then its single blocks, and takes the vector's next value
+    whenever the block *number* differs from the previous one's (so a single block with the
+    same number as the last double block keeps that block's value); once the vector is used up
+    the last value stays. Every other module (``IN``/``OUT`` embedders and output layers,
+    Chroma's approximator, every block of a family without double/single blocks, the text
+    encoders) gets the first value, BASE. Returns block id -> weight, with ``BASE`` and every
+    non-positional id of ``model_blocks``.
+    """
+    vals = [float(v) for v in values]
+    base = vals[0]
+    out = {"BASE": base}
+    for b in model_blocks:
+        if is_dit_block(b) and (b in DIT_TOP_IDS or b[0] not in INSPIRE_GROUPS):
+            out[b] = base
+    ratio = 1.0
+    vi = 1
+    last = None
+    for tag in INSPIRE_GROUPS:
+        nums = sorted(int(b[1:]) for b in present if _DIT_NUMBERED.match(b) and b[0] == tag)
+        for n in nums:
+            if last != n and len(vals) > vi:
+                ratio = vals[vi]
+                vi += 1
+            last = n
+            out[f"{tag}{n:02d}"] = ratio
+    for b in present:
+        if b not in out and is_dit_block(b):
+            out[b] = base
+    return out
+
+
+# --- resolving against a model and a LoRA --------------------------------------------------------
+
+def resolve(blocks: Optional[Mapping], inspire: Optional[tuple], *, model_blocks: Iterable[str],
+            present: Iterable[str] = (), label: str = "this model") -> Optional[dict]:
+    """Block weights as plain per-id multipliers for one model and one LoRA.
+
+    ``model_blocks``: the block ids of the model's denoiser (empty when it has none bound);
+    ``present``: those the LoRA has modules in (needed for ``inspire``). On an SD model the
+    weights must be SD ones and come back unchanged. On a DiT model SD ids may only be the
+    coarse form, which becomes per-id multipliers (:func:`coarse_groups`) folded into the DiT
+    ids; explicit and Inspire weights multiply with it. Raises :class:`BlockWeightError` for
+    weights of another family.
+    """
+    model_blocks = set(model_blocks)
+    dit_model = any(is_dit_block(b) for b in model_blocks)
+    sd_model = any(b in _GROUP for b in model_blocks)
+    kind = kind_of(blocks)
+    if sd_model:
+        if inspire is not None:
+            raise BlockWeightError(
+                "inspire= (Inspire Pack's positional vectors) works on Flux-style double/single "
+                f"blocks; {label} has SD blocks: use lbw=")
+        if kind == "dit":
+            bad = next(b for b in blocks if is_dit_block(b) or b in ("CLIP", "T5"))
+            raise BlockWeightError(f"block weights name DiT block {bad}; {label} has SD blocks "
+                                   "(BASE, IN00.., M00, OUT00..)")
+        return None if blocks is None else dict(blocks)
+    if not dit_model and inspire is None:
+        return None if blocks is None else dict(blocks)
+    blocks = dict(blocks or {})
+    groups = coarse_values(blocks)
+    if groups is None:
+        raise BlockWeightError(
+            f"an SD block vector (lbw= with 12/17/20/26 values or an SD preset) does not fit {label}; "
+            f"its blocks are {_describe(model_blocks)}: use ID=v weights, FLUXALL or 61 values "
+            "(Flux), inspire=, or in=/mid=/out=")
+    tags = {m[0] for m in model_blocks if is_dit_block(m) and m not in DIT_TOP_IDS}
+    bad = next((b for b in blocks if is_dit_block(b) and b not in DIT_TOP_IDS and b[0] not in tags), None)
+    if bad is not None and tags:
+        raise BlockWeightError(f"block weights name block {bad}; {label} has blocks {_describe(model_blocks)}")
+    out = {b: v for b, v in blocks.items() if b in TE_IDS or is_dit_block(b)}
+    if inspire is not None:
+        for b, v in inspire_weights(inspire, present, model_blocks).items():
+            out[b] = _mul(out[b], v) if b in out else v
+    if groups:
+        for b, g in coarse_groups(model_blocks).items():
+            if g in groups:
+                out[b] = _mul(out.get(b, 1.0), groups[g])
+    return out
+
+
+def _describe(model_blocks) -> str:
+    ids = sorted({b for b in model_blocks if is_dit_block(b)}, key=dit_order)
+    if not ids:
+        return "none"
+    runs, prev = [], None
+    for b in ids:
+        if prev and b[0] == prev[-1][0] and len(b) == 3 and len(prev[-1]) == 3 and b not in DIT_TOP_IDS \
+                and prev[-1] not in DIT_TOP_IDS and int(b[1:]) == int(prev[-1][1:]) + 1:
+            prev.append(b)
+            continue
+        prev = [b]
+        runs.append(prev)
+    return ", ".join(r[0] if len(r) == 1 else f"{r[0]}..{r[-1]}" for r in runs)
+
+
+def te_weight(blocks: Mapping, component: str):
+    """The multiplier of a text encoder ``component``: ``CLIP`` (te1/te2) or ``T5`` (te3) when
+    given, else ``BASE``, else 1."""
+    k = _TE_SPECIFIC.get(component)
+    if k is not None and k in blocks:
+        return blocks[k]
+    return blocks.get("BASE", 1.0)
+
+
+def block_weight(blocks: Mapping, block: str):
+    """The multiplier of a denoiser module in ``block`` (not ``BASE``: those are not weighted).
+
+    Raises :class:`BlockWeightError` when the weights are for another kind of model or still
+    need resolving against the model (DiT coarse form: see :func:`resolve`)."""
+    if block in _GROUP:
+        if any(b in ("CLIP", "T5") or is_dit_block(b) for b in blocks):
+            raise BlockWeightError(f"block weights name DiT blocks; this module is in SD block {block}")
+    elif any(b in _GROUP for b in blocks):
+        raise BlockWeightError(
+            f"SD block ids or the coarse in=/mid=/out= form need resolving for DiT block {block} "
+            "(LoraSpec.bind_blocks with the LoRA's resolution and the model's key map)")
+    return blocks.get(block, 1.0)
+
+
+# ---------------------------------------------------------------------------------------------
 # back to text (for format_tag / infotext)
 
 def _fmt(x: float) -> str:
@@ -359,48 +751,83 @@ def _fmt(x: float) -> str:
     return repr(x)
 
 
-def block_args(blocks: Optional[Mapping], fmt_weight=None) -> list:
-    """Tag arguments that re-create ``blocks``: ``["lbw=NAME"]``, ``["lbw=v,v,..."]`` or
-    ``["in=V", "mid=V", "out=V"]``. ``fmt_weight`` formats a non-number value (keyframes).
+def _coarse_args(groups: Mapping, fmt_weight) -> list:
+    out = []
+    for g, v in groups.items():
+        if isinstance(v, (int, float)):
+            out.append(f"{g}={_fmt(v)}")
+        elif fmt_weight is not None:
+            out.append(f"{g}={fmt_weight(v)}")
+        else:
+            raise BlockWeightError(f"cannot write block weight {v!r}")
+    return out
 
-    Ids absent from ``blocks`` mean 1 (as :meth:`LoraSpec.strength` reads them), so a partial
-    dict of numbers comes back as an equivalent full vector. Raises :class:`BlockWeightError`
-    for what no tag can say (unknown ids; keyframes other than the coarse form).
+
+def _id_args(ids: Mapping) -> str:
+    """``ID=v,...`` text for DiT/text-encoder weights, runs of equal numbered ids as ranges."""
+    te = [b for b in TE_IDS if b in ids]
+    dit = sorted((b for b in ids if b not in TE_IDS), key=dit_order)
+    parts = [f"{b}={_fmt(ids[b])}" for b in te]
+    run: list = []
+
+    def flush():
+        if run:
+            parts.append(f"{run[0]}={_fmt(ids[run[0]])}" if len(run) == 1
+                         else f"{run[0]}-{run[-1]}={_fmt(ids[run[0]])}")
+
+    for b in dit:
+        p = run[-1] if run else None
+        if (p is not None and b not in DIT_TOP_IDS and p not in DIT_TOP_IDS and b[0] == p[0]
+                and int(b[1:]) == int(p[1:]) + 1 and float(ids[b]) == float(ids[p])):
+            run.append(b)
+            continue
+        flush()
+        run = [b]
+    flush()
+    return ",".join(parts)
+
+
+def block_args(blocks: Optional[Mapping], fmt_weight=None) -> list:
+    """Tag arguments that re-create ``blocks``: ``["lbw=NAME"]``, ``["lbw=v,v,..."]``,
+    ``["lbw=ID=v,..."]`` (DiT ids) and/or ``["in=V", "mid=V", "out=V"]``. ``fmt_weight``
+    formats a non-number value (keyframes).
+
+    SD ids absent from ``blocks`` mean 1 (as :meth:`LoraSpec.strength` reads them), so a
+    partial dict of numbers comes back as an equivalent full vector. Raises
+    :class:`BlockWeightError` for what no tag can say (unknown ids; keyframes other than the
+    coarse form).
     """
     if blocks is None:
         return []
-    unknown = [k for k in blocks if k not in ALL_IDS]
+    unknown = [k for k in blocks if not is_known_id(k)]
     if unknown:
-        raise BlockWeightError(f"unknown block ids {unknown}; known: {', '.join(ALL_IDS)}")
+        raise BlockWeightError(f"unknown block ids {unknown}; known: {', '.join(ALL_IDS)}, "
+                               f"CLIP, T5, IN, OUT, {', '.join(t + 'nn' for t in _dit_tags())}")
+    if kind_of(blocks) == "dit":
+        groups = coarse_values(blocks)
+        if groups is None:
+            raise BlockWeightError("SD block ids next to DiT ones can only be the in=/mid=/out= form")
+        ids = {b: v for b, v in blocks.items() if b not in _GROUP}
+        if not all(isinstance(v, (int, float)) for v in ids.values()):
+            raise BlockWeightError(
+                "block weights that change per step can only be written as in=/mid=/out=")
+        if set(ids) == set(LBW_FLUX_IDS):
+            vec = [float(ids[b]) for b in LBW_FLUX_IDS]
+            arg = "lbw=FLUXALL" if vec == list(PRESETS["FLUXALL"]) else "lbw=" + ",".join(_fmt(v) for v in vec)
+        else:
+            arg = "lbw=" + _id_args(ids)
+        return [arg] + _coarse_args(groups, fmt_weight)
     # pure coarse form: whole groups with one value each, BASE untouched
     if blocks and "BASE" not in blocks:
-        groups = {}
-        ok = True
-        for ids, g in ((IN_IDS, "in"), (MID_IDS, "mid"), (OUT_IDS, "out")):
-            present = [i for i in ids if i in blocks]
-            if not present:
-                continue
-            vals = [blocks[i] for i in present]
-            if len(present) != len(ids) or any(v != vals[0] for v in vals[1:]):
-                ok = False
-                break
-            groups[g] = vals[0]
-        if ok:
-            out = []
-            for g, v in groups.items():
-                if isinstance(v, (int, float)):
-                    out.append(f"{g}={_fmt(v)}")
-                elif fmt_weight is not None:
-                    out.append(f"{g}={fmt_weight(v)}")
-                else:
-                    raise BlockWeightError(f"cannot write block weight {v!r}")
-            return out
+        groups = coarse_values(blocks)
+        if groups is not None:
+            return _coarse_args(groups, fmt_weight)
     if not all(isinstance(v, (int, float)) for v in blocks.values()):
         raise BlockWeightError(
             "block weights that change per step can only be written as in=/mid=/out=")
     eff = {b: float(blocks.get(b, 1.0)) for b in ALL_IDS}
     for name, vec in PRESETS.items():
-        if expand_vector(vec) == eff:
+        if len(vec) != 61 and expand_vector(vec) == eff:
             return [f"lbw={name}"]
     for n in (17, 12, 20, 26):  # the most common layouts first
         vec = [eff[b] for b in LBW_LAYOUTS[n]]

@@ -583,11 +583,12 @@ def static_patches(bound: BoundModel, entries, *, components: Iterable[str], ste
     reports = []
     for spec, lora in entries:
         res = lora.resolve(keymap)
+        weights = spec.bind_blocks(res, keymap)  # block weights that depend on the model / the file
         applied = 0
         for b in res.bindings:
             applied += 1
             for i, t in enumerate(b.targets):
-                s = float(spec.strength(t.component, t.block, step, total, hires=hires))
+                s = float(weights.strength(t.component, t.block, step, total, hires=hires))
                 if s == 0.0:
                     continue
                 key = (t.component, t.module)

@@ -2,7 +2,8 @@
 
 ::
 
-    <lora:NAME[:W[:UNET[:DYN]]][:te=V][:unet=V][:in=V][:mid=V][:out=V][:lbw=PRESET|v,v,...]
+    <lora:NAME[:W[:UNET[:DYN]]][:te=V][:unet=V][:in=V][:mid=V][:out=V]
+          [:lbw=PRESET|v,v,...|ID=v,...][:inspire=PRESET|v,v,...]
           [:start=N][:stop=N][:step=A-B][:hr=V][:hrte=V][:hrunet=V][:dyn=N]>
     aliases: <lyco:...>, <loractl:...>    (the tag kind is matched case-insensitively)
 
@@ -24,8 +25,14 @@ Semantics, with the peer each rule follows:
   clamped. ``hr=`` is the weight of both components on the hires pass, ``hrte=``/``hrunet=``
   of one of them (loractl).
 * **lbw** (sd-webui-lora-block-weight): ``lbw=PRESET`` or ``lbw=v,v,...`` with 12/17/20/26
-  numbers (``w=`` is accepted as lbw does); the older lbw form with the preset or vector in the
-  ``UNET`` position (``<lora:x:1:OUTD>``) is read too. ``start=N``/``stop=N``: the LoRA acts
+  numbers, or lbw's 61 Flux numbers (``CLIP,T5,IN,D00..D18,S00..S37,OUT``; preset
+  ``FLUXALL``) (``w=`` is accepted as lbw does); the older lbw form with the preset or vector
+  in the ``UNET`` position (``<lora:x:1:OUTD>``) is read too. ``lbw=ID=v,ID-ID=v,...`` sets
+  family-native ids explicitly (``lbw=S00-S37=0,IN=0.5,T5=0``; unnamed ids are 1).
+* **ComfyUI Inspire Pack** ``inspire=PRESET|v,v,...``: its "LoRA Loader (Block Weight)"
+  vectors (``BASE``, then one value per double/single block *the LoRA has*, e.g. 58 for a
+  full Flux LoRA), with Inspire's positional semantics (see :func:`lora_ext.blocks.inspire_weights`);
+  cannot be combined with ``lbw=``. ``start=N``/``stop=N``: the LoRA acts
   from step N / stops acting at step N; a value strictly between 0 and 1 is a fraction of the
   run. ``step=A-B`` is ``start=A:stop=B``. Not supported (clear errors): ``lbwe=``, ``x=``,
   random/inherited vector values (``R``, ``U``, ``X``).
@@ -63,7 +70,7 @@ _DYN_RE = re.compile(r"\d{1,9}")
 _STEP_RANGE_RE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*-\s*(\d+(?:\.\d*)?|\.\d+)\s*")
 
 _WEIGHT_KEYS = ("te", "unet", "in", "mid", "out", "hr", "hrte", "hrunet")
-_KNOWN_KEYS = _WEIGHT_KEYS + ("lbw", "w", "start", "stop", "step", "dyn")
+_KNOWN_KEYS = _WEIGHT_KEYS + ("lbw", "w", "inspire", "start", "stop", "step", "dyn")
 _UNSUPPORTED_KEYS = {
     "lbwe": "lbw's elemental weights (lbwe=) are not supported",
     "x": "lbw's inherited weight (x=) is not supported",
@@ -304,6 +311,13 @@ def _parse_body(tag: str, tag_pos: int, body: str, body_pos: int, presets) -> Lo
             block_weights = _blocks.parse_lbw(lbw_item.text, presets)
         except _blocks.BlockWeightError as e:
             fail(lbw_item.pos, f"{'lbw=' if lbw_item is named.get('lbw') else 'block weights:'} {e}")
+    if "inspire" in named:
+        if lbw_item is not None:
+            fail(key_at["inspire"], "inspire= cannot be combined with lbw= (two ways of giving block weights)")
+        try:
+            spec.inspire = _blocks.parse_inspire(named["inspire"].text)
+        except _blocks.BlockWeightError as e:
+            fail(named["inspire"].pos, f"inspire= {e}")
     coarse = {}
     for key in ("in", "mid", "out"):
         if key in named:
@@ -316,6 +330,9 @@ def _parse_body(tag: str, tag_pos: int, body: str, body_pos: int, presets) -> Lo
         groups = _blocks.coarse(coarse.get("in"), coarse.get("mid"), coarse.get("out"))
         if block_weights is None:
             block_weights = groups
+        elif _blocks.kind_of(block_weights) == "dit":
+            # DiT ids: the coarse form is resolved against the model's depth when bound
+            block_weights.update(groups)
         else:
             for b, v in groups.items():
                 block_weights[b] = block_weights[b] * v
@@ -443,8 +460,8 @@ def format_tag(spec: LoraSpec) -> str:
     """The canonical tag for ``spec`` (for infotext): parsing it gives back an equal spec.
 
     ``<lora:NAME:W>`` when te and UNet agree, else ``<lora:NAME:TE:UNET>``, then the named
-    arguments ``dyn= lbw=|in= mid= out= start= stop= hr= hrte= hrunet=`` that differ from the
-    defaults. Raises ``ValueError`` for what no tag can say (a name with ``:<>``, or with
+    arguments ``dyn= lbw=|in= mid= out= inspire= start= stop= hr= hrte= hrunet=`` that differ
+    from the defaults. Raises ``ValueError`` for what no tag can say (a name with ``:<>``, or with
     surrounding whitespace; block weights other than lbw vectors or the coarse form).
     """
     name = spec.name
@@ -459,6 +476,9 @@ def format_tag(spec: LoraSpec) -> str:
     if dyn is not None:
         parts.append(f"dyn={int(dyn)}")
     parts += _blocks.block_args(spec.blocks, format_weight)
+    if spec.inspire is not None:
+        name_ = _blocks.inspire_name(spec.inspire)
+        parts.append("inspire=" + (name_ or ",".join(_fmt_number(v) for v in spec.inspire)))
     if spec.start is not None:
         parts.append(f"start={_fmt_number(spec.start)}")
     if spec.stop is not None:

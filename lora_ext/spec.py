@@ -9,16 +9,28 @@ Effective strength on one module at one step (DESIGN section 4)::
 On the hires pass (loractl's ``hr``/``hrte``/``hrunet``) the UNet uses ``hr_unet``, else ``hr``,
 else ``unet``; the text encoders use ``hr_te``, else ``hr``, else ``te``.
 
-Block weights (see :mod:`lora_ext.blocks`): text-encoder modules use ``blocks["BASE"]``; UNet
-modules use their block's id; UNet modules outside the numbered blocks (block id "BASE": time
-embedding, ``out``) are not block-weighted, as in sd-webui-lora-block-weight. An id missing
-from ``blocks`` means 1.
+Block weights (see :mod:`lora_ext.blocks`): text-encoder modules use ``blocks["CLIP"]``
+(te1/te2) or ``blocks["T5"]`` (te3) when given, else ``blocks["BASE"]``; denoiser modules use
+their block's id (SD ``IN04``, Flux ``D05``/``S12``/``IN``/``OUT``, SD3 ``J07``, Qwen ``B42``);
+UNet modules outside the numbered blocks (block id "BASE": time embedding, ``out``) are not
+block-weighted, as in sd-webui-lora-block-weight. An id missing from ``blocks`` means 1.
+
+Weights that depend on the model or on the LoRA file are resolved once the LoRA is bound to
+the model, by :meth:`LoraSpec.bind_blocks`: the coarse ``in=/mid=/out=`` form on a DiT model
+(the thirds of its depth) and Inspire Pack vectors (``inspire``, positional over the blocks
+the LoRA has). Whoever turns a spec into per-module strengths (the engine, ``hostmodel``,
+host patchers) calls it with the LoRA's resolution and the model's key map; a spec that still
+needs it raises :class:`lora_ext.blocks.BlockWeightError` from :meth:`LoraSpec.strength`
+rather than giving a wrong strength.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Optional, Union
+
+from . import blocks as _blocks
 
 
 @dataclass(frozen=True)
@@ -94,6 +106,9 @@ class LoraSpec:
     extra: dict = field(default_factory=dict)  # "dyn": int (A1111/SD.Next dyn_dim)
     hr_te: Optional[Weight] = None  # loractl's hrte=: text encoders on the hires pass
     hr_unet: Optional[Weight] = None  # loractl's hrunet=: UNet on the hires pass
+    # ComfyUI Inspire Pack vector (BASE, then one value per block the LoRA has), resolved by
+    # bind_blocks; None when not used
+    inspire: Optional[tuple] = None
 
     def is_scheduled(self) -> bool:
         """Whether the strength can change from one step to the next (of either pass)."""
@@ -126,9 +141,40 @@ class LoraSpec:
             return False
         return True
 
+    def bind_blocks(self, resolution=None, keymap=None, *, present=None, model_blocks=None) -> "LoraSpec":
+        """This spec with its block weights resolved for one LoRA file on one model.
+
+        ``resolution``: the LoRA's ``network.Resolution`` on the model (its bindings say which
+        blocks the LoRA has); ``keymap``: the model's ``keys.KeyMap`` (its "unet" table says
+        which blocks the model has). ``present`` / ``model_blocks`` give those block-id sets
+        directly instead. Returns ``self`` when nothing needs resolving (every SD spec on an
+        SD model), else a copy whose ``blocks`` are plain per-id multipliers and ``inspire``
+        None. Raises :class:`lora_ext.blocks.BlockWeightError` for block weights of another
+        family (an SD vector on a Flux LoRA, a Flux vector on an SD one, ``inspire`` on SD).
+        """
+        if self.blocks is None and self.inspire is None:
+            return self
+        if model_blocks is None:
+            table = (getattr(keymap, "layout", None) or {}).get("unet", {}) if keymap is not None else {}
+            model_blocks = {getattr(m, "block", None) for m in table.values()}
+            model_blocks.discard(None)
+        if present is None:
+            present = set()
+            if resolution is not None:
+                present = {t.block for b in resolution.bindings for t in b.targets if t.component == "unet"}
+        label = getattr(keymap, "label", None) or "this model"
+        resolved = _blocks.resolve(self.blocks, self.inspire, model_blocks=model_blocks, present=present,
+                                   label=label)
+        if self.inspire is None and resolved == self.blocks:
+            return self
+        return dataclasses.replace(self, blocks=resolved, inspire=None)
+
     def strength(self, component: str, block: str, step: Optional[int] = None,
                  total: Optional[int] = None, hires: bool = False) -> float:
-        """Multiplier for a module of ``component`` ("unet", "te1", "te2") in ``block``."""
+        """Multiplier for a module of ``component`` ("unet", "te1", "te2", "te3") in ``block``."""
+        if self.inspire is not None:
+            raise _blocks.BlockWeightError(f"{self.tag or self.name}: inspire= block weights need the LoRA's "
+                                   "blocks (LoraSpec.bind_blocks) before strengths can be read")
         if not self._active(step, total):
             return 0.0
         if component == "unet":
@@ -139,10 +185,10 @@ class LoraSpec:
         base = weight_at(w, step, total)
         if self.blocks is not None and base != 0.0:
             if component != "unet":
-                m = self.blocks.get("BASE", 1.0)
+                m = _blocks.te_weight(self.blocks, component)
             elif block == "BASE":
                 m = 1.0  # UNet modules outside the numbered blocks: not block-weighted (as lbw)
             else:
-                m = self.blocks.get(block, 1.0)
+                m = _blocks.block_weight(self.blocks, block)
             base *= weight_at(m, step, total)
         return base

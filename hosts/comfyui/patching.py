@@ -426,12 +426,13 @@ def _add(patcher, bound, entries, components) -> None:
     missing = set()
     for spec, lora in entries:
         res = lora.resolve(keymap)
+        weights = spec.bind_blocks(res, keymap)  # block weights that depend on the model / the file
         # per module: [(strength, comfy LoRAAdapter)] or lora-ext items, in the file's order
         ours: dict = {}
         native: list = []
         for b in res.bindings:
             for i, t in enumerate(b.targets):
-                s = float(spec.strength(t.component, t.block, 0, None))
+                s = float(weights.strength(t.component, t.block, 0, None))
                 if s == 0.0:
                     continue
                 view = bound.views[t.component]

@@ -284,6 +284,7 @@ class Handle(Transactions):
 
     def _bind(self, entry: _Entry) -> None:
         res = entry.lora.resolve(self.keymap)
+        entry.spec = entry.spec.bind_blocks(res, self.keymap)  # block weights that depend on the model / file
         entry.report.unmatched = list(res.unmatched)
         for b in res.bindings:
             targets = b.targets
