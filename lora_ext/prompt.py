@@ -322,8 +322,8 @@ def _parse_body(tag: str, tag_pos: int, body: str, body_pos: int, presets) -> Lo
     for key in ("in", "mid", "out"):
         if key in named:
             v = weight(named[key], f"{key}=")
-            if isinstance(v, Keyframes) and block_weights is not None:
-                fail(named[key].pos, f"{key}= keyframes cannot be combined with lbw=; "
+            if isinstance(v, Keyframes) and block_weights is not None and _blocks.kind_of(block_weights) != "dit":
+                fail(named[key].pos, f"{key}= keyframes cannot be combined with an SD lbw= vector; "
                      "use a number, or drop lbw=")
             coarse[key] = v
     if coarse:

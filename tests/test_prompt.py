@@ -326,7 +326,7 @@ ERRORS = [
     ("<lora:x:lbw=1,1,1,1,1,1,1,1,1,1,1,>", 12, "block weight 12 is empty"),
     ("<lora:x:1:0,1>", 10, "block weights: a block-weight vector has 2 values"),
     ("<lora:x:1:MIDD:lbw=OUTD>", 15, "lbw= is given twice"),
-    ("<lora:x:lbw=OUTD:in=0@0,1@1>", 20, "in= keyframes cannot be combined with lbw="),
+    ("<lora:x:lbw=OUTD:in=0@0,1@1>", 20, "in= keyframes cannot be combined with an SD lbw= vector"),
     ("<lora:x:start=-1>", 14, "start= expects a step number"),
     ("<lora:x:start=abc>", 14, "start= expects"),
     ("<lora:x:start=5:stop=2>", 21, "start must come before stop"),
@@ -425,6 +425,8 @@ FRAGMENTS = st.sampled_from([
     "hr=", "hrte=", "hrunet=", "dyn=", "16", "OUTD", "ALL", "SDXL-ALL", "R", "X+1", "lbwe=",
     ",".join(["1"] * 12), ",".join(["0.5"] * 17), ",".join(["1"] * 20), ",".join(["0"] * 26),
     "<hypernet:h:1>", "(", ")", "[", "]", "BREAK", "é", "\x00",
+    "FLUXALL", "inspire=", "D05", "S00-S37", "IN", "T5", "FLUX-DBL-TAIL", ",".join(["1"] * 61),
+    ",".join(["0.5"] * 58),
 ])
 TAGLIKE = st.lists(FRAGMENTS, max_size=14).map("".join)
 PROP = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -480,6 +482,14 @@ lbw_blocks = st.one_of(
 )
 coarse_blocks = st.tuples(st.one_of(st.none(), weights), st.one_of(st.none(), weights),
                           st.one_of(st.none(), weights)).map(lambda t: B.coarse(*t) or None)
+DIT_IDS = ["IN", "OUT", "CLIP", "T5", "BASE"] + [f"{p}{i:02d}" for p in "DSJB" for i in range(0, 60, 7)]
+dit_blocks = st.one_of(
+    st.just(B.preset("FLUXALL")),
+    st.lists(finite, min_size=61, max_size=61).map(B.expand_vector),
+    st.dictionaries(st.sampled_from(DIT_IDS), finite, min_size=1, max_size=8)
+    .filter(lambda d: B.kind_of(d) == "dit"),
+).flatmap(lambda d: coarse_blocks.map(lambda c: {**d, **(c or {})}))
+inspire_vectors = st.lists(finite, min_size=12, max_size=60).map(tuple)
 starts = st.one_of(st.none(), st.floats(0, 1, exclude_min=True, exclude_max=True),
                    st.integers(0, 100).map(float))
 
@@ -488,8 +498,11 @@ starts = st.one_of(st.none(), st.floats(0, 1, exclude_min=True, exclude_max=True
 def specs(draw):
     te = draw(weights)
     unet = draw(st.one_of(st.just(te), weights))
-    spec = LoraSpec(draw(names), te=te, unet=unet,
-                    blocks=draw(st.one_of(st.none(), lbw_blocks, coarse_blocks)),
+    blocks = draw(st.one_of(st.none(), lbw_blocks, coarse_blocks, dit_blocks))
+    inspire = None
+    if blocks is None or B.coarse_values(blocks) is not None and B.kind_of(blocks) == "sd" and "BASE" not in blocks:
+        inspire = draw(st.one_of(st.none(), inspire_vectors))
+    spec = LoraSpec(draw(names), te=te, unet=unet, blocks=blocks, inspire=inspire,
                     hr=draw(st.one_of(st.none(), weights)),
                     hr_te=draw(st.one_of(st.none(), weights)),
                     hr_unet=draw(st.one_of(st.none(), weights)))
