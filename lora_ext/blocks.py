@@ -1,4 +1,6 @@
-"""Block ids, sd-webui-lora-block-weight ("lbw") vectors and presets, and the coarse in/mid/out form.
+"""Block ids, sd-webui-lora-block-weight ("lbw") vectors and presets, the coarse in/mid/out form,
+and the DiT families' block weights (family-native ids, lbw's 61-value Flux vectors, ComfyUI
+Inspire Pack's positional vectors): see *DiT families* below.
 
 Block ids
 ---------
@@ -38,7 +40,7 @@ dict always holds all 26 ids, so it also serves SDXL models (whose ids are a sub
 
 Supported: plain numbers (``1``, ``0.5``, ``-0.25``, ``1e-1``). Not supported, with a clear
 error: lbw's random values ``R`` and ``U``, its inherited weight ``X``/``X+0.5`` (and the ``x=``
-argument), ComfyUI Inspire Pack's ``A``/``B`` variables, lbw's 61-value Flux vectors, and
+argument), ComfyUI Inspire Pack's ``A``/``B`` variables and space-separated per-key values, and
 ``lbwe=`` elemental weights.
 
 Presets (:data:`PRESETS`)
@@ -63,6 +65,56 @@ Coarse form
 (:func:`coarse`); together with ``lbw=`` they multiply its values. Unlike SD.Next, where
 ``in=V`` *replaces* the UNet strength for the down blocks, here they are block multipliers like
 lbw's values (the same result whenever the UNet strength is 1 or the value is 0).
+
+DiT families
+------------
+Block ids (``ModuleInfo.block``, from the family tables in ``lora_ext.dit.families``; a new
+family's ids follow from its table, see :func:`dit_block_ids`):
+
+=================  ===========================================================================
+Flux.1, Chroma     ``IN`` (``img_in txt_in time_in vector_in guidance_in``; Chroma's
+                   ``distilled_guidance_layer``), ``D00..D18`` (double blocks), ``S00..S37``
+                   (single blocks), ``OUT`` (``final_layer``: ``proj_out``, ``norm_out.linear``)
+SD3 / SD3.5        ``IN`` (``x_embedder`` ``t_embedder`` ``y_embedder`` ``context_embedder``),
+                   ``J00..J23`` (Medium) / ``J00..J37`` (Large), ``OUT``
+Qwen-Image         ``IN``, ``B00..B59``, ``OUT``
+text encoders      ``BASE`` (every text encoder), ``CLIP`` (CLIP-L ``te1``, SD3's CLIP-G
+                   ``te2``) and ``T5`` (T5-XXL ``te3``); ``CLIP``/``T5`` win over ``BASE``
+=================  ===========================================================================
+
+``lbw=`` on a DiT LoRA takes: lbw's **61-value Flux vector** (:data:`LBW_FLUX_IDS`:
+``CLIP, T5, IN, D00..D18, S00..S37, OUT``, lbw's ``BLOCKIDFLUX``; its preset ``FLUXALL``), which
+names every id, so nothing is zero-filled; lbw's key classifier puts ``img_in/txt_in/time_in/
+vector_in/guidance_in`` in IN and ``final_layer`` in OUT, exactly our IN and OUT (Chroma's
+approximator, which lbw would leave at 1 except its ``in_proj``/``in_layer``, is IN here), or
+**explicit weights** ``ID=v,ID-ID=v`` (:func:`parse_ids`; ``lbw=S00-S37=0,T5=0``), where ids not
+named stay 1. An SD vector or preset on a DiT LoRA, a Flux vector on an SD or SD3 LoRA, or ids of
+another family are errors once the LoRA is bound (:func:`resolve`), not silently ignored.
+
+**Coarse form on DiT**: SD's ``in/mid/out`` are positions in depth (input, middle, output of the
+UNet), and users reach for ``out=`` for style/detail and ``in=`` for composition. A DiT has no U
+shape, so the same intent maps to depth: the numbered blocks in order are cut into thirds
+(:func:`coarse_groups`), ``IN`` joins "in" and ``OUT`` joins "out" (as SD's ``conv_in`` is in
+``IN00``). On Flux and Chroma the thirds fall exactly on the architecture: in = IN + the 19
+double-stream blocks, mid = ``S00..S18``, out = ``S19..S37`` + OUT; SD3 Medium 8/8/8, SD3.5 Large
+13/12/13, Qwen-Image 20/20/20; a custom-size model uses its own depth. (Rejected: in = double,
+out = single with no "mid", which leaves ``mid=`` doing nothing and has no answer for the
+single-stack SD3 and Qwen-Image.) The depth is the model's, so the coarse form is resolved when
+the LoRA is bound; the text encoders are untouched by it, as on SD.
+
+**Inspire Pack** vectors (``inspire=``, :func:`inspire_weights`): ``BASE``, then one value per
+double/single block *present in the LoRA* in sorted order (58 for a LoRA with every Flux
+block), exactly as its "LoRA Loader (Block Weight)": a LoRA that lacks blocks shifts the
+mapping; the vector advances when the block number changes (a single block numbered like the
+last double block keeps its value); past the vector's end the last value stays; extra values
+are unused; every other module (embedders, output layers, all blocks of families without
+double/single blocks, text encoders) takes BASE. Inspire's own rule for a vector is at least 12
+values; its numeric presets are :data:`INSPIRE_PRESETS`. Inspire's ``%``-spec syntax, ``A/B/R/U``
+and ``inverse`` are not supported; on an SD LoRA ``inspire=`` is refused (Inspire counts the
+middle block's three parts as three positions, which SD block ids cannot express).
+
+Binding: :meth:`lora_ext.spec.LoraSpec.bind_blocks` turns the DiT coarse form and Inspire
+vectors into plain per-id multipliers once the model's blocks and the LoRA's are known.
 """
 from __future__ import annotations
 

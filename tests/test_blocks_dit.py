@@ -251,6 +251,50 @@ def test_inspire_on_families_without_double_single_blocks_is_base():
         assert bound.strength("te1", "BASE") == 0.5
 
 
+# Inspire Pack's resources/lbw-preset.txt, its numeric lines (R/A/B ones and @-generators left out)
+INSPIRE_PRESET_TEXT = """\
+SD-NONE:0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0
+SD-ALL:1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1
+SD-INS:1,1,1,1,0,0,0,0,0,0,0,0,0,0,0,0,0
+SD-IND:1,0,0,0,1,1,1,0,0,0,0,0,0,0,0,0,0
+SD-INALL:1,1,1,1,1,1,1,0,0,0,0,0,0,0,0,0,0
+SD-MIDD:1,0,0,0,1,1,1,1,1,1,1,1,0,0,0,0,0
+SD-MIDD0.2:1,0,0,0,0,0,0.2,0.4,0.4,0.2,0,0,0,0,0,0,0
+SD-MIDD0.8:1,0,0,0,0,0.5,0.8,0.8,0.4,0,0,0,0,0,0,0,0
+SD-MOUT:1,0,0,0,0,0,1,1,1,1,1,1,1,1,0.5,0,0
+SD-OUTD:1,0,0,0,0,0,0,0,1,1,1,1,0,0,0,0,0
+SD-OUTS:1,0,0,0,0,0,0,0,0,0,0,0,1,1,1,1,1
+SD-OUTALL:1,0,0,0,0,0,0,0,1,1,1,1,1,1,1,1,1
+SD-ALL0.5:0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5
+SD-LyC-NONE:0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0
+SD-LyC-ALL:1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1
+SD-LyC-INALL:1,1,1,1,1,1,1,1,1,1,1,1,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0
+SD-LyC-MIDALL:1,0,0,0,0,0,0,0,0,0,0,0,1,1,1,0,0,0,0,0,0,0,0,0,0,0,0
+SD-LyC-OUTALL:1,0,0,0,0,0,0,0,0,0,0,0,0,0,0,1,1,1,1,1,1,1,1,1,1,1,1
+SDXL-NONE:0,0,0,0,0,0,0,0,0,0,0,0
+SDXL-ALL:1,1,1,1,1,1,1,1,1,1,1,1
+SDXL-INALL:1,1,1,1,1,0,0,0,0,0,0,0
+SDXL-MIDALL:1,0,0,0,0,1,0,0,0,0,0,0
+SDXL-OUTALL:1,0,0,0,0,0,1,1,1,1,1,1
+SDXL-LyC-NONE:0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0
+SDXL-LyC-ALL:1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1
+SDXL-LyC-INALL:1,1,1,1,1,1,1,1,1,0,0,0,0,0,0,0,0,0,0,0,0
+SDXL-LyC-MIDALL:1,0,0,0,0,0,0,0,0,1,1,1,0,0,0,0,0,0,0,0,0
+SDXL-LyC-OUTALL:1,0,0,0,0,0,0,0,0,0,0,0,1,1,1,1,1,1,1,1,1
+FLUX-DBL-FRONT:1,1,1,1,1,1,0,0,0,0,0,0,0,0,0,0,0,0
+FLUX-DBL-MID:0,0,0,0,0,0,1,1,1,1,1,1,0,0,0,0,0,0
+FLUX-DBL-TAIL:0,0,0,0,0,0,0,0,0,0,0,0,1,1,1,1,1,1
+"""
+
+
+def test_inspire_presets_are_inspire_packs():
+    want = {}
+    for line in INSPIRE_PRESET_TEXT.splitlines():
+        name, _, vals = line.partition(":")
+        want[name] = tuple(float(v) for v in vals.split(","))
+    assert dict(B.INSPIRE_PRESETS) == want
+
+
 def test_inspire_presets_and_tags():
     assert len(B.INSPIRE_PRESETS["FLUX-DBL-FRONT"]) == 18
     assert one("<lora:x:1:inspire=flux-dbl-mid>").inspire == B.INSPIRE_PRESETS["FLUX-DBL-MID"]
