@@ -373,7 +373,11 @@ def test_model_only_and_clip_failure_do_not_block_each_other(comfy, caplog):
     assert c is None and m.patches
     (m2,) = ns.nodes["LoraExtLoaderModelOnly"]().load(ns.model, "alpha.safetensors", 0.8)
     assert set(m2.patches) == set(m.patches)
+    # keyframed: the sampling-time session must not call the text-encoder keys "not applied" either
+    (m4,) = ns.nodes["LoraExtLoaderModelOnly"]().load(ns.model, "alpha.safetensors", 0.8, keyframes="0@0,1@1")
+    sample(ns, m4)
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+    assert "not applied" not in caplog.text, caplog.text
     from lora_ext.hosts.comfyui import patching
 
     _, _, lines = patching.apply(ns.model, None, [ns.nodes["LoraExtLoader"] and

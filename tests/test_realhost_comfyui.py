@@ -413,13 +413,19 @@ def test_keyframes_follow_the_whole_run_across_split_ksampleradvanced(comfy):
     c.server("full")
     plain_one = latent_of(c, steps=4)
     plain_split = latent_of(c, steps=4, split=2)
-    assert torch.equal(plain_one, plain_split), "ComfyUI itself: a split run equals one run"
+    # ComfyUI itself: a split run equals one run up to rounding (the latent goes out of and back
+    # into the model's latent scale between the two nodes)
+    base_gap = rel(plain_split, plain_one)
+    assert base_gap < 1e-5
     kw = dict(loader="LoraExtLoader", lora="lxt_loha.safetensors", sm=1.0, sc=0.0, steps=4, keyframes="0@0,1@1")
     one = latent_of(c, **kw)
     split = latent_of(c, split=2, **kw)
     constant = latent_of(c, loader="LoraExtLoader", lora="lxt_loha.safetensors", sm=1.0, sc=0.0, steps=4)
-    assert rel(one, constant) > 1e-3 and rel(one, plain_one) > 1e-3, "the keyframes act"
-    assert torch.equal(one, split)
+    effect = rel(one, constant)
+    assert effect > 1e-3 and rel(one, plain_one) > 1e-3, "the keyframes act"
+    gap = rel(split, one)
+    print(f"\nsplit vs one run: no LoRA {base_gap:.2e}, keyframed LoRA {gap:.2e} (keyframes vs constant {effect:.2e})")
+    assert gap < max(10 * base_gap, 1e-6), f"split run {gap:.2e} from one run (ComfyUI alone: {base_gap:.2e})"
 
 
 def test_inpainting_checkpoint_takes_a_lora(comfy):

@@ -529,6 +529,14 @@ def _is_slice(part, full) -> bool:
     return False
 
 
+class _NodeReported(logging.Filter):
+    """Drops the session's per-file "keys not applied" note: the UNet-only session would count
+    the file's text-encoder keys, which the loader node has reported for what they are."""
+
+    def filter(self, record):
+        return not (record.levelno <= logging.INFO and "keys not applied" in str(record.msg))
+
+
 def sampler_sample_wrapper(executor, guider, sigmas, *args, **kwargs):
     """SAMPLER_SAMPLE wrapper: the model is loaded (its weight patches on); hook the per-step
     LoRAs on for this sampling, take them off after, whatever happens."""
@@ -540,7 +548,12 @@ def sampler_sample_wrapper(executor, guider, sigmas, *args, **kwargs):
     total = max(int(full.shape[-1]) - 1, 1)
     session = Session(None, method="onthefly", label="ComfyUI")
     session.load_model(unet_host(patcher))
-    session.use_specs(att.specs, total_steps=total)
+    quiet = _NodeReported()
+    log.addFilter(quiet)  # the loader node reported these files' keys already (text encoders apart)
+    try:
+        session.use_specs(att.specs, total_steps=total)
+    finally:
+        log.removeFilter(quiet)
     att.run = (session, full, total)
     try:
         return executor(guider, sigmas, *args, **kwargs)
