@@ -5,6 +5,8 @@
 """
 from __future__ import annotations
 
+import torch
+
 from lora_ext.adapter import expect
 from lora_ext.hookspecs import hookimpl
 
@@ -39,6 +41,35 @@ class FullAdapter(BaseAdapter):
         return None if db is None else db.reshape(-1)
 
 
+class BiasDiffAdapter(BaseAdapter):
+    """A stored bias change alone (``diff_b`` without ``diff``: ComfyUI's and Kijai's Wan / Flux
+    files, diffusers' ``lora_B.bias``-only exports): the weight is untouched."""
+
+    type_name = "full (bias only)"
+    required = frozenset({"diff_b"})
+
+    def __init__(self, tensors):
+        super().__init__(tensors)
+        db = tensors.get("diff_b")
+        expect(db is not None and db.dim() == 1, "full: diff_b must be a vector")
+
+    def scale(self):
+        return 1.0
+
+    def weight_shape(self):
+        return None
+
+    def fits(self, target_shape) -> bool:
+        return int(target_shape[0]) == int(self.tensors["diff_b"].numel())
+
+    def delta(self, weight):
+        return weight.new_zeros(weight.shape, dtype=torch.float32) if weight.is_floating_point() else \
+            torch.zeros(weight.shape, dtype=torch.float32)
+
+    def bias_delta(self, bias, weight):
+        return self.t("diff_b", weight).reshape(-1)
+
+
 @hookimpl
 def lora_ext_adapter_types():
-    return [FullAdapter]
+    return [FullAdapter, BiasDiffAdapter]

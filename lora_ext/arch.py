@@ -224,6 +224,10 @@ class ModuleInfo:
     # DiT families: the original layout stores this modulation's two row halves in the other
     # order (diffusers ``norm_out.linear`` vs BFL/SAI ``final_layer.adaLN_modulation.1``)
     ldm_swap: bool = False
+    # DiT families whose original layout has a second spelling (HunyuanVideo: ComfyUI renames
+    # Tencent's ``img_attn_qkv`` / ``mlp.fc1`` to Flux-style ``img_attn.qkv`` / ``mlp.0`` on
+    # load): the other original name of the same module, which LoRAs and files also use
+    ldm_alias: str | None = None
 
 
 KINDS = ("linear", "conv", "norm", "embedding")

@@ -129,6 +129,16 @@ class _BareParameter:
         return getattr(self.owner, self.name)
 
 
+def bare_parameter(index: Mapping, path: str):
+    """A parameter that sits directly on a module (Wan's ``scale_shift_table``), found through
+    ``index`` (module name -> module), as a ``_BareParameter``; or None."""
+    owner_path, _, name = path.rpartition(".")
+    owner = index.get(owner_path)
+    if owner is None or name in ("weight", "bias") or not isinstance(getattr(owner, "_parameters", {}).get(name), torch.Tensor):
+        return None
+    return _BareParameter(owner, name)
+
+
 class InputSlice:
     """The first ``n`` input channels of a wider input layer: ``conv_in`` of an inpainting (9
     channels), instruct-pix2pix (8) or depth (5) UNet, for LoRAs trained on the 4-channel base.
@@ -348,6 +358,8 @@ def _view_from_table(component: str, root, table, naming: str) -> tuple:
     for path, info in table.items():
         if naming == "diffusers":
             mod = index.get(path)
+            if mod is None:
+                mod = bare_parameter(index, path)
         elif info.ldm_path is None:
             mod = None
         elif info.ldm_rows is not None:

@@ -46,8 +46,15 @@ _PROCESSOR = re.compile(r"\.processor\.(to_q|to_k|to_v|to_out)_lora\.(up|down)\.
 _XLABS = re.compile(r"(\.processor\.(?:qkv|proj)_lora\d?)\.(up|down)\.weight$")
 
 
+_DIFF_M = re.compile(r"\.diff_m$")
+
+
 def normalise_key(key: str) -> str:
     """The key with its tensor-name end in kohya spelling (the module part is untouched)."""
+    if _DIFF_M.search(key):
+        # lightx2v / Kijai Wan LoRAs: "blocks.0.diff_m" is a full delta of the block's bare
+        # "modulation" parameter (kijai/ComfyUI-WanVideoWrapper#807)
+        return key[: -len(".diff_m")] + ".modulation.diff"
     m = _PROCESSOR.search(key)
     if m:
         module = m.group(1) + (".0" if m.group(1) == "to_out" else "")
@@ -213,6 +220,11 @@ class KeyMap:
             bodies.append(("text_model." + info.path, False))
         if info.ldm_path and info.ldm_rows is None:
             bodies.append((info.ldm_path, True))
+            alias = getattr(info, "ldm_alias", None)
+            if alias:
+                bodies.append((alias[: -len(".scale")] if alias.endswith(".scale") else alias, True))
+        if info.ldm_path and info.ldm_path.endswith(".scale") and info.ldm_rows is None:
+            bodies.append((info.ldm_path[: -len(".scale")], True))  # a norm scale named by its module
         return bodies
 
     @staticmethod
@@ -250,13 +262,13 @@ class KeyMap:
             cand = Candidate(tuple(Target(component, i.path, i.block) for i in parts), shape,
                              parts=counts if len(set(counts)) > 1 else ())
             if key.endswith(parts[0].ldm_path + ".weight"):  # a Linear holding the parts (DiT)
-                body = parts[0].ldm_path
                 aliases = [key[: -len(".weight")], _flat(key[: -len(".weight")])]
-                aliases += list(self._body_spellings(component, body, True))
-                for k, info in enumerate(parts):  # OneTrainer OMI: ".qkv.0" / ".linear1.3" per part
-                    single = Candidate((Target(component, info.path, info.block),), tuple(info.weight_shape))
-                    for alias in self._body_spellings(component, f"{body}.{k}", True):
-                        self._add(alias, single)
+                for body in filter(None, (parts[0].ldm_path, getattr(parts[0], "ldm_alias", None))):
+                    aliases += list(self._body_spellings(component, body, True))
+                    for k, info in enumerate(parts):  # OneTrainer OMI: ".qkv.0" / ".linear1.3" per part
+                        single = Candidate((Target(component, info.path, info.block),), tuple(info.weight_shape))
+                        for alias in self._body_spellings(component, f"{body}.{k}", True):
+                            self._add(alias, single)
             else:  # OpenCLIP: ldm_path is the MultiheadAttention, the weight its in_proj_weight
                 full = key[: -len("_weight")] if key.endswith("_weight") else key.rsplit(".", 1)[0]
                 ldm_body = parts[0].ldm_path + ".in_proj"

@@ -240,10 +240,18 @@ def test_full_size_layout_binds_completely(variant, spelling):
 def test_detection_names_the_family_when_variants_tie():
     shapes = lowrank("lora_unet_double_blocks_3_img_attn_qkv", 9216, 3072)
     base = detect_base_model(lora_of(shapes, device="meta"))
-    assert base.name.startswith("flux") and base.label == "Flux.1 or Chroma", base.evidence
+    # one double-block qkv fits Flux, Chroma and HunyuanVideo alike (same names, same shapes)
+    assert base.name.startswith("flux") and base.label == "Flux.1 or Chroma or HunyuanVideo", base.evidence
     # a guidance-embedder key only fits dev; double block 20 fits no Flux
     shapes.update(lowrank("lora_unet_guidance_in_in_layer", 3072, 256))
     assert detect_base_model(lora_of(shapes, device="meta")).name == "flux-dev"
+    # HunyuanVideo is told from Flux by Tencent's names (musubi) and by its block counts
+    hv = lowrank("lora_unet_double_blocks_3_img_mlp_fc1", 12288, 3072)
+    assert detect_base_model(lora_of(hv, device="meta")).name.startswith("hunyuan-video")
+    hv = {**shapes, **lowrank("lora_unet_double_blocks_19_img_attn_qkv", 9216, 3072)}
+    hv.pop("lora_unet_guidance_in_in_layer.lora_down.weight"), hv.pop("lora_unet_guidance_in_in_layer.lora_up.weight")
+    hv.pop("lora_unet_guidance_in_in_layer.alpha")
+    assert detect_base_model(lora_of(hv, device="meta")).label == "HunyuanVideo"
     # Qwen-Image is told from Flux by its names and its 60 blocks, though shapes coincide
     q = lowrank("transformer.transformer_blocks.45.img_mlp.net.0.proj", 12288, 3072, "lora_A.weight", "lora_B.weight", False)
     assert detect_base_model(lora_of(q, device="meta")).name == "qwen-image"

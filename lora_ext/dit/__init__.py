@@ -46,6 +46,14 @@ def dims_from_shapes(shapes: Mapping[str, tuple]) -> Optional[tuple]:
     """``(family, dims, naming)`` of a DiT denoiser from ``{parameter name: shape}`` (names
     relative to the denoiser's root, either layout), or None when it is none of the families."""
     s = {k: tuple(v) for k, v in shapes.items()}
+    if any(k.startswith("txt_in.individual_token_refiner.") for k in s):
+        return _hv_original(s)
+    if "context_embedder.token_refiner.refiner_blocks.0.attn.to_q.weight" in s:
+        return _hv_diffusers(s)
+    if "blocks.0.self_attn.q.weight" in s or "blocks.0.attn1.to_q.weight" in s:
+        return _wan(s)
+    if "layers.0.attention.qkv.weight" in s or "layers.0.feed_forward.linear_1.weight" in s:
+        return _lumina(s)
     if "double_blocks.0.img_attn.qkv.weight" in s or "single_blocks.0.linear1.weight" in s:
         return _flux_original(s)
     if "joint_blocks.0.x_block.attn.qkv.weight" in s:
@@ -103,7 +111,7 @@ def _sd3_original(s):
     h = _dim(s, b + "attn.proj.weight", 1)
     conv = s.get("x_embedder.proj.weight", (h, 16, 2, 2))
     dims = dict(h=h, m=_dim(s, b + "mlp.fc1.weight", 0, 4 * h), d=_dim(s, b + "attn.ln_q.weight", 0, 64),
-                c_in=int(conv[1]), patch=int(conv[2]) if len(conv) > 2 else 2,
+                c_in=int(conv[1]), kernel=tuple(int(k) for k in conv[2:]) or (2, 2),
                 c_out=_dim(s, "final_layer.linear.weight", 0, 64), ctx=_dim(s, "context_embedder.weight", 1, 4096),
                 vec=_dim(s, "y_embedder.mlp.0.weight", 1, 2048), depth=_count(s, r"joint_blocks\.(\d+)\."),
                 qk_norm=int(b + "attn.ln_q.weight" in s),
@@ -116,7 +124,7 @@ def _sd3_diffusers(s):
     h = _dim(s, b + "attn.to_q.weight", 1)
     conv = s.get("pos_embed.proj.weight", (h, 16, 2, 2))
     dims = dict(h=h, m=_dim(s, b + "ff.net.0.proj.weight", 0, 4 * h), d=_dim(s, b + "attn.norm_q.weight", 0, 64),
-                c_in=int(conv[1]), patch=int(conv[2]) if len(conv) > 2 else 2,
+                c_in=int(conv[1]), kernel=tuple(int(k) for k in conv[2:]) or (2, 2),
                 c_out=_dim(s, "proj_out.weight", 0, 64), ctx=_dim(s, "context_embedder.weight", 1, 4096),
                 vec=_dim(s, "time_text_embed.text_embedder.linear_1.weight", 1, 2048),
                 depth=_count(s, r"transformer_blocks\.(\d+)\."), qk_norm=int(b + "attn.norm_q.weight" in s),
@@ -133,6 +141,81 @@ def _qwen(s):
     return "qwen_image", dims, "diffusers"
 
 
+def _hv_original(s):
+    tencent = any(k.startswith("txt_in.individual_token_refiner.blocks.0.self_attn_qkv") for k in s)
+    b = "double_blocks.0."
+    proj = "img_attn_proj" if tencent else "img_attn.proj"
+    h = _dim(s, b + proj + ".weight", 1) or _dim(s, "single_blocks.0.linear1.weight", 1)
+    conv = s.get("img_in.proj.weight", (h, 16, 1, 2, 2))
+    dims = dict(h=h, m=_dim(s, b + ("img_mlp.fc1" if tencent else "img_mlp.0") + ".weight", 0, 4 * h),
+                d=_dim(s, b + ("img_attn_q_norm.weight" if tencent else "img_attn.norm.query_norm.scale"), 0, 128),
+                c_in=int(conv[1]), kernel=tuple(int(k) for k in conv[2:]) or (1, 2, 2),
+                c_out=_dim(s, "final_layer.linear.weight", 0, 64), ctx=_dim(s, "txt_in.input_embedder.weight", 1, 4096),
+                vec=_dim(s, "vector_in.in_layer.weight", 1, 768), double=_count(s, r"double_blocks\.(\d+)\."),
+                single=_count(s, r"single_blocks\.(\d+)\."),
+                refiner=_count(s, r"txt_in\.individual_token_refiner\.blocks\.(\d+)\."),
+                guidance=int(any(k.startswith("guidance_in.") for k in s)))
+    if tencent:
+        dims["_names"] = "alias"
+    return "hunyuan_video", dims, "ldm"
+
+
+def _hv_diffusers(s):
+    b = "transformer_blocks.0."
+    h = _dim(s, b + "attn.to_q.weight", 1)
+    conv = s.get("x_embedder.proj.weight", (h, 16, 1, 2, 2))
+    dims = dict(h=h, m=_dim(s, b + "ff.net.0.proj.weight", 0, 4 * h), d=_dim(s, b + "attn.norm_q.weight", 0, 128),
+                c_in=int(conv[1]), kernel=tuple(int(k) for k in conv[2:]) or (1, 2, 2),
+                c_out=_dim(s, "proj_out.weight", 0, 64), ctx=_dim(s, "context_embedder.proj_in.weight", 1, 4096),
+                vec=_dim(s, "time_text_embed.text_embedder.linear_1.weight", 1, 768),
+                double=_count(s, r"transformer_blocks\.(\d+)\."), single=_count(s, r"single_transformer_blocks\.(\d+)\."),
+                refiner=_count(s, r"context_embedder\.token_refiner\.refiner_blocks\.(\d+)\."),
+                guidance=int("time_text_embed.guidance_embedder.linear_1.weight" in s))
+    return "hunyuan_video", dims, "diffusers"
+
+
+def _wan(s):
+    orig = "blocks.0.self_attn.q.weight" in s
+    n = dict(q="self_attn.q", ffn="ffn.0", emb="patch_embedding", text="text_embedding.0", time="time_embedding.0",
+             head="head.head", img="img_emb.proj.1") if orig else dict(
+        q="attn1.to_q", ffn="ffn.net.0.proj", emb="patch_embedding", text="condition_embedder.text_embedder.linear_1",
+        time="condition_embedder.time_embedder.linear_1", head="proj_out",
+        img="condition_embedder.image_embedder.ff.net.0.proj")
+    h = _dim(s, f"blocks.0.{n['q']}.weight", 1)
+    conv = s.get("patch_embedding.weight", (h, 16, 1, 2, 2))
+    dims = dict(h=h, m=_dim(s, f"blocks.0.{n['ffn']}.weight", 0, 4 * h), c_in=int(conv[1]),
+                kernel=tuple(int(k) for k in conv[2:]) or (1, 2, 2), c_out=_dim(s, n["head"] + ".weight", 0, 64),
+                ctx=_dim(s, n["text"] + ".weight", 1, 4096), freq=_dim(s, n["time"] + ".weight", 1, 256),
+                depth=_count(s, r"blocks\.(\d+)\."), img=_dim(s, n["img"] + ".weight", 0, 0))
+    return "wan", dims, "ldm" if orig else "diffusers"
+
+
+def _lumina(s):
+    orig = "layers.0.attention.qkv.weight" in s
+    if orig:
+        h = _dim(s, "layers.0.attention.qkv.weight", 1)
+        d = _dim(s, "layers.0.attention.q_norm.weight", 0, 96)
+        q = _dim(s, "layers.0.attention.out.weight", 1, h)
+        kv = (_dim(s, "layers.0.attention.qkv.weight", 0) - q) // 2
+        m = _dim(s, "layers.0.feed_forward.w1.weight", 0)
+        t = _dim(s, "layers.0.adaLN_modulation.1.weight", 1, min(h, 1024))
+        ctx = _dim(s, "cap_embedder.1.weight", 1, h)
+        c_in, c_out = _dim(s, "x_embedder.weight", 1, 64), _dim(s, "final_layer.linear.weight", 0, 64)
+        noise, context = _count(s, r"noise_refiner\.(\d+)\."), _count(s, r"context_refiner\.(\d+)\.")
+    else:
+        h = _dim(s, "layers.0.attn.to_q.weight", 1)
+        d = _dim(s, "layers.0.attn.norm_q.weight", 0, 96)
+        q, kv = _dim(s, "layers.0.attn.to_q.weight", 0), _dim(s, "layers.0.attn.to_k.weight", 0)
+        m = _dim(s, "layers.0.feed_forward.linear_1.weight", 0)
+        t = _dim(s, "layers.0.norm1.linear.weight", 1, min(h, 1024))
+        ctx = _dim(s, "time_caption_embed.caption_embedder.1.weight", 1, h)
+        c_in, c_out = _dim(s, "x_embedder.weight", 1, 64), _dim(s, "norm_out.linear_2.weight", 0, 64)
+        noise, context = _count(s, r"noise_refiner\.(\d+)\."), _count(s, r"context_refiner\.(\d+)\.")
+    dims = dict(h=h, q=q, kv=kv, d=d, m=m, t=t, ctx=ctx, c_in=c_in, c_out=c_out, depth=_count(s, r"layers\.(\d+)\."),
+                noise=noise, context=context)
+    return "lumina2", dims, "ldm" if orig else "diffusers"
+
+
 def variant_of(family: str, dims: Mapping) -> Optional[str]:
     """The full-size variant whose dimensions ``dims`` are, or None (a custom size)."""
     for name, (fam, _, want) in VARIANTS.items():
@@ -147,4 +230,4 @@ def table_for_shapes(shapes: Mapping[str, tuple], root: str = "") -> Optional[tu
     if found is None:
         return None
     family, dims, naming = found
-    return variant_of(family, dims) or family, naming, table(family, dims, root)
+    return variant_of(family, dims) or family, naming, table(family, dims, root, dims.get("_names", ""))

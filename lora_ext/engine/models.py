@@ -74,6 +74,11 @@ def live_index(component: str, model: nn.Module) -> dict:
             elif name.startswith("text_model."):
                 name = name[len("text_model."):]
         index.setdefault(name, module)
+        for pname, p in module._parameters.items():  # bare parameters (Wan's scale_shift_table)
+            if p is not None and pname not in ("weight", "bias"):
+                from ..hostmodel import _BareParameter
+
+                index.setdefault(f"{name}.{pname}" if name else pname, _BareParameter(module, pname))
     return index
 
 
@@ -83,7 +88,7 @@ _LAST_KEYMAP: list = [None]  # (tables, KeyMap) of the last model set applied to
 
 def _fingerprint(index: dict) -> tuple:
     """Which modules a model has (a module replaced or added changes it)."""
-    return tuple((name, id(mod)) for name, mod in index.items())
+    return tuple((name, id(getattr(mod, "owner", mod))) for name, mod in index.items())
 
 
 def dit_table(model):
