@@ -440,7 +440,8 @@ def _dit_tags() -> dict:
 
         tags = {}
         for fam in FAMILIES.values():
-            for i, g in enumerate(fam.blocks):
+            numbered = [g for g in fam.blocks if g.tag not in DIT_TOP_IDS]  # a group tagged "IN" is all IN
+            for i, g in enumerate(numbered):
                 tags.setdefault(g.tag, i)
         _TAGS = tags
     return _TAGS
@@ -477,26 +478,21 @@ def dit_order(block: str) -> tuple:
 def dit_block_ids(name: str) -> tuple:
     """The block ids of a DiT family or full-size variant, in depth order: ``IN``, numbered
     blocks, ``OUT`` (``"flux"``/``"flux-dev"``: IN, D00..D18, S00..S37, OUT; ``"sd3.5-large"``:
-    IN, J00..J37, OUT; ``"qwen-image"``: IN, B00..B59, OUT). A family whose variants differ in
-    depth (SD3) needs the variant."""
-    from .dit.families import FAMILIES, VARIANTS
+    IN, J00..J37, OUT; ``"qwen-image"``: IN, B00..B59, OUT), read from the family's module
+    table. A family whose variants differ in depth (SD3, Wan) needs the variant."""
+    from .dit.families import FAMILIES, VARIANTS, variant_table
 
     if name in VARIANTS:
-        fam, _, dims = VARIANTS[name]
-        variants = [dims]
+        fam, names = VARIANTS[name][0], [name]
     elif name in FAMILIES:
-        fam = name
-        variants = [d for f, _, d in VARIANTS.values() if f == name]
+        fam, names = name, [v for v, (f, _, _) in VARIANTS.items() if f == name]
     else:
         raise BlockWeightError(f"no DiT family or variant {name!r}; known: "
                                f"{', '.join(list(FAMILIES) + list(VARIANTS))}")
-    groups = FAMILIES[fam].blocks
-    counts = {tuple(int(d.get(g.count, 0)) for g in groups) for d in variants}
-    if len(counts) != 1:
-        raise BlockWeightError(f"the {fam} variants differ in depth; name one of "
-                               f"{', '.join(v for v, (f, _, _) in VARIANTS.items() if f == fam)}")
-    (ns,) = counts
-    return ("IN",) + tuple(b for g, n in zip(groups, ns) for b in _ids(g.tag, n)) + ("OUT",)
+    found = {tuple(sorted({m.block for m in variant_table(v).values()}, key=dit_order)) for v in names}
+    if len(found) != 1:
+        raise BlockWeightError(f"the {fam} variants differ in depth; name one of {', '.join(names)}")
+    return found.pop()
 
 
 def coarse_groups(model_blocks: Iterable[str]) -> dict:
@@ -701,6 +697,69 @@ def inspire_weights(values: Iterable[float], present: Iterable[str],
         if b not in out and is_dit_block(b):
             out[b] = base
     return out
+
+
+# --- KJNodes: alpha per block ---------------------------------------------------------------------
+
+#: KJNodes FluxBlockLoraSelect's inputs in order (``double_blocks.0.`` .. ``single_blocks.37.``)
+KJ_FLUX_IDS = _ids("D", 19) + _ids("S", 38)
+
+
+def parse_kj_alpha(text: str) -> dict:
+    """``kjalpha=`` text: KJNodes' "Flux Block Lora Select" values, which *set each block's
+    alpha* (0 drops the block): 57 numbers in its order (double blocks 0..18, single blocks
+    0..37), or ``ID=alpha,ID-ID=alpha`` on numbered DiT blocks. Blocks not named keep the
+    file's own scale."""
+    s = str(text).strip()
+    if not s:
+        raise BlockWeightError("empty KJNodes alpha values: give 57 numbers (Flux) or ID=alpha,...")
+    if "=" in s:
+        out = parse_ids(s)
+        if kind_of(out) == "sd":
+            raise BlockWeightError("KJNodes alpha values are per numbered DiT block (D05, S12, ...), not SD blocks")
+        bad = next((b for b in out if not is_dit_block(b) or b in DIT_TOP_IDS), None)
+        if bad is not None:
+            raise BlockWeightError(f"KJNodes alpha values are per numbered DiT block (D05, S12, ...), not {bad}")
+        return out
+    vals = _numbers(s)
+    if len(vals) != len(KJ_FLUX_IDS):
+        raise BlockWeightError(f"a KJNodes alpha vector has {len(vals)} values; expected 57 (Flux: "
+                               "double_blocks.0-18, single_blocks.0-37) or ID=alpha,...")
+    return dict(zip(KJ_FLUX_IDS, vals))
+
+
+def kj_args(kj: Mapping) -> str:
+    """``kjalpha=`` text for ``kj``."""
+    if set(kj) == set(KJ_FLUX_IDS):
+        return ",".join(_fmt(kj[b]) for b in KJ_FLUX_IDS)
+    return _id_args(kj)
+
+
+def kj_multipliers(kj: Mapping, bindings, label: str = "this LoRA") -> dict:
+    """Block id -> multiplier that makes each module's scale ``alpha / rank`` with KJNodes'
+    alpha (``value / rank`` replaces the file's ``alpha / rank``, or ``1`` where the file has no
+    alpha; so the multiplier is ``value / file alpha``, or ``value / rank``).
+
+    ``bindings``: the LoRA's bindings on the model. Every module of one block must come to the
+    same multiplier (one alpha and rank per block, as trainers write them), else an error."""
+    found: dict = {}
+    for b in bindings:
+        blocks = {t.block for t in b.targets if t.component == "unet" and t.block in kj}
+        if not blocks:
+            continue
+        adapter = b.adapter
+        rank, scale = adapter.rank, float(adapter.scale())
+        if not rank or scale == 0.0:
+            raise BlockWeightError(f"kjalpha= sets alpha/rank, but a {adapter.type_name} module in block "
+                                   f"{sorted(blocks)[0]} of {label} has no rank or a zero scale")
+        for blk in blocks:
+            m = float(kj[blk]) / float(rank) / scale
+            prev = found.setdefault(blk, m)
+            if not math.isclose(prev, m, rel_tol=1e-9, abs_tol=0.0):
+                raise BlockWeightError(
+                    f"kjalpha= gives block {blk} one alpha, but its modules in {label} have different "
+                    "ranks or alphas; use lbw= multipliers for this file")
+    return found
 
 
 # --- resolving against a model and a LoRA --------------------------------------------------------

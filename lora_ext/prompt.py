@@ -3,7 +3,7 @@
 ::
 
     <lora:NAME[:W[:UNET[:DYN]]][:te=V][:unet=V][:in=V][:mid=V][:out=V]
-          [:lbw=PRESET|v,v,...|ID=v,...][:inspire=PRESET|v,v,...]
+          [:lbw=PRESET|v,v,...|ID=v,...][:inspire=PRESET|v,v,...][:kjalpha=v,...|ID=v,...]
           [:start=N][:stop=N][:step=A-B][:hr=V][:hrte=V][:hrunet=V][:dyn=N]>
     aliases: <lyco:...>, <loractl:...>    (the tag kind is matched case-insensitively)
 
@@ -32,7 +32,11 @@ Semantics, with the peer each rule follows:
 * **ComfyUI Inspire Pack** ``inspire=PRESET|v,v,...``: its "LoRA Loader (Block Weight)"
   vectors (``BASE``, then one value per double/single block *the LoRA has*, e.g. 58 for a
   full Flux LoRA), with Inspire's positional semantics (see :func:`lora_ext.blocks.inspire_weights`);
-  cannot be combined with ``lbw=``. ``start=N``/``stop=N``: the LoRA acts
+  cannot be combined with ``lbw=``.
+* **KJNodes** ``kjalpha=v,...|ID=v,...``: its "Flux Block Lora Select" values, which set each
+  block's *alpha* (so multiply by value / the file's alpha, or / rank without one; 0 drops the
+  block): 57 numbers (double blocks 0..18, single blocks 0..37) or ``D05=8,S00-S37=0``;
+  blocks not named keep the file's scale. Multiplies with the other block weights. ``start=N``/``stop=N``: the LoRA acts
   from step N / stops acting at step N; a value strictly between 0 and 1 is a fraction of the
   run. ``step=A-B`` is ``start=A:stop=B``. Not supported (clear errors): ``lbwe=``, ``x=``,
   random/inherited vector values (``R``, ``U``, ``X``).
@@ -70,7 +74,7 @@ _DYN_RE = re.compile(r"\d{1,9}")
 _STEP_RANGE_RE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*-\s*(\d+(?:\.\d*)?|\.\d+)\s*")
 
 _WEIGHT_KEYS = ("te", "unet", "in", "mid", "out", "hr", "hrte", "hrunet")
-_KNOWN_KEYS = _WEIGHT_KEYS + ("lbw", "w", "inspire", "start", "stop", "step", "dyn")
+_KNOWN_KEYS = _WEIGHT_KEYS + ("lbw", "w", "inspire", "kjalpha", "start", "stop", "step", "dyn")
 _UNSUPPORTED_KEYS = {
     "lbwe": "lbw's elemental weights (lbwe=) are not supported",
     "x": "lbw's inherited weight (x=) is not supported",
@@ -318,6 +322,11 @@ def _parse_body(tag: str, tag_pos: int, body: str, body_pos: int, presets) -> Lo
             spec.inspire = _blocks.parse_inspire(named["inspire"].text)
         except _blocks.BlockWeightError as e:
             fail(named["inspire"].pos, f"inspire= {e}")
+    if "kjalpha" in named:
+        try:
+            spec.kj_alpha = _blocks.parse_kj_alpha(named["kjalpha"].text)
+        except _blocks.BlockWeightError as e:
+            fail(named["kjalpha"].pos, f"kjalpha= {e}")
     coarse = {}
     for key in ("in", "mid", "out"):
         if key in named:
@@ -460,8 +469,8 @@ def format_tag(spec: LoraSpec) -> str:
     """The canonical tag for ``spec`` (for infotext): parsing it gives back an equal spec.
 
     ``<lora:NAME:W>`` when te and UNet agree, else ``<lora:NAME:TE:UNET>``, then the named
-    arguments ``dyn= lbw=|in= mid= out= inspire= start= stop= hr= hrte= hrunet=`` that differ
-    from the defaults. Raises ``ValueError`` for what no tag can say (a name with ``:<>``, or with
+    arguments ``dyn= lbw=|in= mid= out= inspire= kjalpha= start= stop= hr= hrte= hrunet=`` that
+    differ from the defaults. Raises ``ValueError`` for what no tag can say (a name with ``:<>``, or with
     surrounding whitespace; block weights other than lbw vectors or the coarse form).
     """
     name = spec.name
@@ -479,6 +488,8 @@ def format_tag(spec: LoraSpec) -> str:
     if spec.inspire is not None:
         name_ = _blocks.inspire_name(spec.inspire)
         parts.append("inspire=" + (name_ or ",".join(_fmt_number(v) for v in spec.inspire)))
+    if spec.kj_alpha is not None:
+        parts.append("kjalpha=" + _blocks.kj_args(spec.kj_alpha))
     if spec.start is not None:
         parts.append(f"start={_fmt_number(spec.start)}")
     if spec.stop is not None:

@@ -109,6 +109,9 @@ class LoraSpec:
     # ComfyUI Inspire Pack vector (BASE, then one value per block the LoRA has), resolved by
     # bind_blocks; None when not used
     inspire: Optional[tuple] = None
+    # KJNodes alpha per block (block id -> the alpha it sets), resolved by bind_blocks against
+    # the file's alphas and ranks; None when not used
+    kj_alpha: Optional[dict] = None
 
     def is_scheduled(self) -> bool:
         """Whether the strength can change from one step to the next (of either pass)."""
@@ -152,7 +155,7 @@ class LoraSpec:
         None. Raises :class:`lora_ext.blocks.BlockWeightError` for block weights of another
         family (an SD vector on a Flux LoRA, a Flux vector on an SD one, ``inspire`` on SD).
         """
-        if self.blocks is None and self.inspire is None:
+        if self.blocks is None and self.inspire is None and self.kj_alpha is None:
             return self
         if model_blocks is None:
             table = (getattr(keymap, "layout", None) or {}).get("unet", {}) if keymap is not None else {}
@@ -165,16 +168,26 @@ class LoraSpec:
         label = getattr(keymap, "label", None) or "this model"
         resolved = _blocks.resolve(self.blocks, self.inspire, model_blocks=model_blocks, present=present,
                                    label=label)
-        if self.inspire is None and resolved == self.blocks:
+        if self.kj_alpha is not None:
+            if any(_blocks.is_block_id(b) and b != "BASE" for b in model_blocks):
+                raise _blocks.BlockWeightError(f"kjalpha= (KJNodes' alpha per block) works on DiT blocks; "
+                                               f"{label} has SD blocks")
+            mult = _blocks.kj_multipliers(self.kj_alpha, resolution.bindings if resolution is not None else (),
+                                          label=self.tag or self.name)
+            resolved = dict(resolved or {})
+            for b, m in mult.items():
+                resolved[b] = _blocks._mul(resolved.get(b, 1.0), m)
+        if self.inspire is None and self.kj_alpha is None and resolved == self.blocks:
             return self
-        return dataclasses.replace(self, blocks=resolved, inspire=None)
+        return dataclasses.replace(self, blocks=resolved, inspire=None, kj_alpha=None)
 
     def strength(self, component: str, block: str, step: Optional[int] = None,
                  total: Optional[int] = None, hires: bool = False) -> float:
         """Multiplier for a module of ``component`` ("unet", "te1", "te2", "te3") in ``block``."""
-        if self.inspire is not None:
-            raise _blocks.BlockWeightError(f"{self.tag or self.name}: inspire= block weights need the LoRA's "
-                                   "blocks (LoraSpec.bind_blocks) before strengths can be read")
+        if self.inspire is not None or self.kj_alpha is not None:
+            raise _blocks.BlockWeightError(
+                f"{self.tag or self.name}: {'inspire=' if self.inspire is not None else 'kjalpha='} block "
+                "weights need the LoRA's blocks (LoraSpec.bind_blocks) before strengths can be read")
         if not self._active(step, total):
             return 0.0
         if component == "unet":

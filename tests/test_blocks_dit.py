@@ -45,6 +45,10 @@ FAMILY_IDS = {
     "sd3.5-large": ("IN",) + _ids("J", 38) + ("OUT",),
     "qwen-image": ("IN",) + _ids("B", 60) + ("OUT",),
     "qwen_image": ("IN",) + _ids("B", 60) + ("OUT",),
+    # issue 12's families follow from their tables (token refiners are IN)
+    "hunyuan_video": ("IN",) + _ids("D", 20) + _ids("S", 40) + ("OUT",),
+    "wan2.1-t2v-1.3b": ("IN",) + _ids("B", 30) + ("OUT",),
+    "wan-14b-t2v": ("IN",) + _ids("B", 40) + ("OUT",),
 }
 
 
@@ -53,7 +57,8 @@ def test_family_ids(name):
     assert B.dit_block_ids(name) == FAMILY_IDS[name]
 
 
-@pytest.mark.parametrize("variant", ["flux-dev", "chroma", "sd3-medium", "sd3.5-large", "qwen-image"])
+@pytest.mark.parametrize("variant", ["flux-dev", "chroma", "sd3-medium", "sd3.5-large", "qwen-image",
+                                     "hunyuan-video"])
 def test_ids_are_the_tables_blocks(variant):
     """Every module of the full-size table sits in one of the family's ids, and every id has modules."""
     assert model_blocks(variant) == set(B.dit_block_ids(variant))
@@ -65,6 +70,8 @@ def test_ids_are_the_tables_blocks(variant):
 def test_family_with_several_depths_needs_the_variant():
     with pytest.raises(B.BlockWeightError, match="differ in depth; name one of sd3-medium"):
         B.dit_block_ids("sd3")
+    with pytest.raises(B.BlockWeightError, match="differ in depth"):
+        B.dit_block_ids("wan")
     with pytest.raises(B.BlockWeightError, match="no DiT family"):
         B.dit_block_ids("sd9")
 
@@ -217,11 +224,21 @@ CASES = [
 
 @pytest.mark.parametrize("present,vector", CASES)
 def test_inspire_matches_inspire_pack_on_every_key(present, vector):
-    layout = arch_layout("flux-dev")
+    _check_inspire("flux-dev", present, vector)
+
+
+def test_inspire_on_hunyuan_video_double_single_blocks():
+    """ComfyUI's HunyuanVideo keys are double_blocks/single_blocks too: Inspire walks them."""
+    _check_inspire("hunyuan-video", set(_ids("D", 20)[3:]) | set(_ids("S", 40)[:30]),
+                   [0.5] + [round(0.01 * i, 2) for i in range(1, 61)])
+
+
+def _check_inspire(variant, present, vector):
+    layout = arch_layout(variant)
     keys = comfy_keys(layout, present | {"IN", "OUT"})
     want = inspire_oracle(list(keys), [str(v) for v in vector])
     spec = one("<lora:x:1:inspire=" + ",".join(str(v) for v in vector) + ">")
-    bound = spec.bind_blocks(model_blocks=model_blocks("flux-dev"), present=present | {"IN", "OUT"})
+    bound = spec.bind_blocks(model_blocks=model_blocks(variant), present=present | {"IN", "OUT"})
     assert bound.inspire is None
     for key, (comp, block) in keys.items():
         assert bound.strength(comp, block) == pytest.approx(want[key]), (key, block)
@@ -317,6 +334,8 @@ COARSE = {
     "sd3-medium": (_ids("J", 8), _ids("J", 16)[8:], _ids("J", 24)[16:]),
     "sd3.5-large": (_ids("J", 13), _ids("J", 25)[13:], _ids("J", 38)[25:]),
     "qwen-image": (_ids("B", 20), _ids("B", 40)[20:], _ids("B", 60)[40:]),
+    "hunyuan-video": (_ids("D", 20), _ids("S", 20), _ids("S", 40)[20:]),
+    "wan-14b-t2v": (_ids("B", 13), _ids("B", 27)[13:], _ids("B", 40)[27:]),
 }
 
 
@@ -435,6 +454,7 @@ def test_weights_of_another_family_are_refused_when_bound():
         (one("<lora:x:1:inspire=FLUX-DBL-MID>"), sd1, "inspire= (Inspire Pack's positional vectors)"),
         (one("<lora:x:1:lbw=J03=0>"), flux, "name block J03; this model has blocks IN, D00..D18, S00..S37, OUT"),
         (one("<lora:x:1:lbw=FLUXALL>"), model_blocks("sd3-medium"), "name block D00"),
+        (one("<lora:x:1:kjalpha=D00=1>"), sd1, "kjalpha= (KJNodes' alpha per block) works on DiT blocks"),
     ]
     for spec, mb, problem in cases:
         with pytest.raises(B.BlockWeightError) as ei:
@@ -527,3 +547,81 @@ def test_hostmodel_static_patches_binds_too(tmp_path):
     spec = parse_prompt("<lora:x:1:out=0>").specs[0]
     patches, _ = static_patches(bound, [(spec, load_lora(str(path)))], components=["unet"])
     assert {p for _, p in patches} == set(PATHS.values()) - {PATHS["S01"], PATHS["OUT"]}
+
+
+# ---------------------------------------------------------------------------------------------
+# KJNodes: alpha per block
+
+def test_kj_alpha_parse_and_format():
+    spec = one("<lora:x:1:kjalpha=d05=8,S00-S02=0>")
+    assert spec.kj_alpha == {"D05": 8.0, "S00": 0.0, "S01": 0.0, "S02": 0.0}
+    assert format_tag(spec) == "<lora:x:1:kjalpha=D05=8,S00-S02=0>"
+    tag = "<lora:x:1:kjalpha=" + ",".join(str(i) for i in range(57)) + ">"
+    spec = one(tag)
+    assert spec.kj_alpha["D00"] == 0 and spec.kj_alpha["D18"] == 18 and spec.kj_alpha["S00"] == 19
+    assert spec.kj_alpha["S37"] == 56 and format_tag(spec) == tag
+    for bad, problem in (("<lora:x:kjalpha=1,2>", "has 2 values; expected 57"),
+                         ("<lora:x:kjalpha=IN=3>", "not IN"), ("<lora:x:kjalpha=IN04=1>", "not SD blocks")):
+        with pytest.raises(PromptSyntaxError, match=problem):
+            one(bad)
+    with pytest.raises(B.BlockWeightError, match="kjalpha= block weights need"):
+        one("<lora:x:1:kjalpha=D05=8>").strength("unet", "D05")
+
+
+def _kohya_flux(tmp_path, alphas):
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(9)
+    h, m, r = 32, 128, 4
+    sd = {}
+    shapes = {"double_blocks_0_img_attn_qkv": (3 * h, h), "double_blocks_0_txt_attn_proj": (h, h),
+              "single_blocks_1_linear2": (h, h + m), "double_blocks_1_img_mlp_0": (m, h)}
+    for name, (out, inp) in shapes.items():
+        sd[f"lora_unet_{name}.lora_down.weight"] = torch.randn(r, inp, generator=g) * 0.3
+        sd[f"lora_unet_{name}.lora_up.weight"] = torch.randn(out, r, generator=g) * 0.3
+        sd[f"lora_unet_{name}.alpha"] = torch.tensor(float(alphas.get(name, 2.0)))
+    path = tmp_path / "kohya_flux.safetensors"
+    save_file(sd, path)
+    return path, sd
+
+
+def test_kj_alpha_end_to_end(tmp_path):
+    """KJNodes sets alpha: the delta becomes value / rank * up @ down (file alpha 2, rank 4)."""
+    from dit_models import tiny
+    from lora_ext.engine import apply
+
+    path, sd = _kohya_flux(tmp_path, {})
+    model = tiny("flux")
+    w0 = {k: v.clone() for k, v in model.state_dict().items()}
+    spec = parse_prompt("<lora:x:1:kjalpha=D00=1,S01=0>").specs[0]
+    spec.path = str(path)
+    h = apply(model, [spec], "fuse")
+    assert h.unmatched == []
+    w1 = model.state_dict()
+    up, down = sd["lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight"], sd["lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight"]
+    for k, (a, b) in {"to_q": (0, 32), "to_k": (32, 64), "to_v": (64, 96)}.items():
+        want = w0[f"transformer_blocks.0.attn.{k}.weight"] + (1 / 4) * up[a:b] @ down
+        assert torch.allclose(w1[f"transformer_blocks.0.attn.{k}.weight"], want, rtol=1e-6, atol=1e-7), k
+    assert torch.equal(w1["single_transformer_blocks.1.proj_out.weight"], w0["single_transformer_blocks.1.proj_out.weight"])
+    # a block not named keeps the file's alpha / rank
+    up, down = sd["lora_unet_double_blocks_1_img_mlp_0.lora_up.weight"], sd["lora_unet_double_blocks_1_img_mlp_0.lora_down.weight"]
+    want = w0["transformer_blocks.1.ff.net.0.proj.weight"] + (2 / 4) * up @ down
+    assert torch.allclose(w1["transformer_blocks.1.ff.net.0.proj.weight"], want, rtol=1e-6, atol=1e-7)
+    h.remove()
+
+
+def test_kj_alpha_needs_one_alpha_per_block(tmp_path):
+    from dit_models import tiny
+    from lora_ext.engine import apply
+
+    path, _ = _kohya_flux(tmp_path, {"double_blocks_0_txt_attn_proj": 3.0})
+    model = tiny("flux")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    spec = parse_prompt("<lora:x:1:kjalpha=D00=1>").specs[0]
+    spec.path = str(path)
+    with pytest.raises(B.BlockWeightError, match="block D00 one alpha, but its modules"):
+        apply(model, [spec], "fuse")
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    spec = parse_prompt("<lora:x:1:kjalpha=D01=1>").specs[0]  # D01's modules agree
+    spec.path = str(path)
+    apply(model, [spec], "fuse").remove()

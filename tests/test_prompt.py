@@ -502,7 +502,9 @@ def specs(draw):
     inspire = None
     if blocks is None or B.coarse_values(blocks) is not None and B.kind_of(blocks) == "sd" and "BASE" not in blocks:
         inspire = draw(st.one_of(st.none(), inspire_vectors))
-    spec = LoraSpec(draw(names), te=te, unet=unet, blocks=blocks, inspire=inspire,
+    kj = draw(st.one_of(st.none(), st.dictionaries(
+        st.sampled_from([b for b in DIT_IDS if b not in ("IN", "OUT", "CLIP", "T5", "BASE")]), finite, min_size=1)))
+    spec = LoraSpec(draw(names), te=te, unet=unet, blocks=blocks, inspire=inspire, kj_alpha=kj,
                     hr=draw(st.one_of(st.none(), weights)),
                     hr_te=draw(st.one_of(st.none(), weights)),
                     hr_unet=draw(st.one_of(st.none(), weights)))
