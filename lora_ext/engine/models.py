@@ -74,7 +74,7 @@ def live_index(component: str, model: nn.Module) -> dict:
             elif name.startswith("text_model."):
                 name = name[len("text_model."):]
         index.setdefault(name, module)
-        for pname, p in module._parameters.items():  # bare parameters (Wan's scale_shift_table)
+        for pname, p in getattr(module, "_parameters", {}).items():  # bare parameters (Wan's scale_shift_table)
             if p is not None and pname not in ("weight", "bias"):
                 from ..hostmodel import _BareParameter
 
