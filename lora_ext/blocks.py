@@ -113,8 +113,23 @@ values; its numeric presets are :data:`INSPIRE_PRESETS`. Inspire's ``%``-spec sy
 and ``inverse`` are not supported; on an SD LoRA ``inspire=`` is refused (Inspire counts the
 middle block's three parts as three positions, which SD block ids cannot express).
 
-Binding: :meth:`lora_ext.spec.LoraSpec.bind_blocks` turns the DiT coarse form and Inspire
-vectors into plain per-id multipliers once the model's blocks and the LoRA's are known.
+**KJNodes** alpha per block (``kjalpha=``, :func:`parse_kj_alpha`): the values of its "Flux
+Block Lora Select" set each block's *alpha*, so the module's scale becomes ``value / rank``
+instead of the file's ``alpha / rank`` (or 1 without an alpha): a multiplier of ``value / file
+alpha`` (``value / rank`` without one); 0 drops the block. 57 numbers in KJNodes' order (double
+0..18, single 0..37) or ``ID=alpha``; blocks not named keep the file's scale (in KJNodes' node
+every block has a value, default 0). A block whose modules have different alphas or ranks
+cannot take one multiplier and is an error.
+
+Later families (HunyuanVideo ``IN, D00..D19, S00..S39, OUT``; Wan ``IN, B00..B29/B39, OUT``;
+Lumina2 ``IN, L00..L25``) get their ids from their tables in ``lora_ext.dit.families``: a
+group tagged ``IN`` (token and noise refiners) is all ``IN``, any other tag numbers its blocks;
+the coarse thirds, explicit ids, Inspire (on ``D``/``S`` blocks, as ComfyUI names HunyuanVideo's
+``double_blocks``/``single_blocks``) and KJNodes values follow without code per family.
+
+Binding: :meth:`lora_ext.spec.LoraSpec.bind_blocks` turns the DiT coarse form, Inspire vectors
+and KJNodes alphas into plain per-id multipliers once the model's blocks and the LoRA's are
+known.
 """
 from __future__ import annotations
 
@@ -456,6 +471,8 @@ def is_dit_block(name: str) -> bool:
     ``J12``, ``B59``)."""
     if name in DIT_TOP_IDS:
         return True
+    if name in _GROUP:  # SD's M00 stays SD's whatever tags DiT families take
+        return False
     m = _DIT_NUMBERED.match(name)
     return m is not None and m.group(1) in _dit_tags()
 
