@@ -16,11 +16,17 @@ strength). Effective strength of a LoRA on a module at a step:
 Reports: ``h.reports`` (per LoRA: modules applied, keys not applied with reasons),
 ``h.unmatched`` (every key not applied: ``{"lora", "key", "reason"}``), ``h.strengths()``,
 ``h.placement`` / ``h.placement_reasons``, ``h.stats`` (parameter writes ...),
-``h.restore_record_bytes`` and ``h.patched_bytes``.
+``h.restore_record_bytes`` and ``h.patched_bytes``, ``h.records()`` (per fused parameter:
+scheme, bytes, bytes per element), ``h.unfusable`` (modules whose weights are never written,
+with the reason: quantised, offloaded).
+
+fp8 weights (``float8_e4m3fn`` / ``float8_e5m2``, ComfyUI's ``scale_weight`` included) are
+fused in fp32 and rounded once: ``apply(..., rounding="nearest")`` (default; Forge, kohya) or
+``"stochastic"`` / ``"stochastic-torch"`` (ComfyUI's seeded stochastic rounding, see ``fp8``).
 
 Modules: ``handle`` (the Handle, transactions), ``fuse`` and ``record`` (fusing and the
 restore records), ``onthefly`` (forward hooks), ``auto`` (the placement rule), ``contrib``
-(one adapter's share of one module), ``models`` (what apply accepts).
+(one adapter's share of one module), ``models`` (what apply accepts), ``fp8`` (fp8 weights).
 """
 from .handle import ApplyReport, Handle, apply
 from .record import RestoreError

@@ -12,6 +12,8 @@ checksum kept per block before anything is built on it, and a failure midway put
 blocks already written. Everything else (LoHa, LoKr, DoRA, OFT, IA3, GLoRA, full, norms)
 takes the plain path: fp32 deltas of the whole weight. Which path a record uses is a
 function of its items, so a restore recomputes the estimate exactly the way it was made.
+fp8 weights (``float8_e4m3fn`` / ``float8_e5m2``, optionally scaled) take ``fp8``'s
+whole-weight path: dequantise, fp32 maths, one rounding (nearest or ComfyUI's stochastic).
 """
 from __future__ import annotations
 
@@ -21,8 +23,9 @@ from typing import Optional
 import torch
 
 from ..errors import AdapterError
+from . import fp8
 from .contrib import delta_sum, estimate
-from .record import (BITS_CHOICES, Record, RestoreError, check_fused, checksum, compact_dtype, decode,
+from .record import (Record, bits_choices, RestoreError, check_fused, checksum, compact_dtype, decode,
                      diff_scratch, encode, full_record, gather_diff, int_view, ordered_diff, same_bits, scatter,
                      sparse_bytes, store_exceptions as _store_exceptions)
 
@@ -235,7 +238,7 @@ def _finish_lowrank(dst, dtype, plan, items, blocks, k, new_exc, sums):
         err = ordered_diff(vals, e_at, dtype)
         up = est[idx] >= e_at.view(dtype).to(est.dtype)
         mag, wrong_side = err.abs(), (err > 0) != up
-        for b in BITS_CHOICES:
+        for b in bits_choices(dtype):
             half = 1 << (b - 1)
             misses = int(((mag > half) | ((mag == half) & wrong_side)).sum())
             size = (n * b + 7) // 8 + sparse_bytes(misses, n, item)
@@ -276,12 +279,15 @@ def _plan_for(items, w: Tensor):
     return plan
 
 
-def refuse(param: Tensor, rec, items: tuple, what: str = "weight"):
+def refuse(param: Tensor, rec, items: tuple, what: str = "weight", *, rounding=None, scale=None):
     """Move ``param`` from its current state (``rec``: its record, None if pristine) to the
     fusion of ``items`` (W0 when empty); returns (new record or None, param changed).
 
-    On failure ``param`` is left as it was.
+    fp8 weights go to ``fp8.refuse`` (``rounding``: None for round-to-nearest or (mode, key);
+    ``scale``: the weight's ``scale_weight``). On failure ``param`` is left as it was.
     """
+    if fp8.is_fp8(param.dtype):
+        return fp8.refuse(param, rec, items, what, rounding=rounding, scale=scale)
     if rec is None:
         if not items:
             return None, False
@@ -327,6 +333,8 @@ def _fuse_generic(param: Tensor, w0: Tensor, items: tuple):
 
 def restore_weight(rec, wf: Tensor, what: str = "weight") -> Tensor:
     """The pristine weight (a new tensor) from the fused ``wf`` and its record."""
+    if fp8.is_fp8(rec.dtype):
+        return fp8.restore(rec, wf, what)
     if rec.full is not None:
         return rec.full.clone()
     check_fused(rec, wf, what)

@@ -10,6 +10,7 @@ from it.
 """
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections import Counter
@@ -26,10 +27,13 @@ from ..spec import LoraSpec
 from .amp import exact_maths, holds_inference_tensors, without_autocast
 from .auto import decide
 from .contrib import Contribution
+from .fp8 import check_rounding
+from .onthefly import logical_shape
 from .models import as_spec, cached_lora, components_of, keymap_for, live_index, remember_lora
 from .transact import Transactions, _Mod
 
 METHODS = ("auto", "fuse", "onthefly")
+_log = logging.getLogger("lora_ext")
 
 
 @dataclass
@@ -41,9 +45,11 @@ class ApplyReport:
     strength: float
     applied: int = 0
     unmatched: list = field(default_factory=list)  # [network.Unmatched]
+    notes: list = field(default_factory=list)  # e.g. modules that take it on the fly, and why
 
     def lines(self) -> list:
         out = [f"{self.path} @ {self.strength:g}: {self.applied} modules"]
+        out.extend(f"  {n}" for n in self.notes)
         if self.unmatched:
             out.append(f"  {len(self.unmatched)} keys not applied:")
             out.extend(f"    {u.key}: {u.reason}" for u in self.unmatched)
@@ -79,10 +85,13 @@ class _Entry:
 class Handle(Transactions):
     """LoRAs applied to a live model. See ``apply``."""
 
-    def __init__(self, model, method: str = "auto", keymap: Optional[KeyMap] = None):
+    def __init__(self, model, method: str = "auto", keymap: Optional[KeyMap] = None, *,
+                 rounding: str = "nearest", seed_key=None):
         if method not in METHODS:
             raise LoraExtError(f"unknown method {method!r} (one of {', '.join(METHODS)})")
         self.method = method
+        self.rounding = check_rounding(rounding)
+        self.seed_key = seed_key  # (component, module path, "weight"|"bias") -> key seeding stochastic rounding
         self.components = components_of(model)
         self._index = {c: live_index(c, m) for c, m in self.components.items()}
         self._inference = holds_inference_tensors(m for idx in self._index.values() for m in idx.values())
@@ -210,6 +219,29 @@ class Handle(Transactions):
                 n += m.module.bias.numel() * m.module.bias.element_size()
         return n
 
+    def records(self) -> list:
+        """One dict per fused parameter: ``module`` ((component, path)), ``param``, ``dtype``,
+        ``elements``, ``bytes`` (its restore record), ``scheme`` (sparse / b-bit / full),
+        ``exceptions``, ``bytes_per_element`` and ``rounding``."""
+        out = []
+        for k, m in sorted(self._mods.items()):
+            for name, r in (("weight", m.rec_w), ("bias", m.rec_b)):
+                if r is None:
+                    continue
+                n = 1
+                for d in r.shape:
+                    n *= int(d)
+                out.append({"module": k, "param": name, "dtype": str(r.dtype).replace("torch.", ""),
+                            "elements": n, "bytes": r.nbytes, "scheme": r.scheme, "exceptions": r.n_exceptions,
+                            "bytes_per_element": r.nbytes / max(1, n), "rounding": r.rounding})
+        return out
+
+    @property
+    def unfusable(self) -> dict:
+        """(component, path) -> why its weight is never written (its LoRAs run on the fly),
+        for every module a current LoRA reaches."""
+        return {k: m.unfusable for k, m in sorted(self._mods.items()) if m.unfusable is not None and m.contribs}
+
     @property
     def record_schemes(self) -> Counter:
         """How the records are stored: {"sparse": n, "1-bit": n, ..., "full": n}."""
@@ -300,13 +332,14 @@ class Handle(Transactions):
                 weight = getattr(module, "weight", None) if module is not None else None
                 if not isinstance(weight, torch.Tensor):
                     raise LoraExtError(f"{entry.lora.path}: module {t.component}:{t.module} is not in the model")
-                n = int(weight.shape[0])
+                shape = logical_shape(module)  # a packed quantised weight: the layer's own shape
+                n = int(shape[0])
                 rows = None if len(targets) == 1 else (row, row + n)
                 row += n
                 c = Contribution(entry, b, i, rows, tuple(b.candidate.weight_shape))
-                if len(targets) == 1 and tuple(weight.shape) != tuple(b.candidate.weight_shape):
+                if len(targets) == 1 and shape != tuple(b.candidate.weight_shape):
                     raise LoraExtError(f"{entry.lora.path}: module {t.component}:{t.module} has weight "
-                                       f"{tuple(weight.shape)}, the key map says {tuple(b.candidate.weight_shape)}")
+                                       f"{shape}, the key map says {tuple(b.candidate.weight_shape)}")
                 entry.contribs.append(c)
             entry.report.applied += 1
 
@@ -325,6 +358,12 @@ class Handle(Transactions):
                     comp, path = c.target_key
                     m = self._mods[c.target_key] = _Mod(c.target_key, self._index[comp][path], comp, c.target.block)
                 m.contribs.append(c)
+        for e in entries:  # modules whose weights are never written: say so, with the reason
+            why = Counter(self._mods[c.target_key].unfusable for c in e.contribs
+                          if self._mods[c.target_key].unfusable is not None)
+            e.report.notes = [f"{n} module{'s' if n > 1 else ''} on the fly: {r}" for r, n in sorted(why.items())]
+            for line in e.report.notes:
+                _log.info("%s: %s", e.name, line)
         self.reports = [e.report for e in entries]
         self.unmatched = [{"lora": e.report.path, "key": u.key, "reason": u.reason}
                           for e in entries for u in e.report.unmatched]
@@ -369,7 +408,8 @@ class Handle(Transactions):
         return fused_items, live
 
 # --------------------------------------------------------------------------------------------
-def apply(model, specs, method: str = "auto", *, keymap: Optional[KeyMap] = None) -> Handle:
+def apply(model, specs, method: str = "auto", *, keymap: Optional[KeyMap] = None, rounding: str = "nearest",
+          seed_key=None) -> Handle:
     """Apply LoRAs to a live model; returns a ``Handle`` (``update``, ``set``, ``remove``).
 
     ``model``: a diffusers ``UNet2DConditionModel``, a transformers ``CLIPTextModel`` /
@@ -382,10 +422,18 @@ def apply(model, specs, method: str = "auto", *, keymap: Optional[KeyMap] = None
     fused; each scheduled one on-the-fly or re-fused on the steps its strength changes,
     whichever the cost model finds cheaper once one step has been measured).
 
-    Keys that do not apply are in ``handle.unmatched`` (and per LoRA in ``handle.reports``).
-    If anything fails, the model is left bit-identical and the error is raised.
+    ``rounding`` (fp8 weights only): ``"nearest"`` (round to nearest even, as Forge and kohya),
+    ``"stochastic"`` or ``"stochastic-torch"`` (ComfyUI's seeded stochastic rounding, with and
+    without comfy-kitchen; device-dependent, see ``engine.fp8``). ``seed_key(component, path,
+    "weight"|"bias")`` gives the key the seed is taken from (default ``"<path>.weight"``; ComfyUI
+    seeds with its own state-dict key, e.g. ``"diffusion_model.<path>.weight"``).
+
+    Keys that do not apply are in ``handle.unmatched`` (and per LoRA in ``handle.reports``);
+    modules whose weights are never written (quantised, offloaded) are in ``handle.unfusable``
+    with the reason, and in the reports' ``notes``. ``handle.records()`` lists the restore
+    records. If anything fails, the model is left bit-identical and the error is raised.
     """
-    handle = Handle(model, method, keymap=keymap)
+    handle = Handle(model, method, keymap=keymap, rounding=rounding, seed_key=seed_key)
     entries = handle._load(specs)
     try:
         with exact_maths(handle.needs_inference_mode()):

@@ -47,12 +47,40 @@ def module_kind(module: nn.Module) -> str:
     return "other"
 
 
+_PLAIN = (torch.Tensor, nn.Parameter)
+
+
+def is_quantised(w) -> bool:
+    """A weight whose stored values are not the layer's weight (integer or packed storage, or a
+    tensor subclass wrapping one)."""
+    return isinstance(w, torch.Tensor) and (type(w) not in _PLAIN or not w.is_floating_point())
+
+
+def logical_shape(module) -> tuple:
+    """The weight's shape as the layer computes with it. A quantised weight may be stored
+    packed (bitsandbytes 4-bit keeps ``(n/2, 1)`` bytes, GGUF its blocks): the layer's own
+    dimensions (or bitsandbytes' ``quant_state.shape``) give the real one."""
+    w = module.weight
+    shape = tuple(w.shape)
+    if not is_quantised(w):
+        return shape
+    qs = getattr(w, "quant_state", None)
+    if qs is not None and getattr(qs, "shape", None) is not None:
+        return tuple(int(d) for d in qs.shape)
+    if isinstance(module, nn.Linear):
+        return (module.out_features, module.in_features)
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return (module.out_channels, module.in_channels // module.groups, *module.kernel_size)
+    return shape
+
+
 class LiveModule:
     """The live (on-the-fly) adapters of one module and the hook that applies them."""
 
     def __init__(self, module: nn.Module, pristine: Callable[[], tuple]):
         self.module = module
         self.kind = module_kind(module)
+        self.shape = logical_shape(module)  # the weight's shape as the layer uses it
         self.pristine = pristine  # () -> (W0 fp32, b0 fp32 or None), decoded on demand
         self.items: dict = {}  # key -> (contribution, strength)
         self.handle = None
@@ -88,7 +116,7 @@ class LiveModule:
                 sums_changed = True
         for key, c, _ in new_lowrank:
             if key not in self._checked:
-                _check_lowrank(c, tuple(self.module.weight.shape))
+                _check_lowrank(c, self.shape)
         new_sum, new_dense = (self._sum, self._dense)
         if sums_changed:
             new_sum, new_dense = self._compute_sums(items)
@@ -128,7 +156,7 @@ class LiveModule:
             return False
         if self.kind == "conv" and self.module.groups != 1:
             return False
-        return c.lowrank(tuple(self.module.weight.shape)) is not None
+        return c.lowrank(self.shape) is not None
 
     def _in_sums(self, c) -> bool:
         """Whether ``c`` takes part in the materialised sums (dense delta or a bias change)."""
@@ -138,11 +166,11 @@ class LiveModule:
         per = self._factors.setdefault(key, {})
         f = per.get((device, dtype))
         if f is None:
-            w = self.module.weight
-            up, down, scale = c.lowrank(tuple(w.shape))
+            shape = self.shape
+            up, down, scale = c.lowrank(shape)
             if self.kind == "conv":
-                nd = w.dim() - 2
-                down = down.reshape(down.shape[0], *w.shape[1:])
+                nd = len(shape) - 2
+                down = down.reshape(down.shape[0], *shape[1:])
                 up = up.reshape(up.shape[0], up.shape[1], *([1] * nd))
             f = (down.to(device=device, dtype=dtype), up.to(device=device, dtype=dtype), scale)
             per[(device, dtype)] = f
@@ -161,7 +189,9 @@ class LiveModule:
                 if self._lowrank_ok(c):  # weight as two ops; only its bias change here
                     m = self.module
                     b = None if m.bias is None else m.bias.detach().float()
-                    cached = (None, c.bias_delta(b, m.weight.detach().float()))
+                    w = m.weight.detach()
+                    w = torch.zeros(self.shape) if is_quantised(w) else w.float()  # read for its shape
+                    cached = (None, c.bias_delta(b, w))
                 else:
                     if w0 is None:
                         w0, b0 = self.pristine()
@@ -230,7 +260,7 @@ class LiveModule:
         if kind == "conv":
             self.rows_seen += max(1, output.numel() // module.out_channels)
             xin = x.to(dtype) if x.dtype != dtype else x
-            conv = _CONV_FN[module.weight.dim() - 2]
+            conv = _CONV_FN[len(self.shape) - 2]
             for key, c, s in self._lowrank_items:
                 down, up, scale = self._factors_for(key, c, device, dtype)
                 h = module._conv_forward(xin, down, None)

@@ -43,6 +43,11 @@ _INT = {
     torch.bfloat16: (torch.int16, 15, 0x7FFF),
     torch.float32: (torch.int32, 31, 0x7FFFFFFF),
 }
+# fp8 storage (Flux / SD3.5 checkpoints): the same ordered image on the int8 view. The fnuz
+# variants order differently (no -0; 0x80 is NaN) and are not fused (``transact``).
+FLOAT8 = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
+for _d in FLOAT8:
+    _INT[_d] = (torch.int8, 7, 0x7F)
 BITS_CHOICES = (1, 2, 4, 8)
 BLOCK = 1 << 16  # exception positions: low 16 bits + a count per block of this many elements
 SAMPLE = 1 << 16  # elements sampled to price the code widths
@@ -50,6 +55,13 @@ SAMPLE = 1 << 16  # elements sampled to price the code widths
 
 def compact_dtype(dtype: torch.dtype) -> bool:
     return dtype in _INT
+
+
+def bits_choices(dtype: torch.dtype) -> tuple:
+    """Code widths worth pricing: narrower than the element (an 8-bit code of an 8-bit weight
+    is a full copy with extra steps)."""
+    item = torch.empty(0, dtype=dtype).element_size()
+    return tuple(b for b in BITS_CHOICES if b < 8 * item)
 
 
 def int_view(t: Tensor) -> Tensor:
@@ -207,12 +219,15 @@ class Record:
     sum_w0: tuple = ()
     sum_wf: tuple = ()
     block_sums: Optional[Tensor] = None  # (blocks, 2) checksums of W0 per row block (low-rank path)
+    scale: Optional[Tensor] = None  # fp8 with a scale_weight: the scale the estimate was made with
+    rounding: str = "nearest"  # how the fused value was rounded (fp8: "nearest" or a stochastic mode)
 
     @property
     def nbytes(self) -> int:
         """Payload bytes (the tensors it holds)."""
         return sum(t.numel() * t.element_size() for t in (
-            self.codes, self.exc_lo, self.exc_blocks, self.exc_val, self.full, self.block_sums) if t is not None)
+            self.codes, self.exc_lo, self.exc_blocks, self.exc_val, self.full, self.block_sums, self.scale)
+            if t is not None)
 
     @property
     def needs_estimate(self) -> bool:
@@ -271,7 +286,7 @@ def _price_codes(w0b: Tensor, e: Tensor, est: Tensor, dtype) -> dict:
     step = max(1, n // SAMPLE)
     se = e.reshape(-1)[::step]
     sest = est.reshape(-1)[::step]
-    wide = {torch.int16: torch.int32, torch.int32: torch.int64}[w0b.dtype]
+    wide = {torch.int8: torch.int32, torch.int16: torch.int32, torch.int32: torch.int64}[w0b.dtype]
     sw = w0b[::step].to(wide)
     se_b = int_view(se.contiguous()).to(wide)
     _, shift, mask = _INT[dtype]
@@ -281,7 +296,7 @@ def _price_codes(w0b: Tensor, e: Tensor, est: Tensor, dtype) -> dict:
     wrong_side = (err > 0) != up
     k = max(1, sw.numel())
     out = {}
-    for b in BITS_CHOICES:
+    for b in bits_choices(dtype):
         half = 1 << (b - 1)
         misses = int(((mag > half) | ((mag == half) & wrong_side)).sum())
         out[b] = misses / k

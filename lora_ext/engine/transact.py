@@ -16,32 +16,46 @@ import torch
 from ..errors import LoraExtError
 from .contrib import bias_sum
 from .amp import exact_maths
+from . import fp8
 from .fuse import refuse, restore_weight
-from .onthefly import LiveModule
+from .onthefly import LiveModule, is_quantised, logical_shape
 from .record import Record, full_record, same_bits
 
 
 _FLOAT8 = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz",
                                              "float8_e8m0fnu") if hasattr(torch, n))
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 def unfusable_reason(module) -> Optional[str]:
     """Why fusing into ``module``'s weight would be wrong, or None when it is fine.
 
-    Quantised weights (SD.Next's SDNQ, bitsandbytes: not floating point), fp8 storage
-    (A1111's ``fp8_storage``: a round trip through fp8 loses the delta and an exact record of
-    an fp8 weight is as large as the weight, in VRAM), offloaded parameters (accelerate's
-    sequential offload leaves them on ``meta``; the real copy lives elsewhere and is put back
-    over ours) and non-contiguous views (an :class:`~lora_ext.hostmodel.InputSlice`) all run
-    their LoRAs on the fly instead, when the module has a forward to hook.
+    Quantised weights are never requantised: integer or packed storage (SD.Next's SDNQ int8,
+    bitsandbytes int8 / NF4 / FP4, GGUF blocks) and tensor subclasses that wrap one (a
+    ``Params4bit``, a ``GGMLTensor``, torchao's quantised tensors), whatever dtype they report.
+    So are offloaded parameters (accelerate's sequential offload leaves them on ``meta``; the
+    real copy lives elsewhere and is put back over ours) and non-contiguous views (an
+    :class:`~lora_ext.hostmodel.InputSlice`). Their LoRAs run on the fly instead
+    (``y = Q(x) + s*B(A(x))``, exact), when the module has a forward to hook.
+
+    fp8 weights (``float8_e4m3fn`` / ``float8_e5m2``, with or without ComfyUI's per-tensor
+    ``scale_weight``) are fused (``fp8``): fp32 maths, one rounding. The other fp8 formats and
+    scaling conventions lora-ext does not reproduce exactly stay on the fly.
     """
     w = getattr(module, "weight", None)
     if not isinstance(w, torch.Tensor):
         return None
+    if type(w) not in _PLAIN:
+        return (f"{type(w).__name__} weight ({w.dtype} storage: a quantised or packed tensor type; "
+                "never requantised, applied on the fly)")
     if not w.is_floating_point():
-        return f"{w.dtype} (quantised) weight"
+        return f"{w.dtype} weight (quantised; never requantised, applied on the fly)"
     if w.dtype in _FLOAT8:
-        return f"{w.dtype} weight (fp8 storage)"
+        if not fp8.is_fp8(w.dtype):
+            return f"{w.dtype} weight (fp8 storage fused only as float8_e4m3fn / float8_e5m2)"
+        _, why = fp8.weight_scale(module, w)
+        if why is not None:
+            return why
     if w.device.type == "meta":
         return "offloaded weight (on the meta device)"
     if not w.is_contiguous():
@@ -222,6 +236,24 @@ class Transactions:
             b0 = b.detach() if isinstance(b, torch.Tensor) else None
         return w0, b0
 
+    def _pristine32(self, m: _Mod) -> tuple:
+        """(W0, b0) in fp32, the weight dequantised where it is stored as scaled fp8."""
+        w0, b0 = self._pristine(m)
+        b32 = None if b0 is None else b0.float()
+        if is_quantised(getattr(m.module, "weight", None)):  # values unknown to us: only deltas
+            # that read none of them run here (weight-dependent ones are refused in _set_live)
+            return torch.zeros(logical_shape(m.module), device=w0.device), b32
+        scale = fp8.weight_scale(m.module, w0)[0] if fp8.is_fp8(w0.dtype) else None
+        return fp8.dequantise(w0, scale), b32
+
+    def _rounding(self, m: _Mod, param: str):
+        """(mode, key) for rounding a fused fp8 value of ``param``, or None (round to nearest)."""
+        mode = getattr(self, "rounding", "nearest")
+        if mode == "nearest":
+            return None
+        fn = getattr(self, "seed_key", None)
+        return mode, (fn(m.component, m.key[1], param) if fn is not None else f"{m.key[1]}.{param}")
+
     def _write(self, param: torch.Tensor, value: torch.Tensor) -> None:
         param.copy_(value)  # under no_grad; bumps the parameter's version counter
         self._bump("writes")
@@ -242,16 +274,20 @@ class Transactions:
         # the bias first: everything that can fail before the weight is written runs here
         b0 = m.rec_b.full if m.rec_b is not None else (None if b is None else b.detach())
         bf, new_rec_b, write_b = None, m.rec_b, False
-        db = _bias_delta_sum(items, tuple(w.shape), lambda: self._pristine(m)[0], b0) if items else None
+        db = _bias_delta_sum(items, tuple(w.shape), lambda: self._pristine32(m)[0], b0) if items else None
         if db is not None:
-            bf = torch.add(b0.float(), db).to(b.dtype)
+            bf = fp8.round_to(torch.add(b0.float(), db), b.dtype, self._rounding(m, "bias"))
+            if fp8.is_fp8(b.dtype) and bool((fp8.nonfinite(bf) & torch.isfinite(b0.float() + db)).any()):
+                raise LoraExtError(f"{m.component}:{m.key[1]}.bias: the fused value leaves {b.dtype}'s range")
             write_b = not same_bits(bf, b.detach())
             if new_rec_b is None and write_b:
                 new_rec_b = full_record(b0)
         elif m.rec_b is not None:
             bf, write_b, new_rec_b = b0.clone(), True, None
         # the weight: block by block where its bits change; undoes itself on failure
-        new_rec_w, changed = refuse(w, m.rec_w, items, f"{m.component}:{m.key[1]}.weight")
+        scale = fp8.weight_scale(module, w)[0] if items and fp8.is_fp8(w.dtype) else None
+        new_rec_w, changed = refuse(w, m.rec_w, items, f"{m.component}:{m.key[1]}.weight",
+                                    rounding=self._rounding(m, "weight"), scale=scale)
         if changed:
             self._bump("writes")
         if write_b:
@@ -261,11 +297,17 @@ class Transactions:
         self._bump("refused" if items else "restored")
 
     def _set_live(self, m: _Mod, items: dict, probe: bool = False) -> None:
+        if is_quantised(getattr(m.module, "weight", None)):
+            for c, _ in items.values():
+                if c.weight_dependent:
+                    raise LoraExtError(
+                        f"{c.name}: a {c.adapter.type_name} adapter on {m.component}:{m.key[1]} depends on the "
+                        f"weight's values, and that module holds a quantised weight ({m.unfusable}); it is "
+                        "never requantised, and lora-ext cannot dequantise it exactly")
         if m.live is None:
             if not items and not probe:
                 return
-            m.live = LiveModule(m.module, lambda m=m: tuple(
-                None if t is None else t.float() for t in self._pristine(m)))
+            m.live = LiveModule(m.module, lambda m=m: self._pristine32(m))
         m.live.set(items, probe)
 
 
