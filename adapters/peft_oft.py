@@ -26,6 +26,17 @@ training (and not at all in PEFT >= 0.16's forward). The settings the tensors ca
 (parametrisation, terms, coft/eps, the PEFT version for the Neumann formula) come from the
 adapter config (``adapter_config.json`` beside the file, or ``lora_adapter_metadata``); without
 one, PEFT's current defaults are assumed and ``describe()`` says so.
+
+Older PEFT files hold full blocks in ``oft_r`` (K, b, b), rotated by the Cayley map of their
+half skew part ``R = (I - S)(I + S)^-1``, ``S = (A - A^T) / 2``:
+
+* PEFT 0.14 / 0.15 (``oft_r`` + ``oft_s``): the input rotation above, then the outputs scaled,
+  ``W' = diag(oft_s) W_flat blockdiag(R)^T`` (convs of any square kernel: PEFT rotates the
+  flattened filter there);
+* PEFT <= 0.13 (``oft_r`` alone, LyCORIS-style): the *output* channels rotated, bias excepted,
+  ``W' = blockdiag(R)[:out, :out]^T W`` with blocks of ceil(out / r) (cut to out rows).
+
+Their COFT radius is PEFT's ``eps * ceil(out / r)^2 / sqrt(K)`` on the stored blocks.
 """
 from __future__ import annotations
 
@@ -37,7 +48,7 @@ import torch
 from lora_ext.adapter import expect
 from lora_ext.hookspecs import hookimpl
 
-from ._common import BaseAdapter
+from ._common import BaseAdapter, prod
 
 MAX_TERMS = 64  # num_cayley_neumann_terms beyond this is refused (PEFT's default is 5)
 
@@ -215,6 +226,157 @@ class PeftOFTAdapter(BaseAdapter):
         return (new - w).reshape(shape)
 
 
+# --- PEFT 0.14 / 0.15 and PEFT <= 0.13: full b x b blocks in ``oft_r`` ------------------------
+
+def _cayley_half(blocks: torch.Tensor) -> torch.Tensor:
+    from .peft_boft import cayley_half_skew
+
+    return cayley_half_skew(blocks)
+
+
+def project_blocks(blocks: torch.Tensor, eps: float) -> torch.Tensor:
+    """Old PEFT's COFT: blocks (as stored, not their skew part) with Frobenius norm above
+    eps/sqrt(K) scaled back onto it."""
+    radius = eps / math.sqrt(blocks.shape[0])
+    norm = torch.linalg.matrix_norm(blocks).reshape(-1, 1, 1)
+    return torch.where(norm <= radius, blocks, blocks * (radius / norm))
+
+
+class _LegacyPeftOFT(BaseAdapter):
+    """What both old layouts share: ``oft_r`` (K, b, b), Cayley of the half skew part
+    ``R = (I - S)(I + S)^-1`` with ``S = (A - A^T) / 2``, optional COFT from the config."""
+
+    type_name = "peft_oft"
+    weight_dependent = True
+    layout = ""
+
+    def __init__(self, tensors):
+        super().__init__(tensors)
+        r = tensors.get("oft_r")
+        expect(r is not None and r.dim() == 3 and r.shape[1] == r.shape[2] and min(r.shape) >= 1,
+               f"peft_oft: oft_r must be (blocks, b, b), got {None if r is None else tuple(r.shape)}")
+        expect(r.is_floating_point(), f"peft_oft: oft_r has dtype {r.dtype}")
+        self._k, self._b = int(r.shape[0]), int(r.shape[1])
+        self.coft, self.eps = False, 6e-5
+
+    def configure_peft(self, cfg) -> None:
+        if not cfg:
+            return
+        kind = str(cfg.get("peft_type", "OFT") or "OFT").upper()
+        expect(kind == "OFT", f"peft_oft: the adapter config is for {kind}, not OFT")
+        coft, eps = cfg.get("coft", False), cfg.get("eps", 6e-5)
+        expect(isinstance(coft, bool), f"peft_oft: config field coft must be true or false, got {coft!r}")
+        expect(isinstance(eps, (int, float)) and not isinstance(eps, bool) and math.isfinite(eps) and eps > 0,
+               f"peft_oft: eps must be a positive number, got {eps!r}")
+        self.coft, self.eps = coft, float(eps)
+
+    @property
+    def rank(self):
+        return self._k
+
+    def scale(self):
+        return 1.0
+
+    def describe(self):
+        d = super().describe()
+        d.update(block_size=self._b, shared=self._k == 1, layout=self.layout, parametrisation="cayley")
+        if self.coft:
+            d["coft_eps"] = self.eps
+        return d
+
+    def _rotations(self, like, eps_scale: float) -> torch.Tensor:
+        blocks = self.t("oft_r", like)
+        if self.coft:
+            blocks = project_blocks(blocks, self.eps * eps_scale)
+        return _cayley_half(blocks)
+
+
+class PeftOFTScaledAdapter(_LegacyPeftOFT):
+    """PEFT 0.14 / 0.15: ``oft_r`` (K, b, b) rotates the K*b inputs (of a Conv2d: its
+    in*k*k flattened filter, square kernels), ``oft_s`` scales the outputs::
+
+        W' = diag(s) W_flat blockdiag(R)^T          bias untouched
+
+    COFT's radius is ``eps * ceil(out / r)^2`` (r = input blocks) over sqrt(K)."""
+
+    required = frozenset({"oft_r", "oft_s"})
+    optional = frozenset()
+    layout = "peft 0.14-0.15 (oft_r, oft_s)"
+
+    def __init__(self, tensors):
+        super().__init__(tensors)
+        s = tensors.get("oft_s")
+        expect(s is not None and s.is_floating_point() and s.dim() <= 2, "peft_oft: oft_s must be a float vector")
+        self._out = int(s.numel())
+        expect(self._out == max(s.shape, default=1), f"peft_oft: oft_s must hold one value per output, "
+                                                     f"got shape {tuple(s.shape)}")
+
+    def fits(self, target_shape):
+        shape = tuple(int(d) for d in target_shape)
+        if len(shape) not in (2, 4) or shape[0] != self._out or (len(shape) == 4 and shape[2] != shape[3]):
+            return False
+        d = prod(shape[1:])
+        return d % self._b == 0 and (self._k == 1 or d == self._k * self._b)
+
+    def rows_independent(self, shape, parts):
+        return True  # row o of W' is s[o] * (row o of W) @ blockdiag(R)^T
+
+    def delta(self, weight):
+        shape = tuple(weight.shape)
+        expect(self.fits(shape), f"peft_oft: {self._k} blocks of {self._b} and {self._out} scales do not fit "
+                                 f"a weight {shape}")
+        w = weight.float().reshape(shape[0], -1)
+        n = w.shape[1] // self._b
+        r = self._rotations(weight, math.ceil(self._out / n) ** 2)
+        new = rotate_inputs(w, r.expand(n, -1, -1) if self._k == 1 else r)
+        new = new * self.t("oft_s", weight).reshape(-1, 1)
+        return (new - w).reshape(shape)
+
+
+class PeftOFTOutputAdapter(_LegacyPeftOFT):
+    """PEFT <= 0.13 (LyCORIS-style, ``oft_r`` alone): the rotation acts on the layer's output
+    channels, bias excepted, ``y = (x W^T) R + b``: blocks of b = ceil(out / r) (block_share:
+    one block repeated), the block diagonal cut to out x out, so::
+
+        W' = blockdiag(R)[:out, :out]^T W             bias untouched
+
+    COFT's radius is ``eps * b^2`` over sqrt(K)."""
+
+    required = frozenset({"oft_r"})
+    optional = frozenset()
+    layout = "peft <=0.13 (oft_r, output rotation)"
+
+    def _blocks_for(self, out: int) -> int:
+        return -(-out // self._b)
+
+    def fits(self, target_shape):
+        shape = tuple(int(d) for d in target_shape)
+        if len(shape) not in (2, 4):
+            return False
+        out = shape[0]
+        if self._k > 1:
+            return -(-out // self._k) == self._b
+        return any(-(-out // r) == self._b for r in range(1, out + 1))  # some r of block_share
+
+    def rows_independent(self, shape, parts):
+        from lora_ext.adapter import part_bounds
+
+        bounds = part_bounds(tuple(shape), parts)
+        return bounds is not None and all(b % self._b == 0 for b in bounds)
+
+    def delta(self, weight):
+        shape = tuple(weight.shape)
+        expect(self.fits(shape), f"peft_oft: {self._k} blocks of {self._b} do not fit a weight {shape}")
+        w = weight.float().reshape(shape[0], -1)
+        out = shape[0]
+        n = self._blocks_for(out)
+        r = self._rotations(weight, float(self._b ** 2))
+        r = r.expand(n, -1, -1) if self._k == 1 else r
+        padded = torch.cat([w, w.new_zeros(r.shape[0] * self._b - out, w.shape[1])], 0)
+        new = torch.einsum("knm,knc->kmc", r, padded.reshape(r.shape[0], self._b, -1)).reshape(padded.shape)
+        return (new[:out] - w).reshape(shape)
+
+
 @hookimpl
 def lora_ext_adapter_types():
-    return [PeftOFTAdapter]
+    return [PeftOFTAdapter, PeftOFTScaledAdapter, PeftOFTOutputAdapter]

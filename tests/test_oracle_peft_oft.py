@@ -331,3 +331,162 @@ def test_flux_fused_file_on_split_model(tmp_path, case):
     assert max(max_rel(sd2[k], v) for k, v in fused.items()) <= 1e-5
     h2.remove()
     assert all(torch.equal(v, original_state(base, table)[k]) for k, v in tree2.state_dict().items())
+
+
+# ------------------------------------------------------------------------------------------
+# older PEFT layouts: 0.14/0.15 (oft_r + oft_s, input rotation) and <= 0.13 (oft_r, output rotation)
+
+def _rename(src, dst, mapping, cfg):
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(src / "adapter_model.safetensors")
+    out = {}
+    for k, v in sd.items():
+        for old, (new, fn) in mapping.items():
+            if k.endswith("." + old):
+                out[k[: -len(old)] + new] = fn(v)
+    assert len(out) == len(sd)
+    dst.mkdir()
+    save_file(out, dst / "adapter_model.safetensors")
+    (dst / "adapter_config.json").write_text(json.dumps(cfg))
+    return dst / "adapter_model.safetensors"
+
+
+def test_peft_014_layout_equals_peft_boft_forward(sd_base, tmp_path):
+    """PEFT 0.14/0.15 OFT is ``W' = diag(oft_s) W blockdiag(R)^T`` with R the Cayley map of the
+    half skew part of each oft_r block: PEFT's one-stage BOFT with boft_R = oft_r[None]. A BOFT
+    file renamed to the old OFT names must reproduce PEFT BOFT's forward (convs included)."""
+    unet, te = load_pipeline(sd_base)
+    unet = _peft_attach(unet, peft.BOFTConfig(boft_block_size=4, target_modules=UNET_ATTN + UNET_1X1 + UNET_3X3),
+                        6, tmp_path / "u", scale=0.1)
+    te = _peft_attach(te, peft.BOFTConfig(boft_block_size=4, target_modules=TE_TARGETS), 7, tmp_path / "t", scale=0.1)
+    want_unet, want_te = unet_out(unet), te_out(te)
+    mapping = {"boft_R": ("oft_r", lambda v: v[0].contiguous()), "boft_s": ("oft_s", lambda v: v.reshape(-1, 1))}
+    cfg = {"peft_type": "OFT", "r": 0, "oft_block_size": 4, "coft": False, "eps": 6e-5}
+    files = [(_rename(tmp_path / d, tmp_path / f"{d}_old", mapping, cfg), 1.0) for d in ("u", "t")]
+    g = next(iter(load_lora(files[0][0]).groups.values()))
+    assert g.adapter.type_name == "peft_oft" and g.adapter.describe()["layout"].startswith("peft 0.14")
+    reports = merge(sd_base, files, tmp_path / "merged")
+    assert [r.unmatched for r in reports] == [[], []]
+    unet2, te2 = load_pipeline(tmp_path / "merged")
+    e_unet, e_te = max_rel_err(unet_out(unet2), want_unet), max_rel_err(te_out(te2), want_te)
+    print(f"peft 0.14 layout: unet {e_unet:.2e} te {e_te:.2e}")
+    assert e_unet <= 1e-5 and e_te <= 1e-5
+    unet0, te0 = load_pipeline(sd_base)
+    assert max_rel_err(unet_out(unet0), want_unet) > 1e-3
+
+
+def test_peft_013_layout_equals_lycoris_diag_oft():
+    """PEFT <= 0.13 rotates output rows by R = (I - S)(I + S)^-1, S = (A - A^T)/2: LyCORIS's
+    diag-OFT ((I + Q)(I - Q)^-1, Q = B - B^T) with B = -A/2. Checked against lycoris-lora's
+    own diff_weight, on a Linear and a 3x3 conv; and the block diagonal is cut to the rows
+    when b does not divide them (checked against the explicit matrix)."""
+    lycoris_oft = pytest.importorskip("lycoris.functional.diag_oft")
+    from lora_ext.adapters.peft_oft import PeftOFTOutputAdapter
+
+    g = torch.Generator().manual_seed(9)
+    for shape, k, b in (((12, 7), 3, 4), ((8, 4, 3, 3), 2, 4)):
+        a = torch.randn(k, b, b, generator=g) * 0.3
+        w = torch.randn(*shape, generator=g)
+        got = PeftOFTOutputAdapter({"oft_r": a}).delta(w)
+        want = lycoris_oft.diff_weight(w, -a / 2, None, constraint=0, backend="torch")
+        assert max_rel(got, want.reshape(w.shape)) <= 1e-5
+        assert got.abs().max() > 1e-2
+    # out = 10 with r = 4 blocks of ceil(10/4) = 3: the last block is cut
+    a = torch.randn(4, 3, 3, generator=g) * 0.3
+    w = torch.randn(10, 5, generator=g)
+    s = (a - a.transpose(1, 2)) / 2
+    eye = torch.eye(3)
+    r = torch.stack([(eye - q) @ torch.linalg.inv(eye + q) for q in s])
+    full = torch.block_diag(*r)[:10, :10]
+    adapter = PeftOFTOutputAdapter({"oft_r": a})
+    assert adapter.fits((10, 5)) and not adapter.fits((13, 5))
+    assert max_rel(adapter.delta(w), full.T @ w - w) <= 1e-5
+    # output rotation mixes the rows inside a block: fused parts split only along block edges
+    assert not adapter.rows_independent((10, 5), 2)
+    assert not PeftOFTOutputAdapter({"oft_r": a[:2]}).rows_independent((6, 5), (2, 4))
+    assert PeftOFTOutputAdapter({"oft_r": a[:2]}).rows_independent((6, 5), 2)
+
+
+_OLD_PEFT_CHILD = r'''
+import json, os, sys, warnings
+warnings.filterwarnings("ignore")
+import torch
+from tiny_models import te_out, tiny_text_encoder, tiny_unet, unet_out
+out_dir, configs, old = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
+torch.set_num_threads(1)
+tiny_unet(), tiny_text_encoder()  # diffusers / transformers bind the installed peft first
+for name in [m for m in sys.modules if m == "peft" or m.startswith("peft.")]:
+    del sys.modules[name]
+sys.path.insert(0, old)
+import peft
+assert os.path.abspath(peft.__file__).startswith(os.path.abspath(old)), peft.__file__
+for case, (ukw, tkw) in configs.items():
+    outs = {}
+    for comp, kw, make, run, seed in (("unet", ukw, tiny_unet, unet_out, 1), ("te", tkw, tiny_text_encoder, te_out, 2)):
+        pm = peft.get_peft_model(make(), peft.OFTConfig(**kw))
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for n, p in pm.named_parameters():
+                if "oft_s" in n:
+                    p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
+                elif "oft_r" in n:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+        pm.save_pretrained(os.path.join(out_dir, case, comp))  # before the forward: coft projects in it
+        outs[comp] = run(pm.base_model.model)
+    torch.save(outs, os.path.join(out_dir, case, "want.pt"))
+print(peft.__version__)
+'''
+OLD_CASES = {
+    "0.13": {"r4": ({"r": 4, "target_modules": UNET_ATTN + UNET_1X1 + ["conv1"]},
+                    {"r": 4, "target_modules": TE_TARGETS}),
+             "r3-share-coft": ({"r": 3, "block_share": True, "coft": True, "eps": 0.005,
+                                "target_modules": ["to_q", "to_k", "proj_in", "conv1"]},
+                               {"r": 6, "coft": True, "eps": 0.01, "target_modules": ["q_proj", "fc2"]})},
+    "0.14": {"b4": ({"r": 0, "oft_block_size": 4, "target_modules": UNET_ATTN + UNET_1X1 + ["conv1"]},
+                    {"r": 0, "oft_block_size": 4, "target_modules": TE_TARGETS}),
+             "share-coft": ({"r": 0, "oft_block_size": 4, "block_share": True, "coft": True, "eps": 0.02,
+                             "target_modules": ["to_q", "to_k", "proj_in", "conv1"]},
+                            {"r": 2, "oft_block_size": 0, "coft": True, "eps": 0.01,
+                             "target_modules": ["q_proj", "fc2"]})},
+}
+
+
+def _old_peft_dirs():
+    import os
+
+    return [d for d in os.environ.get("LORA_EXT_OLD_PEFT", "").split(os.pathsep) if d]
+
+
+@pytest.mark.parametrize("old", _old_peft_dirs() or [None])
+def test_old_peft_versions_opt_in(sd_base, tmp_path, old):
+    """Opt-in: ``LORA_EXT_OLD_PEFT`` lists folders holding an older ``peft`` package (an
+    unpacked wheel of peft 0.13.x or 0.14/0.15.x, which import fine beside torch 2.13); the
+    old PEFT writes and runs the adapters in a subprocess, lora-ext merges its files."""
+    import os
+    import subprocess
+    import sys
+
+    if old is None:
+        pytest.skip("set LORA_EXT_OLD_PEFT to folders with peft 0.13 / 0.14 packages")
+    version = subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); import peft; "
+                              "print(peft.__version__)", old], capture_output=True, text=True).stdout.strip()
+    key = "0.13" if version.startswith(("0.10", "0.11", "0.12", "0.13")) else "0.14"
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, PYTHONPATH=tests_dir)
+    run = subprocess.run([sys.executable, "-c", _OLD_PEFT_CHILD, str(tmp_path), json.dumps(OLD_CASES[key]), old],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    for case in OLD_CASES[key]:
+        want = torch.load(tmp_path / case / "want.pt")
+        files = [(tmp_path / case / comp / "adapter_model.safetensors", 1.0) for comp in ("unet", "te")]
+        layout = next(iter(load_lora(files[0][0]).groups.values())).adapter.describe()["layout"]
+        assert layout.startswith("peft <=0.13" if key == "0.13" else "peft 0.14")
+        reports = merge(sd_base, files, tmp_path / f"m_{case}")
+        assert [r.unmatched for r in reports] == [[], []]
+        unet2, te2 = load_pipeline(tmp_path / f"m_{case}")
+        e_unet, e_te = max_rel_err(unet_out(unet2), want["unet"]), max_rel_err(te_out(te2), want["te"])
+        print(f"peft {version} {case}: unet {e_unet:.2e} te {e_te:.2e}")
+        assert e_unet <= 1e-5 and e_te <= 1e-5
+        unet0, te0 = load_pipeline(sd_base)
+        assert max_rel_err(unet_out(unet0), want["unet"]) > 1e-3 and max_rel_err(te_out(te0), want["te"]) > 1e-3
