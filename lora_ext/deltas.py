@@ -182,3 +182,41 @@ class SwappedHalves:
 
     def rows_independent(self, shape, parts) -> bool:
         return False
+
+
+class WithBiasDiff:
+    """An adapter plus a stored bias change on the same module (``diff_b`` beside a LoRA's
+    factors, as Kijai's and lightx2v's Wan files write them): the weight change is the inner
+    adapter's, the bias change its own (if any) plus ``diff_b``."""
+
+    def __init__(self, inner, diff_b: Tensor):
+        if diff_b.dim() != 1:
+            raise AdapterError(f"diff_b must be a vector, got shape {tuple(diff_b.shape)}")
+        self.inner = inner
+        self.diff_b = diff_b
+        self.type_name = f"{inner.type_name} + diff_b"
+        self.tensors = dict(inner.tensors, diff_b=diff_b)
+
+    def __getattr__(self, name):
+        if name in ("inner", "diff_b", "type_name", "tensors"):
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def fits(self, shape) -> bool:
+        return self.inner.fits(shape) and int(shape[0]) == int(self.diff_b.numel())
+
+    def delta(self, weight: Tensor) -> Tensor:
+        return self.inner.delta(weight)
+
+    def bias_delta(self, bias, weight):
+        own = self.inner.bias_delta(bias, weight)
+        ref = bias if bias is not None else weight
+        db = self.diff_b.to(device=ref.device if ref is not None else "cpu", dtype=torch.float32)
+        return db if own is None else own.float() + db
+
+    def lowrank(self):
+        fn = getattr(self.inner, "lowrank", None)
+        return fn() if fn is not None else None
+
+    def rows_independent(self, shape, parts) -> bool:
+        return self.inner.rows_independent(shape, parts)

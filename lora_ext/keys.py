@@ -161,7 +161,9 @@ NEUTRAL_DOTTED = ("base_model.model.", "")
 # write them: ComfyUI's "diffusion_model.", checkpoints' "model.diffusion_model.", OMI and
 # diffusion-pipe's "transformer.", SimpleTuner's "transformer.base_model.model."
 LDM_DOTTED = ("diffusion_model.", "model.diffusion_model.", "transformer.", "transformer.base_model.model.")
-LDM_FLAT = ("diffusion_model_", "lora_unet_diffusion_model_")
+# Wan-Fun writes "lora_unet__blocks_0_..." (double underscore, comfy/lora_convert.py), Tencent's
+# HunyuanVideo-I2V trainer "Hunyuan_video_I2V_lora_double_blocks_0_..." (HunyuanVideo-I2V#61)
+LDM_FLAT = ("diffusion_model_", "lora_unet_diffusion_model_", "lora_unet__", "Hunyuan_video_I2V_lora_")
 
 
 def _flat(path: str) -> str:
@@ -185,6 +187,7 @@ class KeyMap:
         self.label = label
         self.naming = naming
         self._aliases: dict[str, list[Candidate]] = {}
+        self._not_applicable: list = []  # (compiled pattern, reason): keys this model cannot have
         for component, table in layout.items():
             ldm_model = self._naming_of(component) == "ldm"
             for info in table.values():
@@ -278,7 +281,9 @@ class KeyMap:
             for alias in aliases:
                 self._add(alias, cand)
         if component == "unet":
-            from .dit.aliases import extra_aliases
+            from .dit.aliases import extra_aliases, not_applicable
+
+            self._not_applicable.extend(not_applicable(table))
 
             for alias, paths in extra_aliases(table):
                 infos = [table[p] for p in paths]
@@ -312,6 +317,9 @@ class KeyMap:
         """
         cands = self.candidates(prefix)
         if not cands:
+            for pattern, why in self._not_applicable:
+                if pattern.search(prefix):
+                    return None, f"not applicable to {self.label}: {why}"
             return None, f"no such module in {self.label}"
         if fits is not None:
             test = fits if callable(fits) else (lambda shape: shape_fits(fits, shape))

@@ -129,17 +129,29 @@ def build_adapter(group: Group, types, metadata=None) -> None:
     metadata = metadata or {}
     names = group.names
     claimers = [t for t in types if t.claims(names)]
+    bias_diff = None
+    if not claimers and "diff_b" in names and len(names - {"diff_b", "alpha", "dora_scale"}) > 0:
+        # Kijai's / lightx2v's files pair a LoRA (or LoHa ...) with a stored bias change on the
+        # same module (ComfyUI applies both): the rest is the adapter, diff_b its bias delta
+        rest = names - {"diff_b"}
+        claimers = [t for t in types if t.claims(rest)]
+        if claimers:
+            bias_diff = group.tensors["diff_b"]
     if not claimers:
         if names <= {"alpha", "dora_scale"}:
             group.problem = f"incomplete adapter: only {', '.join(sorted(names))}"
         return  # left for the structural auto-detector at bind time
-    inner = {k: v for k, v in group.tensors.items() if k != "dora_scale"}
+    inner = {k: v for k, v in group.tensors.items() if k != "dora_scale" and not (bias_diff is not None and k == "diff_b")}
     try:
         adapter = claimers[0].from_tensors(inner)
         if "dora_scale" in group.tensors:
             from .adapters.dora import with_dora
 
             adapter = with_dora(adapter, group.tensors["dora_scale"])
+        if bias_diff is not None:
+            from .deltas import WithBiasDiff
+
+            adapter = WithBiasDiff(adapter, bias_diff)
         adapter.configure(group.prefix, metadata)
         group.adapter = adapter
     except AdapterError as exc:

@@ -23,6 +23,14 @@ SD3 = dict(sample_size=8, patch_size=2, in_channels=4, num_layers=3, attention_h
 CHROMA = dict(patch_size=1, in_channels=8, num_layers=1, num_single_layers=1, attention_head_dim=16,
               num_attention_heads=2, joint_attention_dim=24, axes_dims_rope=(4, 6, 6), approximator_num_channels=8,
               approximator_hidden_dim=20, approximator_layers=2)
+HV = dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=2, num_single_layers=2,
+          num_refiner_layers=1, patch_size=1, patch_size_t=1, guidance_embeds=True, text_embed_dim=16,
+          pooled_projection_dim=8, rope_axes_dim=(4, 6, 6))
+WAN = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, text_dim=8,
+           freq_dim=16, ffn_dim=64, num_layers=2, image_dim=12, added_kv_proj_dim=32)
+LUMINA = dict(sample_size=8, patch_size=2, in_channels=4, hidden_size=48, num_layers=2, num_refiner_layers=1,
+              num_attention_heads=3, num_kv_heads=1, multiple_of=16, cap_feat_dim=8, axes_dim_rope=(4, 6, 6),
+              axes_lens=(8, 8, 8))
 QWEN = dict(patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=2,
             joint_attention_dim=24, axes_dims_rope=(4, 6, 6))
 
@@ -35,6 +43,9 @@ def tiny(family: str, seed: int = 0, **overrides):
         "sd3": (diffusers.SD3Transformer2DModel, SD3),
         "chroma": (diffusers.ChromaTransformer2DModel, CHROMA),
         "qwen_image": (diffusers.QwenImageTransformer2DModel, QWEN),
+        "hunyuan_video": (diffusers.HunyuanVideoTransformer3DModel, HV),
+        "wan": (diffusers.WanTransformer3DModel, WAN),
+        "lumina2": (diffusers.Lumina2Transformer2DModel, LUMINA),
     }[family]
     torch.manual_seed(seed)
     model = cls(**dict(cfg, **overrides)).eval()
@@ -64,6 +75,8 @@ def original_state(model, table=None) -> dict:
     for path, info in table.items():
         for param, key in (("weight", info.ldm_weight), ("bias", info.ldm_bias)):
             t = sd.get(f"{path}.{param}")
+            if t is None and param == "weight" and not key.endswith((".weight", ".scale")):
+                t = sd.get(path)  # a bare parameter (Wan's scale_shift_table <-> modulation)
             if t is None or key is None:
                 continue
             t = t.detach().clone()
@@ -90,7 +103,8 @@ def diffusers_state(orig: dict, table) -> dict:
                 t = t[info.ldm_rows[0]:info.ldm_rows[1]]
             if info.ldm_swap:
                 t = _swap(t)
-            out[f"{path}.{param}"] = t.clone()
+            bare = param == "weight" and not key.endswith((".weight", ".scale"))
+            out[path if bare else f"{path}.{param}"] = t.clone()
     return out
 
 
@@ -162,6 +176,15 @@ def inputs(family: str, seed: int = 1):
         return dict(hidden_states=r(1, 16, 16), encoder_hidden_states=r(1, 5, 24),
                     encoder_hidden_states_mask=torch.ones(1, 5), timestep=torch.tensor([0.5]),
                     img_shapes=[(1, 4, 4)])
+    if family == "hunyuan_video":
+        return dict(hidden_states=r(1, 4, 1, 4, 4), timestep=torch.tensor([500]), encoder_hidden_states=r(1, 5, 16),
+                    encoder_attention_mask=torch.ones(1, 5), pooled_projections=r(1, 8), guidance=torch.tensor([3500.0]))
+    if family == "wan":
+        return dict(hidden_states=r(1, 4, 1, 4, 4), timestep=torch.tensor([500]), encoder_hidden_states=r(1, 5, 8),
+                    encoder_hidden_states_image=r(1, 3, 12))
+    if family == "lumina2":
+        return dict(hidden_states=r(1, 4, 8, 8), timestep=torch.tensor([0.5]), encoder_hidden_states=r(1, 5, 8),
+                    encoder_attention_mask=torch.ones(1, 5, dtype=torch.bool))
     raise KeyError(family)
 
 

@@ -23,6 +23,20 @@ _SINGLE = (("processor.qkv_lora", ("attn.to_q", "attn.to_k", "attn.to_v")),)
 _BLOCK = re.compile(r"^(transformer_blocks|single_transformer_blocks)\.(\d+)\.attn\.to_q$")
 
 
+_IMAGE_BRANCH = re.compile(r"k_img|v_img|norm_k_img|img_emb|image_embedder|attn2[._]add_[kv]_proj|attn2[._]norm_added_k")
+
+
+def not_applicable(table):
+    """``[(pattern, reason)]``: key groups a LoRA may carry that this model lacks by design."""
+    out = []
+    if "blocks.0.attn2.to_q" in table and "blocks.0.attn2.add_k_proj" not in table:
+        # Wan 2.1 I2V LoRAs train the CLIP image branch, which Wan 2.2 (and T2V) do not have
+        # (ostris/ai-toolkit#349): report them as such, not as unknown keys
+        out.append((_IMAGE_BRANCH, "this Wan model has no CLIP image branch (k_img / v_img / img_emb are "
+                                   "Wan 2.1 I2V modules)"))
+    return out
+
+
 def extra_aliases(table):
     """``[(alias, (canonical paths...))]`` for the Flux-shaped blocks of a denoiser table."""
     out = []
