@@ -308,4 +308,4 @@ def _check_lowrank(c, shape) -> None:
 def _changes_bias(c) -> bool:
     """Whether a low-rank contribution also changes the bias (PEFT ``lora_bias``)."""
     t = getattr(c.adapter, "tensors", None) or {}
-    return "lora_up.bias" in t
+    return "lora_up.bias" in t or "diff_b" in t
