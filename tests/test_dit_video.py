@@ -285,3 +285,34 @@ def test_flux_and_hunyuan_video_loras_are_told_apart():
     # Tencent's mlp names are HunyuanVideo's alone
     mlp = lora_of(lowrank("lora_unet_double_blocks_2_txt_mlp_fc2", 3072, 12288), device="meta")
     assert detect_base_model(mlp).name.startswith("hunyuan-video")
+
+
+def test_hidream_peft_lora_merges_like_peft(tmp_path):
+    """HiDream (mixture-of-experts feed-forward; the same names in diffusers and ComfyUI): a PEFT
+    LoRA on attention, experts, shared experts and the text stream's feed-forward, fused by
+    lora-ext, equals PEFT's own merge; the ai-toolkit / diffusion-pipe spelling binds the same."""
+    import diffusers
+
+    from test_dit_tables import TINY
+
+    torch.manual_seed(0)
+    base = diffusers.HiDreamImageTransformer2DModel(**TINY["HiDreamImageTransformer2DModel"]).eval()
+    targets = ["to_q", "to_k", "to_v", "to_out", "to_q_t", "w1", "w2", "w3", "adaLN_modulation.1"]
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=7, target_modules=targets))
+    _randomise(pm, 9)
+    pm.save_pretrained(tmp_path / "adapter")
+    want = pm.merge_and_unload().state_dict()
+    model = copy.deepcopy(base)
+    h = apply(model, [tmp_path / "adapter" / "adapter_model.safetensors"], "fuse")
+    assert h.unmatched == []
+    got = model.state_dict()
+    changed = [k for k in got if not torch.equal(got[k], base.state_dict()[k])]
+    assert any(".experts.3." in k for k in changed) and any("ff_t" in k for k in changed)
+    assert max(max_rel(got[k], want[k]) for k in want) <= 1e-5
+    shapes = {**lowrank("diffusion_model.double_stream_blocks.1.block.ff_i.experts.2.w2", 32, 256, "lora_A.weight", "lora_B.weight", False),
+              **lowrank("lycoris_single_stream_blocks_0_block_attn1_to_q", 32, 32)}
+    km = bind(HostModel({"unet": base}, naming="diffusers")).keymap
+    res = lora_of(shapes).resolve(km)
+    assert res.unmatched == []
+    assert {b.targets[0].module for b in res.bindings} == {"double_stream_blocks.1.block.ff_i.experts.2.w2",
+                                                          "single_stream_blocks.0.block.attn1.to_q"}

@@ -54,6 +54,8 @@ def dims_from_shapes(shapes: Mapping[str, tuple]) -> Optional[tuple]:
         return _wan(s)
     if "layers.0.attention.qkv.weight" in s or "layers.0.feed_forward.linear_1.weight" in s:
         return _lumina(s)
+    if "double_stream_blocks.0.block.attn1.to_q.weight" in s or "single_stream_blocks.0.block.attn1.to_q.weight" in s:
+        return _hidream(s)
     if "double_blocks.0.img_attn.qkv.weight" in s or "single_blocks.0.linear1.weight" in s:
         return _flux_original(s)
     if "joint_blocks.0.x_block.attn.qkv.weight" in s:
@@ -214,6 +216,22 @@ def _lumina(s):
     dims = dict(h=h, q=q, kv=kv, d=d, m=m, t=t, ctx=ctx, c_in=c_in, c_out=c_out, depth=_count(s, r"layers\.(\d+)\."),
                 noise=noise, context=context)
     return "lumina2", dims, "ldm" if orig else "diffusers"
+
+
+def _hidream(s):
+    b = "double_stream_blocks.0.block." if "double_stream_blocks.0.block.attn1.to_q.weight" in s else "single_stream_blocks.0.block."
+    h = _dim(s, b + "attn1.to_q.weight", 1)
+    captions = _count(s, r"caption_projection\.(\d+)\.")
+    dims = dict(h=h, m=_dim(s, b + "ff_i.experts.0.w1.weight", 0, 4 * h),
+                me=_dim(s, b + "ff_i.shared_experts.w1.weight", 0, 4 * h),
+                experts=_count(s, r"(?:double|single)_stream_blocks\.0\.block\.ff_i\.experts\.(\d+)\."),
+                vec=_dim(s, "p_embedder.pooled_embedder.linear_1.weight", 1, 2048), c_in=_dim(s, "x_embedder.proj.weight", 1, 64),
+                c_out=_dim(s, "final_layer.linear.weight", 0, 64),
+                llm=_dim(s, "caption_projection.0.linear.weight", 1, 4096),
+                t5=_dim(s, f"caption_projection.{max(captions - 1, 0)}.linear.weight", 1, 4096),
+                double=_count(s, r"double_stream_blocks\.(\d+)\."), single=_count(s, r"single_stream_blocks\.(\d+)\."),
+                captions=captions)
+    return "hidream", dims, "diffusers"
 
 
 def variant_of(family: str, dims: Mapping) -> Optional[str]:

@@ -271,6 +271,44 @@ _LUMINA_LAYER = (
 )
 
 
+# HiDream-I1: the same names in diffusers and ComfyUI; a mixture-of-experts feed-forward
+# ("{e}" rows repeat for each routed expert) beside shared experts and a router gate
+_HIDREAM_TOP = (
+    ("t_embedder.timestep_embedder.linear_1", "t_embedder.timestep_embedder.linear_1", "h", "256", None, ""),
+    ("t_embedder.timestep_embedder.linear_2", "t_embedder.timestep_embedder.linear_2", "h", "h", None, ""),
+    ("p_embedder.pooled_embedder.linear_1", "p_embedder.pooled_embedder.linear_1", "h", "vec", None, ""),
+    ("p_embedder.pooled_embedder.linear_2", "p_embedder.pooled_embedder.linear_2", "h", "h", None, ""),
+    ("x_embedder.proj", "x_embedder.proj", "h", "c_in", None, ""),
+    ("final_layer.linear", "final_layer.linear", "c_out", "h", None, ""),
+    ("final_layer.adaLN_modulation.1", "final_layer.adaLN_modulation.1", "2*h", "h", None, ""),
+)
+_HIDREAM_CAPTIONS = (
+    ("caption_projection.{i}.linear", "caption_projection.{i}.linear", "h", "llm", None, "not_last"),
+    ("caption_projection.{i}.linear", "caption_projection.{i}.linear", "h", "t5", None, "last"),
+)
+_HIDREAM_FF = (
+    ("block.ff_i.shared_experts.w1", "block.ff_i.shared_experts.w1", "me", "h", None, ""),
+    ("block.ff_i.shared_experts.w2", "block.ff_i.shared_experts.w2", "h", "me", None, ""),
+    ("block.ff_i.shared_experts.w3", "block.ff_i.shared_experts.w3", "me", "h", None, ""),
+    ("block.ff_i.experts.{e}.w1", "block.ff_i.experts.{e}.w1", "m", "h", None, ""),
+    ("block.ff_i.experts.{e}.w2", "block.ff_i.experts.{e}.w2", "h", "m", None, ""),
+    ("block.ff_i.experts.{e}.w3", "block.ff_i.experts.{e}.w3", "m", "h", None, ""),
+    ("block.ff_i.gate", "block.ff_i.gate", "experts", "h", None, ""),
+)
+_HIDREAM_ATTN = tuple((n, n, o, i, None, "") for n, o, i in (
+    ("block.attn1.to_q", "h", "h"), ("block.attn1.to_k", "h", "h"), ("block.attn1.to_v", "h", "h"),
+    ("block.attn1.to_out", "h", "h")))
+_HIDREAM_DOUBLE = (("block.adaLN_modulation.1", "block.adaLN_modulation.1", "12*h", "h", None, ""),) + _HIDREAM_ATTN + tuple(
+    (n, n, o, i, None, "") for n, o, i in (
+        ("block.attn1.to_q_t", "h", "h"), ("block.attn1.to_k_t", "h", "h"), ("block.attn1.to_v_t", "h", "h"),
+        ("block.attn1.to_out_t", "h", "h"), ("block.attn1.q_rms_norm", "h", None), ("block.attn1.k_rms_norm", "h", None),
+        ("block.attn1.q_rms_norm_t", "h", None), ("block.attn1.k_rms_norm_t", "h", None),
+        ("block.ff_t.w1", "m", "h"), ("block.ff_t.w2", "h", "m"), ("block.ff_t.w3", "m", "h"))) + _HIDREAM_FF
+_HIDREAM_SINGLE = (("block.adaLN_modulation.1", "block.adaLN_modulation.1", "6*h", "h", None, ""),) + _HIDREAM_ATTN + tuple(
+    (n, n, o, i, None, "") for n, o, i in (("block.attn1.q_rms_norm", "h", None), ("block.attn1.k_rms_norm", "h", None))
+) + _HIDREAM_FF
+
+
 @dataclass(frozen=True)
 class BlockGroup:
     """Blocks ``{diffusers}.N`` / ``{original}.N`` for N < dims[count], block ids ``{tag}%02d``."""
@@ -335,6 +373,12 @@ def _hv_conditions(dims, i, n, kind=""):
 
 def _wan_conditions(dims, i, n, kind=""):
     return {"i2v"} if dims.get("img", 0) else set()
+
+
+def _hidream_conditions(dims, i, n, kind=""):
+    if kind == "captions":
+        return {"last" if i == n - 1 else "not_last"}
+    return set()
 
 
 def _lumina_conditions(dims, i, n, kind=""):
@@ -422,6 +466,15 @@ FAMILIES = {
         {"lumina-image-2": ("Lumina-Image 2.0", dict(h=2304, q=2304, kv=768, d=96, m=9216, t=1024, ctx=2304,
                                                        c_in=64, c_out=64, depth=26, noise=2, context=2))},
     ),
+    "hidream": Family(
+        "hidream", "HiDream-I1", _HIDREAM_TOP,
+        (BlockGroup("double_stream_blocks", "double_stream_blocks", "double", "D", _HIDREAM_DOUBLE),
+         BlockGroup("single_stream_blocks", "single_stream_blocks", "single", "S", _HIDREAM_SINGLE)),
+        _hidream_conditions,
+        {"hidream-i1": ("HiDream-I1", dict(h=2560, m=6912, me=3584, experts=4, vec=2048, c_in=64, c_out=64, llm=4096, t5=4096,
+                                            double=16, single=32, captions=49))},
+        extra=((_HIDREAM_CAPTIONS, "captions"),),
+    ),
 }
 
 #: every full-size variant: name -> (family name, label, dims)
@@ -457,7 +510,7 @@ def _info(row: Row, dims: Mapping, root: str, block: str, i: Optional[int]) -> t
         return diff, ModuleInfo("unet", diff, "norm", (o,), (o,), block, orig, root + orig + ".weight",
                                 root + orig + ".bias", ldm_alias=alias)
     kind, shape = "linear", (o, _value(inp, dims))
-    if diff in _CONV:
+    if diff in _CONV and "kernel" in dims:
         kind, shape = "conv", shape + tuple(int(k) for k in dims.get("kernel", (2, 2)))
     rows, swap = None, False
     if first == "swap":
@@ -467,6 +520,16 @@ def _info(row: Row, dims: Mapping, root: str, block: str, i: Optional[int]) -> t
         rows = (start, start + o)
     return diff, ModuleInfo("unet", diff, kind, shape, (o,), block, orig, root + orig + ".weight",
                             root + orig + ".bias", ldm_rows=rows, ldm_swap=swap, ldm_alias=alias)
+
+
+def _experts(rows, dims):
+    """Rows with an "{e}" placeholder, once per routed expert (HiDream's mixture of experts)."""
+    for row in rows:
+        if "{e}" in row[0]:
+            for e in range(int(dims.get("experts", 0))):
+                yield (row[0].replace("{e}", str(e)), row[1].replace("{e}", str(e))) + tuple(row[2:])
+        else:
+            yield row
 
 
 def _prefixed(info: ModuleInfo, path: str, prefix: str, alias_prefix: str, root: str) -> ModuleInfo:
@@ -492,8 +555,12 @@ def table(family: str, dims: Mapping, root: str = "", names: str = "") -> dict:
         path, info = _info(row, dims, root, block, None)
         out[path] = info
     for rows, count in fam.extra:
-        for i in range(int(dims.get(count, 0))):
+        n = int(dims.get(count, 0))
+        for i in range(n):
+            conds = fam.conditions(dims, i, n, count)
             for row in rows:
+                if row[5] and row[5] not in conds:
+                    continue
                 path, info = _info(row, dims, root, "IN", i)
                 out[path] = info
     for group in fam.blocks:
@@ -501,7 +568,7 @@ def table(family: str, dims: Mapping, root: str = "", names: str = "") -> dict:
         for i in range(n):
             conds = fam.conditions(dims, i, n, group.kind)
             block = group.tag if group.tag == "IN" else f"{group.tag}{i:02d}"
-            for row in group.rows:
+            for row in _experts(group.rows, dims):
                 if row[5] and row[5] not in conds:
                     continue
                 path, info = _info(row, dims, root, block, i)
