@@ -226,6 +226,31 @@ class PeftOFTAdapter(BaseAdapter):
         return (new - w).reshape(shape)
 
 
+class PeftOFTEmbeddingAdapter(PeftOFTAdapter):
+    """PEFT OFT on an ``nn.Embedding`` (``oft_embedding_R.weight``): the looked-up vectors are
+    rotated, ``e' = e @ blockdiag(R)``, so the table becomes ``W' = W blockdiag(R)`` (R, not
+    R^T as for a Linear's input). Each token's row stays its own."""
+
+    required = frozenset({"oft_embedding_R.weight"})
+
+    def __init__(self, tensors):
+        super().__init__({"oft_R.weight": tensors.get("oft_embedding_R.weight")})
+        self.tensors = dict(tensors)
+
+    def t(self, name, like=None):
+        return super().t("oft_embedding_R.weight" if name == "oft_R.weight" else name, like)
+
+    def _inputs(self, shape):
+        return int(shape[1]) if len(shape) == 2 else -1
+
+    def delta(self, weight):
+        shape = tuple(weight.shape)
+        expect(self.fits(shape), f"peft_oft: {self._k} blocks of {self._b} do not fit an embedding {shape}")
+        w = weight.float()
+        new = rotate_inputs(w, self.rotation(w.shape[1], weight).transpose(-1, -2))
+        return new - w
+
+
 # --- PEFT 0.14 / 0.15 and PEFT <= 0.13: full b x b blocks in ``oft_r`` ------------------------
 
 def _cayley_half(blocks: torch.Tensor) -> torch.Tensor:
@@ -379,4 +404,4 @@ class PeftOFTOutputAdapter(_LegacyPeftOFT):
 
 @hookimpl
 def lora_ext_adapter_types():
-    return [PeftOFTAdapter, PeftOFTScaledAdapter, PeftOFTOutputAdapter]
+    return [PeftOFTAdapter, PeftOFTEmbeddingAdapter, PeftOFTScaledAdapter, PeftOFTOutputAdapter]

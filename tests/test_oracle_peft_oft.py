@@ -42,7 +42,7 @@ def _randomise(model, seed, scale=0.05):
         for name, p in model.named_parameters():
             if "boft_s" in name:
                 p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
-            elif "oft_R" in name or "boft_R" in name:
+            elif "oft_R" in name or "boft_R" in name or "oft_embedding_R" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * scale)
             else:
                 continue
@@ -490,3 +490,26 @@ def test_old_peft_versions_opt_in(sd_base, tmp_path, old):
         assert e_unet <= 1e-5 and e_te <= 1e-5
         unet0, te0 = load_pipeline(sd_base)
         assert max_rel_err(unet_out(unet0), want["unet"]) > 1e-3 and max_rel_err(te_out(te0), want["te"]) > 1e-3
+
+
+def test_peft_oft_on_token_embedding(sd_base, tmp_path):
+    """OFT on an nn.Embedding (``oft_embedding_R.weight``) rotates the looked-up vectors:
+    W' = W blockdiag(R). The CLIP token table with PEFT's adapter, merged, equals PEFT."""
+    _, te = load_pipeline(sd_base)
+    te = _peft_attach(te, peft.OFTConfig(oft_block_size=4, r=0, target_modules=["token_embedding", "q_proj"]), 8,
+                      tmp_path / "t", scale=0.2)
+    want = te_out(te)
+    path = tmp_path / "t" / "adapter_model.safetensors"
+    types = {g.adapter.type_name for g in load_lora(path).groups.values()}
+    groups = load_lora(path).groups
+    emb = [g for p, g in groups.items() if p.endswith("token_embedding")]
+    assert types == {"peft_oft"} and len(emb) == 1
+    assert emb[0].adapter.delta(torch.randn(64, 16)).abs().max() > 1e-2  # a real rotation, not the init
+    reports = merge(sd_base, [(path, 1.0)], tmp_path / "merged")
+    assert reports[0].unmatched == [] and reports[0].applied == 1 + 2
+    _, te2 = load_pipeline(tmp_path / "merged")
+    err = max_rel_err(te_out(te2), want)
+    print(f"token embedding: {err:.2e}")
+    assert err <= 1e-5
+    _, te0 = load_pipeline(sd_base)
+    assert max_rel_err(te_out(te0), want) > 1e-3
