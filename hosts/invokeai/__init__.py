@@ -27,6 +27,8 @@ if importlib.util.find_spec("invokeai") is not None and _lora_ext_importable():
     from .nodes import (  # noqa: F401
         LoraExtCompelInvocation,
         LoraExtDenoiseLatentsInvocation,
+        LoraExtFluxDenoiseInvocation,
+        LoraExtFluxTextEncoderInvocation,
         LoraExtLoaderInvocation,
         LoraExtSDXLCompelInvocation,
     )

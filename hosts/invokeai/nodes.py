@@ -11,6 +11,16 @@
   LoRAs' text-encoder strengths (step 0); the output carries the stack on.
 * ``lora_ext_denoise_latents`` **Denoise (lora-ext)**: InvokeAI's denoise node with a
   ``lora_ext`` stack input: the UNet runs with each LoRA's strength at every step.
+* ``lora_ext_flux_text_encoder`` **Prompt - FLUX (lora-ext)** and ``lora_ext_flux_denoise``
+  **FLUX Denoise (lora-ext)**: the same for FLUX.1. InvokeAI's FLUX transformer
+  (backend/flux/model.py) keeps the BFL module names, so it binds as the original layout (fused
+  ``qkv``, ``linear1`` = q|k|v|mlp): every FLUX format and type the core reads applies, those
+  InvokeAI's own loader reports as unknown included (OneTrainer DoRA, fal Kontext
+  ``base_model.model.double_blocks.*``, ``norm_out`` / ``final_layer.adaLN_modulation``). The prompt
+  node runs CLIP-L (``te1``) and T5 (``te3``) with the text-encoder strengths; the denoise node
+  takes each call's step from InvokeAI's own ``timestep_index`` / ``total_num_timesteps``
+  arguments (Heun's second evaluation stays on its step). Block weights take the FLUX ids
+  (``D00..``, ``S00..``, lbw's 61-value vectors).
 
 Everything is applied on the fly (forward hooks): InvokeAI's model cache owns the weights
 and restores the ones its own patches change from its CPU copy, so lora-ext never writes
@@ -42,7 +52,9 @@ from invokeai.app.invocations.baseinvocation import BaseInvocation
 from invokeai.app.invocations.compel import CompelInvocation, SDXLCompelPromptInvocation
 from invokeai.app.invocations.denoise_latents import DenoiseLatentsInvocation, get_scheduler
 from invokeai.app.invocations.fields import Input, InputField, OutputField
-from invokeai.app.invocations.primitives import ConditioningOutput, LatentsOutput
+from invokeai.app.invocations.flux_denoise import FluxDenoiseInvocation
+from invokeai.app.invocations.flux_text_encoder import FluxTextEncoderInvocation
+from invokeai.app.invocations.primitives import ConditioningOutput, FluxConditioningOutput, LatentsOutput
 
 from lora_ext.errors import LoraExtError
 from lora_ext.hostmodel import HostModel, TimestepClock
@@ -104,9 +116,12 @@ def library(context) -> LoraLibrary:
     return lib
 
 
-def _session(components: dict, label: str = "InvokeAI model") -> Session:
+def _session(components: dict, label: str = "InvokeAI model", naming="diffusers") -> Session:
+    """An on-the-fly session on InvokeAI's modules: diffusers / transformers names (SD UNets, CLIP,
+    T5), or ``naming={"unet": "ldm"}`` for InvokeAI's FLUX transformer (backend/flux/model.py keeps
+    the BFL module names: fused ``qkv``, ``single_blocks.N.linear1``)."""
     s = Session(None, method="onthefly", te_method="onthefly", label="InvokeAI")
-    s.load_model(HostModel(components, naming="diffusers", label=label))
+    s.load_model(HostModel(components, naming=naming, label=label))
     return s
 
 
@@ -197,20 +212,23 @@ class _Runs:
         self._hooks = []
 
 
-_COMPONENT_NAMES = {"unet": "UNet", "te1": "text encoder", "te2": "text encoder 2"}
+_COMPONENT_NAMES = {"unet": "UNet", "te1": "text encoder", "te2": "text encoder 2", "te3": "T5 encoder"}
 
 
-def _check_ran(runs: "_Runs", expected, specs) -> None:
+def _check_ran(runs: "_Runs", expected, specs, names: Optional[dict] = None) -> None:
     idle = [c for c in expected if runs.count.get(c) == 0]
     if idle:
+        label = {**_COMPONENT_NAMES, **(names or {})}
         names = ", ".join(s.name for s in specs)
-        raise LoraExtError(f"lora-ext: InvokeAI ran a copy of the {' and '.join(_COMPONENT_NAMES[c] for c in idle)} "
+        raise LoraExtError(f"lora-ext: InvokeAI ran a copy of the {' and '.join(label[c] for c in idle)} "
                            f"other than the one the LoRAs ({names}) were put on (its model cache reloaded it?): "
                            f"they did not apply; run the graph again")
 
 
 # --- what of each LoRA applies to the model a node is given --------------------------------
-_INVOKE_BASES = {"sd-1": "sd1", "sd-2": "sd2", "sdxl": "sdxl"}
+_INVOKE_BASES = {"sd-1": "sd1", "sd-2": "sd2", "sdxl": "sdxl", "flux": "flux"}
+#: the full-size layouts whose LoRA key names tell which model of a graph a key is for
+_NAME_ARCHS = {"flux": ("flux-dev",)}
 
 
 def _model_base(field) -> Optional[str]:
@@ -220,12 +238,14 @@ def _model_base(field) -> Optional[str]:
     return _INVOKE_BASES.get(str(base)) if base is not None else None
 
 
-def _component_of(prefix: str) -> Optional[str]:
-    """"unet" / "te1" / "te2" when a module prefix names a module of an SD1.x/SD2.x/SDXL
-    component (by name, whatever its shape), else None."""
+def _component_of(prefix: str, family: Optional[str] = None) -> Optional[str]:
+    """"unet" / "te1" / "te2" / "te3" when a module prefix names a module of a component of the
+    graph's family (SD1.x/SD2.x/SDXL, or FLUX.1: its transformer, CLIP-L, T5), by name whatever
+    its shape, else None."""
     from lora_ext.layouts import SD_ARCHS, arch_keymap
 
-    comps = {c.component for arch in SD_ARCHS for c in arch_keymap(arch).candidates(prefix)}
+    archs = _NAME_ARCHS.get(family, ()) + tuple(SD_ARCHS)  # an SD LoRA's keys in a FLUX graph too
+    comps = {c.component for arch in archs for c in arch_keymap(arch).candidates(prefix)}
     if "unet" in comps:
         return "unet"
     return min(comps) if comps else None
@@ -240,17 +260,34 @@ def _lora_of(path):
 
 def _label(base: Optional[str]) -> str:
     from lora_ext.detect import LABELS
+    from lora_ext.layouts import label_of
 
-    return LABELS.get(base, base) if base else "unknown"
+    if not base:
+        return "unknown"
+    if base in LABELS:
+        return LABELS[base]
+    try:
+        return label_of(base)
+    except Exception:  # noqa: BLE001 - a name only detection knows
+        return base
 
 
-def check_fit(context, session: Session, own: tuple, model_base: Optional[str], what: str) -> None:
+def _family(base: Optional[str]) -> Optional[str]:
+    """The family of a detected base ("flux-dev" -> "flux"; SD names as they are)."""
+    from lora_ext.dit import VARIANTS
+
+    return VARIANTS[base][0] if base in VARIANTS else base
+
+
+def check_fit(context, session: Session, own: tuple, model_base: Optional[str], what: str,
+              others: Optional[str] = None) -> None:
     """Report, through ``context.logger``, what of each LoRA does not apply to this node's model
     (``own``: the components the node runs, e.g. ("unet",) or ("te1", "te2")); raise
     ``LoraExtError`` when a LoRA has keys for them (or keys for no known component) and none of
     its keys applies. A LoRA for another base model than the node's model gets a warning where
     some of it applies (or where it has nothing for this node)."""
     log = context.logger
+    others = others or ("text encoders" if what == "UNet" else "UNet")
     failures = []
     for r in session.reports():
         try:
@@ -261,15 +298,15 @@ def check_fit(context, session: Session, own: tuple, model_base: Optional[str], 
             prefix_of, base = {}, None
         mine, other = [], []
         for u in r.unmatched:
-            comp = _component_of(prefix_of.get(u["key"], u["key"]))
+            comp = _component_of(prefix_of.get(u["key"], u["key"]), model_base)
             (other if comp is not None and comp not in own else mine).append(u)
-        wrong_base = base is not None and model_base is not None and base != model_base
+        wrong_base = base is not None and model_base is not None and _family(base) != model_base
         tag = r.spec.tag or r.name
         note = f" (it is {'an' if _label(base)[:1] in 'AEIOS' else 'a'} {_label(base)} LoRA)" if wrong_base else ""
         for u in mine + other:
             log.debug(f"lora-ext: {r.name}: not applied to the {what}: {u['key']}: {u['reason']}")
         if r.applied == 0 and mine:
-            failures.append(f"{tag}: none of its {len(mine)} keys for it fits this "
+            failures.append(f"{tag}: none of its {len(mine)} keys for it fits {'these' if what.endswith('s') else 'this'} "
                             f"{_label(model_base) + ' ' if model_base else ''}{what}{note}")
         elif wrong_base:
             msg = (f"lora-ext: {tag} is for {_label(base)}, but this {what} is {_label(model_base)}: "
@@ -278,7 +315,7 @@ def check_fit(context, session: Session, own: tuple, model_base: Optional[str], 
             if mine:
                 msg += f"; {len(mine)} of its keys for it did not (first: {mine[0]['key']}: {mine[0]['reason']})"
             if other:
-                msg += f"; {len(other)} keys are for the {'text encoders' if what == 'UNet' else 'UNet'}"
+                msg += f"; {len(other)} keys are for the {others}"
             log.warning(msg)
         elif mine:
             log.warning(f"lora-ext: {tag}: {len(mine)} keys not applied to the {what} "
@@ -320,6 +357,11 @@ class LoraExtConditioningOutput(ConditioningOutput):
     lora_ext: LoraExtStackField = OutputField(title=STACK_TITLE, description="The stack plus the prompt's tags")
 
 
+@invocation_output("lora_ext_flux_conditioning_output")
+class LoraExtFluxConditioningOutput(FluxConditioningOutput):
+    lora_ext: LoraExtStackField = OutputField(title=STACK_TITLE, description="The stack plus the prompt's tags")
+
+
 @invocation("lora_ext_lora_loader", title="LoRA (lora-ext)", tags=["lora", "model", "lora-ext"], category="model",
             version="1.0.0")
 class LoraExtLoaderInvocation(BaseInvocation):
@@ -349,10 +391,13 @@ def _tags(node, context, text: str):
     return parsed
 
 
-def _prompt_with_loras(node, context, base_invoke, clips: dict, texts: dict):
+def _prompt_with_loras(node, context, base_invoke, clips: dict, texts: dict, *, model_base=None,
+                       output=None, what: str = "text encoder", others: Optional[str] = None):
     """``texts``: the node's prompt fields that may hold tags ({"prompt": ..., "style": ...}).
     A LoRA tagged in the style that the prompt tags too is applied once, as the prompt has it
-    (InvokeAI's UI fills the SDXL style with the prompt)."""
+    (InvokeAI's UI fills the SDXL style with the prompt). ``clips``: {component: a field with a
+    ``text_encoder`` model} (CLIPField, T5EncoderField); ``model_base``: the graph's base when
+    the encoders' own configs do not say it (FLUX's CLIP-L and T5 are standalone models)."""
     parsed = {k: _tags(node, context, v) for k, v in texts.items()}
     specs = decode(node.lora_ext)
     in_prompt = {s.path for s in parsed["prompt"].specs}
@@ -367,13 +412,13 @@ def _prompt_with_loras(node, context, base_invoke, clips: dict, texts: dict):
     if not specs:
         out = base_invoke(plain, context)
     else:
-        base = _model_base(next(iter(clips.values())).text_encoder)
+        base = model_base or _model_base(next(iter(clips.values())).text_encoder)
         with host_log(context), pinned(context, {c: f.text_encoder for c, f in clips.items()}) as tes:
             session = _session(tes, label="InvokeAI text encoder")
             runs = None
             try:
                 session.use_specs(specs)
-                check_fit(context, session, tuple(tes), base, "text encoder")
+                check_fit(context, session, tuple(tes), base, what, others)
                 runs = _Runs(tes)
                 out = base_invoke(plain, context)
                 _check_ran(runs, [c for c in tes if _te_runs(plain, c)], specs)
@@ -381,8 +426,8 @@ def _prompt_with_loras(node, context, base_invoke, clips: dict, texts: dict):
                 if runs is not None:
                     runs.remove()
                 session.end_run(restore=True)
-    return LoraExtConditioningOutput(conditioning=out.conditioning,
-                                     lora_ext=LoraExtStackField(loras=[encode(s) for s in specs]))
+    return (output or LoraExtConditioningOutput)(conditioning=out.conditioning,
+                                                 lora_ext=LoraExtStackField(loras=[encode(s) for s in specs]))
 
 
 def _te_runs(node, comp: str) -> bool:
@@ -465,6 +510,62 @@ class LoraExtDenoiseLatentsInvocation(DenoiseLatentsInvocation):
                 runs = _Runs({"unet": unet})
                 out = super().invoke(context)
                 _check_ran(runs, ["unet"], specs)
+                return out
+            finally:
+                if hook is not None:
+                    hook.remove()
+                if runs is not None:
+                    runs.remove()
+                session.end_run(restore=True)
+
+
+# --- FLUX.1 ---------------------------------------------------------------------------------
+@invocation("lora_ext_flux_text_encoder", title="Prompt - FLUX (lora-ext)", tags=["prompt", "flux", "lora-ext"],
+            category="prompt", version="1.0.0")
+class LoraExtFluxTextEncoderInvocation(FluxTextEncoderInvocation):
+    """The FLUX prompt node, with lora-ext LoRAs on CLIP-L and T5 and <lora:...> tags read from the prompt."""
+
+    lora_ext: Optional[LoraExtStackField] = InputField(default=None, input=Input.Connection, title=STACK_TITLE)
+
+    def invoke(self, context) -> LoraExtFluxConditioningOutput:
+        return _prompt_with_loras(self, context, FluxTextEncoderInvocation.invoke,
+                                  {"te1": self.clip, "te3": self.t5_encoder}, {"prompt": self.prompt},
+                                  model_base="flux", output=LoraExtFluxConditioningOutput,
+                                  what="text encoders", others="transformer")
+
+
+@invocation("lora_ext_flux_denoise", title="FLUX Denoise (lora-ext)", tags=["image", "flux", "lora-ext"],
+            category="latents", version="1.0.0")
+class LoraExtFluxDenoiseInvocation(FluxDenoiseInvocation):
+    """InvokeAI's FLUX denoise, with lora-ext LoRAs on the transformer at per-step strengths."""
+
+    lora_ext: Optional[LoraExtStackField] = InputField(default=None, input=Input.Connection, title=STACK_TITLE)
+
+    def invoke(self, context) -> LatentsOutput:
+        specs = decode(self.lora_ext)
+        if not specs:
+            return super().invoke(context)
+        with host_log(context), pinned(context, {"unet": self.transformer.transformer}) as held:
+            transformer = held["unet"]
+            session = _session({"unet": transformer}, label="InvokeAI FLUX transformer", naming={"unet": "ldm"})
+            hook = runs = None
+            try:
+                # InvokeAI's denoise passes the user-facing step and the step count to every call
+                # of the model (backend/flux/denoise.py: timestep_index, total_num_timesteps; Heun's
+                # second evaluation keeps its step's index)
+                estimate = max(1, round(self.num_steps * (self.denoising_end - self.denoising_start)))
+                session.use_specs(specs, total_steps=estimate)
+                check_fit(context, session, ("unet",), "flux", "transformer", "text encoders")
+
+                def pre(module, args, kwargs):
+                    step, total = kwargs.get("timestep_index"), kwargs.get("total_num_timesteps")
+                    if step is not None and total:
+                        session.begin_step(min(int(step), int(total) - 1), int(total))
+
+                hook = transformer.register_forward_pre_hook(pre, with_kwargs=True)
+                runs = _Runs({"unet": transformer})
+                out = super().invoke(context)
+                _check_ran(runs, ["unet"], specs, {"unet": "FLUX transformer"})
                 return out
             finally:
                 if hook is not None:

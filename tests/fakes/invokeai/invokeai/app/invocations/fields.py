@@ -1,7 +1,7 @@
 """Mirrors invokeai/app/invocations/fields.py (InvokeAI 6.14.2 from PyPI; read at invoke-ai/InvokeAI 8e71a8a5, which agrees for these parts): ``InputField`` /
 ``OutputField`` (pydantic fields with UI extras; here a small record of the default and the
 extras), ``Input`` (connection / direct / any), ``UIComponent``, ``FieldDescriptions``,
-``ConditioningField``, ``LatentsField``."""
+``ConditioningField``, ``LatentsField``, ``FluxConditioningField`` (L314-322)."""
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Optional
@@ -26,6 +26,10 @@ class FieldDescriptions:
     compel_prompt = "Prompt to be parsed by Compel to create a conditioning tensor"
     steps = "Number of steps to run"
     lora_weight = "The weight at which the LoRA is applied to each model"
+    t5_encoder = "T5 tokenizer and text encoder"
+    transformer = "Transformer"
+    flux_model = "Flux model (Transformer) to load"
+    positive_cond = "Positive conditioning tensor"
 
 
 class FieldInfo:
@@ -63,3 +67,9 @@ class ConditioningField:
 class LatentsField:
     latents_name: str
     seed: Optional[int] = None
+
+
+@dataclass
+class FluxConditioningField:
+    conditioning_name: str
+    mask: Any = None

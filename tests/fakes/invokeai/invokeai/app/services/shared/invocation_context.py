@@ -17,7 +17,7 @@ Models (load_base.py ``LoadedModelWithoutConfig``):
   switches that on (a full RAM cache); off, records stay (a cache with room).
 
 ``context.models.get_config``; ``context.conditioning`` / ``context.tensors`` save and load;
-``context.util.is_canceled``, ``sd_step_callback``, ``signal_progress``; ``context.config.get()``
+``context.util.is_canceled``, ``sd_step_callback``, ``flux_step_callback`` (L820), ``signal_progress``; ``context.config.get()``
 (``models_path``, ``log_tokenization``, ``log_level``, InvokeAIAppConfig's default "info");
 ``context.logger`` is a ``LoggerInterface`` (invocation_context.py L134-165: ``debug``, ``info``,
 ``warning``, ``error`` only, each one message string, onto InvokeAI's logger); the fake also
@@ -123,6 +123,9 @@ class UtilInterface:
         return False
 
     def sd_step_callback(self, intermediate_state, base_model):
+        self.steps.append(intermediate_state)
+
+    def flux_step_callback(self, intermediate_state):
         self.steps.append(intermediate_state)
 
     def signal_progress(self, message, percentage=None, image=None, image_size=None):
