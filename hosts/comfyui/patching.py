@@ -182,9 +182,17 @@ def weight_patch_class():
             target = weight
             if self.narrow is not None and weight.dim() >= 2 and weight.shape[1] > self.narrow:
                 target = weight[:, :self.narrow]  # the extra input channels keep their weights
+            items = self.items
+            if (target.dtype == torch.float32 and _is_identity(function)
+                    and (len(items) == 1 or not any(it.weight_dependent for it in items))):
+                # the usual case (ComfyUI patches an fp32 copy, no function): each delta goes
+                # into the weight in one multiply-add pass, as ComfyUI's own adapters do
+                for it in items:
+                    target.add_(it.delta(target), alpha=it.s * strength)
+                return weight
             w32 = None
             acc = None
-            for it in self.items:
+            for it in items:
                 if it.weight_dependent:
                     if w32 is None:
                         w32 = target if target.dtype == torch.float32 else target.float()
@@ -260,6 +268,17 @@ def weight_patch_class():
 
     _WEIGHT_PATCH_CLASSES[WeightAdapterBase] = LoraExtWeightPatch
     return LoraExtWeightPatch
+
+
+_IDENTITY_CODE = (lambda a: a).__code__.co_code
+
+
+def _is_identity(function) -> bool:
+    """Whether ``function`` is ComfyUI's ``lambda a: a`` (what calculate_weight passes for a patch
+    without a function): same bytecode, no closure, no defaults."""
+    code = getattr(function, "__code__", None)
+    return (code is not None and code.co_code == _IDENTITY_CODE and code.co_argcount == 1
+            and not getattr(function, "__closure__", None) and not getattr(function, "__defaults__", None))
 
 
 def comfy_lora_adapter(up, down, alpha):
