@@ -370,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--lora", required=True, action="append", metavar="PATH[:STRENGTH]")
     s.add_argument("--out", required=True, metavar="OUT")
     s.add_argument("--allow-empty", action="store_true",
-                   help="write the output even when a LoRA changes nothing (no modules, rank 0, strength 0)")
+                   help="write the output even when a LoRA changes nothing (no modules, rank 0 or all-zero factors)")
     s.set_defaults(func=_cmd_merge)
 
     s = sub.add_parser("generate", help="make images from a prompt (LoRA tags work), no host needed")

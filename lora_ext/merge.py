@@ -92,8 +92,9 @@ def check_output_path(out, source, what: str) -> str:
 def merge(base, loras, out, *, log: Optional[Callable[[str], None]] = None, allow_empty: bool = False) -> list:
     """Bake ``loras`` ([(path, strength)]) into ``base`` and write ``out``; returns reports.
 
-    A LoRA that changes nothing (no modules, rank 0 or all-zero factors, strength 0) is an
-    error unless ``allow_empty`` (then the output is the base, rewritten unchanged)."""
+    A LoRA that changes nothing (no modules, rank 0 or all-zero factors) is an error unless
+    ``allow_empty`` (then the output is the base, rewritten unchanged); an explicit strength 0
+    is not (the caller asked for a no-op)."""
     log = log or (lambda s: None)
     out = check_output_path(out, base, "base")
     ckpt = open_checkpoint(base)
@@ -128,8 +129,9 @@ def merge(base, loras, out, *, log: Optional[Callable[[str], None]] = None, allo
                         acc[1] = strength * db if acc[1] is None else acc[1] + strength * db
             if report.applied == 0 and lora.groups:
                 raise BaseModelMismatch(f"{path}: nothing in this LoRA applies to {base} ({len(report.unmatched)} keys, e.g. {report.unmatched[0].key}: {report.unmatched[0].reason})")
-            if not allow_empty and (changes == 0 or strength == 0):
-                why = ("it holds no LoRA modules" if not lora.groups else "strength 0" if strength == 0 else
+            # (an explicit strength 0 is the caller's choice: a no-op merge they asked for)
+            if not allow_empty and changes == 0 and strength != 0:
+                why = ("it holds no LoRA modules" if not lora.groups else
                        f"its {report.applied} modules have rank 0 or all-zero factors")
                 raise LoraExtError(f"{path}: this LoRA changes nothing ({why}); nothing written "
                                    "(--allow-empty writes the base unchanged)")
