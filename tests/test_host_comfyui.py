@@ -316,12 +316,21 @@ def test_weight_patch_computes_on_the_weights_device_and_in_one_tensor(comfy):
         ref = w.float().clone()
         ref = patch.calculate_weight(ref, key, 1.0, 1.0, None, identity, torch.float32)
         assert got.dtype == torch.float16 and torch.allclose(got.float(), ref, atol=2e-3, rtol=1e-2)
-    # the factors of small adapters are cached per device, in fp32
-    item = ours[0][1].items[0]
-    a = item._on(torch.empty(1, 1))
-    assert a is item._on(torch.empty(1, 1))
-    assert all(t.dtype == torch.float32 for t in a.tensors.values() if t.is_floating_point())
-    assert patching.CACHE_FRACTION < 1
+    # an adapter's tensors, small against its weight, are kept per device in fp32 (here: any size)
+    key, patch = ours[0]
+    item = patch.items[0]
+    w = ns.comfy.utils.get_attr(m.model, key).detach()
+    assert 0 < patching.CACHE_FRACTION < 1
+    old = patching.CACHE_FRACTION
+    patching.CACHE_FRACTION = 1e9
+    try:
+        a = item._on(w)
+        assert a is not item.adapter and a is item._on(w.clone())
+        assert all(t.dtype == torch.float32 for t in a.tensors.values() if t.is_floating_point())
+        assert torch.equal(patch.calculate_weight(w.clone(), key, 1.0, 1.0, None, identity),
+                           patch.calculate_weight(w.clone(), key, 1.0, 1.0, None, identity))
+    finally:
+        patching.CACHE_FRACTION = old
 
 
 def test_bypass_mode_adds_what_the_weight_patch_adds(comfy):

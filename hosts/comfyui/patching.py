@@ -57,8 +57,10 @@ KEY = "lora_ext"
 # ComfyUI's supported_models config classes -> the family the core calls them
 FAMILY_BY_CONFIG = {"SD15": "sd1", "SD20": "sd2", "SD21UnclipL": "sd2", "SD21UnclipH": "sd2",
                     "SDXL": "sdxl", "SSD1B": "sdxl", "Segmind_Vega": "sdxl"}
-# a factor set at most this fraction of the weight's size is kept on the device in fp32
-CACHE_FRACTION = 0.25
+# an adapter whose tensors hold at most this fraction of its weight's elements keeps an fp32
+# copy of them on the compute device (a partly loaded model is patched at every forward); more
+# (a full diff, a large LoKr factor) is converted per call, as ComfyUI does for its own
+CACHE_FRACTION = 1 / 16
 
 _WEIGHT_PATCH_CLASSES: dict = {}
 _LORAS: dict = {}  # path -> ((size, mtime), Lora): files shared by the nodes that use them
@@ -103,7 +105,7 @@ class _Item:
         """The adapter with its tensors on ``w``'s device in fp32 (cached when small)."""
         a = self.adapter
         tensors = getattr(a, "tensors", None)
-        if not isinstance(tensors, dict) or w.device.type == "meta":
+        if w is None or not isinstance(tensors, dict) or w.device.type == "meta":
             return a
         hit = self._dev.get(w.device)
         if hit is not None:
