@@ -11,7 +11,7 @@ wrappers, callbacks and attachments go:
   replacing the Parameter (``weight_inplace_update`` False); ``unpatch_model()`` puts the
   backups back;
 * **partial loads** (``patch_model(lowvram_model_memory=N)``, what ``load_models_gpu`` asks for
-  when the model does not fit; model_patcher.py L636-L735): modules are taken largest first
+  when the model does not fit; model_patcher.py L636-L742): modules are taken largest first
   (``_load_list``, L621-L634); those within the budget are patched as above, every other one
   keeps its pristine weight and gets ``weight_function`` / ``bias_function`` =
   ``[LowVramPatch(key, patches)]`` (L660-L682), which the cast layer runs on a copy of the

@@ -1,5 +1,5 @@
 """Mirrors LoRAAdapter of comfy/weight_adapter/lora.py (ComfyUI 0.3.64) for what lora-ext hands
-it: ``weights = (up, down, alpha, mid, dora_scale, reshape)``; ``calculate_weight`` (L150-L220)
+it: ``weights = (up, down, alpha, mid, dora_scale, reshape)``; ``calculate_weight`` (L150-L211)
 casts both factors to the weight's device in ``intermediate_dtype``, takes ``alpha / rank``
 (``rank = down.shape[0]``; 1.0 without alpha), and adds
 ``function(((strength * alpha) * (up.flatten(1) @ down.flatten(1)).reshape(W.shape)).type(W.dtype))``
