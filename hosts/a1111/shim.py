@@ -288,10 +288,7 @@ class A1111Shim:
         forge = getattr(sd_model, "forge_objects", None)
         if forge is not None:
             return _forge_host_model(forge, family, label)
-        pipe = getattr(sd_model, "pipe", sd_model)
-        comps = {"unet": getattr(pipe, "unet", None), "te1": getattr(pipe, "text_encoder", None),
-                 "te2": getattr(pipe, "text_encoder_2", None)}
-        comps = {k: v for k, v in comps.items() if v is not None}
+        comps = _pipeline_components(getattr(sd_model, "pipe", sd_model))
         if not comps:
             raise LoraExtError(f"lora-ext does not know how this webui holds its model ({type(sd_model).__name__})")
         return HostModel(comps, naming="diffusers", label=label)
@@ -335,7 +332,7 @@ class A1111Shim:
                 self._follow_hires()
 
         hooks = [unet.register_forward_pre_hook(pre)]
-        for comp in ("te1", "te2"):
+        for comp in ("te1", "te2", "te3"):
             te = s.bound.host.components.get(comp)
             if te is not None and hasattr(te, "register_forward_pre_hook"):
                 hooks.append(te.register_forward_pre_hook(pre_te))
@@ -644,6 +641,69 @@ def _sd_model(p):
 
         model = shared.sd_model
     return model
+
+
+#: SD.Next's pipeline attributes (modules/lora/networks.py ``default_components``): the denoiser is
+#: ``unet`` (SD1/SD2/SDXL) or ``transformer`` (Flux, Chroma, SD3, Qwen-Image, HunyuanVideo, Wan,
+#: Lumina2, ...); the text encoders are ``text_encoder`` .. ``text_encoder_3`` in an order that
+#: depends on the pipeline (Flux: CLIP-L, T5; SD3: CLIP-L, CLIP-G, T5; Chroma, Wan: T5 / UMT5
+#: only; HunyuanVideo: Llama, CLIP-L; Qwen-Image: Qwen2.5-VL)
+_PIPE_TEXT = ("text_encoder", "text_encoder_2", "text_encoder_3")
+_T5_TYPES = ("t5", "umt5", "mt5")
+
+
+def _model_type(module) -> str:
+    cfg = getattr(module, "config", None)
+    kind = getattr(cfg, "model_type", None) or (cfg.get("model_type") if isinstance(cfg, dict) else None)
+    if kind:
+        return str(kind)
+    name = type(module).__name__
+    return "clip_text_model" if name.startswith("CLIPText") else "t5" if name.startswith(("T5", "UMT5")) else name
+
+
+def _pipeline_components(pipe) -> dict:
+    """``{component: module}`` of a diffusers pipeline as SD.Next holds it: the denoiser as
+    ``unet``, each CLIP text encoder as ``te1`` then ``te2`` (CLIP-L, CLIP-G) and a T5 as ``te3``,
+    whatever the pipeline's attribute order. Encoders lora-ext does not bind (HunyuanVideo's Llama,
+    Qwen-Image's Qwen2.5-VL, Wan 2.2's second transformer) are left out and logged once."""
+    comps = {}
+    denoiser = getattr(pipe, "unet", None)
+    if denoiser is None:
+        denoiser = getattr(pipe, "transformer", None)
+    if denoiser is not None:
+        comps["unet"] = denoiser
+    clips = iter(("te1", "te2"))
+    left = []
+    for attr in _PIPE_TEXT:
+        te = getattr(pipe, attr, None)
+        if te is None or not hasattr(te, "named_modules"):
+            continue
+        kind = _model_type(te)
+        if kind in _T5_TYPES and "te3" not in comps:
+            comps["te3"] = te
+        elif kind.startswith("clip"):
+            comp = next(clips, None)
+            if comp is None:
+                left.append(f"{attr} ({kind})")
+            else:
+                comps[comp] = te
+        else:
+            left.append(f"{attr} ({kind})")
+    second = getattr(pipe, "transformer_2", None)
+    if second is not None and "unet" in comps:
+        left.append("transformer_2 (the second denoiser)")
+    elif second is not None:
+        comps["unet"] = second
+    if left:
+        key = (id(pipe), tuple(left))
+        if key not in _NOTED:
+            _NOTED.add(key)
+            log.warning("lora-ext: %s: not taken by lora-ext (LoRA keys for it are reported as not applied): %s",
+                        type(pipe).__name__, ", ".join(left))
+    return comps
+
+
+_NOTED: set = set()
 
 
 def _text_component(wrapped):
