@@ -531,3 +531,20 @@ def test_unexpected_failure_is_one_line(tmp_path, capsys, monkeypatch):
     parser._subparsers._group_actions[0].choices["demo-files"].set_defaults(func=cli._cmd_demo)
     line = run_cli(["demo-files", tmp_path / "d"], capsys, folder=tmp_path, code_ok=(3,))
     assert "internal error (KeyError" in line
+
+
+@pytest.mark.parametrize("which", ["single", "folder"])
+def test_merge_output_folder_not_writable_checked_first(tmp_path, capsys, monkeypatch, sd1_files, which):
+    """As root a read-only folder is still writable, so the refusal is simulated: the check
+    must come before the base is opened."""
+    import lora_ext.merge as lmerge
+
+    single, folder, lora = sd1_files
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, *a, **k: False if str(p) == str(ro) else real_access(p, mode))
+    monkeypatch.setattr(lmerge, "open_checkpoint", lambda *a, **k: pytest.fail("the base was opened first"))
+    out = ro / ("o.safetensors" if which == "single" else "o")
+    run_cli(["merge", "--base", single if which == "single" else folder, "--lora", lora, "--out", out], capsys,
+            folder=tmp_path, expect=[str(out), "no permission to write in"])
