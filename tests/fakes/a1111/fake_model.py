@@ -143,3 +143,121 @@ class ForgeEngine(FakeSDModel):
             clip_l=types.SimpleNamespace(transformer=te)), patcher=clip_patcher)
         self.forge_objects = types.SimpleNamespace(unet=unet_patcher, clip=clip, vae=None, clipvision=None)
         self.forge_objects_original = self.forge_objects
+
+
+# --- Forge 2.x FLUX.1 (lllyasviel/stable-diffusion-webui-forge dfdcbab6) ---------------------
+class _ForgeRMSNorm(nn.Module):
+    """backend/nn/flux.py L115-126: the norm's weight is the bare ``scale``; ``weight = None`` is set
+    on purpose (Forge's memory profiler looks for it)."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.weight = None
+        self.scale = nn.Parameter(torch.ones(dim))
+
+
+def _forge_qknorm(dim):
+    m = nn.Module()
+    m.query_norm, m.key_norm = _ForgeRMSNorm(dim), _ForgeRMSNorm(dim)
+    return m
+
+
+def _forge_attention(dim, heads, qkv_bias):
+    m = nn.Module()  # SelfAttention, L142-149
+    m.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+    m.norm = _forge_qknorm(dim // heads)
+    m.proj = nn.Linear(dim, dim)
+    return m
+
+
+def _forge_mlp_embedder(in_dim, hidden):
+    m = nn.Module()  # MLPEmbedder, L92-97
+    m.in_layer, m.silu, m.out_layer = nn.Linear(in_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden)
+    return m
+
+
+def _forge_modulation(dim, double):
+    m = nn.Module()  # Modulation, L169-174
+    m.lin = nn.Linear(dim, (6 if double else 3) * dim)
+    return m
+
+
+class IntegratedFluxTransformer2DModel(nn.Module):
+    """The module tree of Forge's FLUX denoiser (backend/nn/flux.py L326-370 at dfdcbab6; blocks
+    L181-205 DoubleStreamBlock, L267-281 SingleStreamBlock, L310-315 LastLayer): BFL names
+    (``img_in``, ``time_in``, ``vector_in``, ``guidance_in``, ``txt_in``, ``double_blocks.N.img_attn.qkv``,
+    ``single_blocks.N.linear1``, ``final_layer.adaLN_modulation.1``, ...), ``in_channels * 4``
+    input features (2x2 patches). Only the modules: the fake's ``apply_model`` reads what lora-ext
+    did through each Linear's output (fused weights and forward hooks alike)."""
+
+    def __init__(self, in_channels, vec_in_dim, context_in_dim, hidden_size, mlp_ratio, num_heads, depth,
+                 depth_single_blocks, axes_dim, theta, qkv_bias, guidance_embed):
+        super().__init__()
+        h, mlp = hidden_size, int(hidden_size * mlp_ratio)
+        self.guidance_embed = guidance_embed
+        self.in_channels = in_channels * 4
+        self.img_in = nn.Linear(self.in_channels, h, bias=True)
+        self.time_in = _forge_mlp_embedder(256, h)
+        self.vector_in = _forge_mlp_embedder(vec_in_dim, h)
+        self.guidance_in = _forge_mlp_embedder(256, h) if guidance_embed else nn.Identity()
+        self.txt_in = nn.Linear(context_in_dim, h)
+        self.double_blocks = nn.ModuleList()
+        for _ in range(depth):
+            b = nn.Module()
+            for side in ("img", "txt"):
+                setattr(b, f"{side}_mod", _forge_modulation(h, True))
+                setattr(b, f"{side}_attn", _forge_attention(h, num_heads, qkv_bias))
+                setattr(b, f"{side}_mlp", nn.Sequential(nn.Linear(h, mlp), nn.GELU(approximate="tanh"), nn.Linear(mlp, h)))
+            self.double_blocks.append(b)
+        self.single_blocks = nn.ModuleList()
+        for _ in range(depth_single_blocks):
+            b = nn.Module()
+            b.linear1 = nn.Linear(h, h * 3 + mlp)
+            b.linear2 = nn.Linear(h + mlp, h)
+            b.norm = _forge_qknorm(h // num_heads)
+            b.modulation = _forge_modulation(h, False)
+            self.single_blocks.append(b)
+        self.final_layer = nn.Module()
+        self.final_layer.linear = nn.Linear(h, self.in_channels)
+        self.final_layer.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(h, 2 * h))
+
+
+class ForgeFluxEngine:
+    """backend/diffusion_engine/flux.py ``Flux(ForgeDiffusionEngine)`` (L15-78 at dfdcbab6): no
+    ``.model``, ``cond_stage_model = None``, the flags of base.py L64-67 all False; the denoiser is
+    ``forge_objects.unet.model.diffusion_model`` (an IntegratedFluxTransformer2DModel), the text
+    encoders ``forge_objects.clip.cond_stage_model.clip_l.transformer`` (transformers CLIPTextModel)
+    and ``.t5xxl.transformer`` (backend/nn/t5.py ``IntegratedT5.transformer``, transformers' T5
+    module names). ``get_learned_conditioning`` runs CLIP-L and T5 (L84-97); ``apply_model`` calls the
+    observers and returns zeros."""
+
+    def __init__(self, transformer, clip_l, t5, name="tiny-flux.safetensors"):
+        self.is_sd1 = self.is_sd2 = self.is_sdxl = self.is_sd3 = False
+        self.is_inpaint = False
+        self.cond_stage_model = None
+        self.first_stage_model = None
+        self.transformer, self.clip_l, self.t5 = transformer, clip_l, t5
+        unet_patcher = types.SimpleNamespace(model=types.SimpleNamespace(diffusion_model=transformer),
+                                             lora_loader=FakeLoraLoader(), offload_device="cpu")
+        clip = types.SimpleNamespace(cond_stage_model=types.SimpleNamespace(
+            clip_l=types.SimpleNamespace(transformer=clip_l), t5xxl=types.SimpleNamespace(transformer=t5)),
+            patcher=types.SimpleNamespace(lora_loader=FakeLoraLoader(), offload_device="cpu"))
+        self.forge_objects = types.SimpleNamespace(unet=unet_patcher, clip=clip, vae=None, clipvision=None)
+        self.forge_objects_original = self.forge_objects
+        self.forge_objects_after_applying_lora = self.forge_objects
+        self.sd_checkpoint_info = types.SimpleNamespace(name_for_extra=name.rsplit(".", 1)[0], filename=name)
+        self.observers = []
+
+    def get_learned_conditioning(self, prompts):
+        ids = torch.tensor([[0, 5, 9, 13, 2, 1]])
+        with torch.no_grad():
+            out = {"crossattn": self.t5(input_ids=ids).last_hidden_state,
+                   "vector": self.clip_l(input_ids=ids).pooler_output}
+        for obs in self.observers:
+            obs("te", {"prompts": list(prompts), "cond": out})
+        return out
+
+    def apply_model(self, x, sigma, cond):
+        for obs in self.observers:
+            obs("unet", {"sigma": sigma})
+        return torch.zeros_like(x)
