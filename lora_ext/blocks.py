@@ -108,7 +108,10 @@ block), exactly as its "LoRA Loader (Block Weight)": a LoRA that lacks blocks sh
 mapping; the vector advances when the block number changes (a single block numbered like the
 last double block keeps its value); past the vector's end the last value stays; extra values
 are unused; every other module (embedders, output layers, all blocks of families without
-double/single blocks, text encoders) takes BASE. Inspire's own rule for a vector is at least 12
+double/single blocks, text encoders) takes BASE. Which blocks Inspire walks follows their
+ComfyUI names, as Inspire matches them (:func:`inspire_walked`): Flux's, Chroma's and
+HunyuanVideo's ``double_blocks``/``single_blocks`` are walked, HiDream's
+``double_stream_blocks`` are "others". Inspire's own rule for a vector is at least 12
 values; its numeric presets are :data:`INSPIRE_PRESETS`. Inspire's ``%``-spec syntax, ``A/B/R/U``
 and ``inverse`` are not supported; on an SD LoRA ``inspire=`` is refused (Inspire counts the
 middle block's three parts as three positions, which SD block ids cannot express).
@@ -632,8 +635,26 @@ def _mul(a, b):
 # --- ComfyUI Inspire Pack: positional over the blocks present in the LoRA ----------------------
 
 #: Inspire's block groups walked positionally, in its order (its ``double_blocks``, then
-#: ``single_blocks``); every other module ("others") takes BASE, the vector's first value
+#: ``single_blocks``); every other module ("others") takes BASE, the vector's first value.
+#: The default; :func:`inspire_walked` finds them from a model's table (HiDream's
+#: ``double_stream_blocks`` are "others" to Inspire, HunyuanVideo's ``double_blocks`` are not)
 INSPIRE_GROUPS = ("D", "S")
+_INSPIRE_PREFIXES = ("double_blocks.", "single_blocks.")
+
+
+def inspire_walked(infos: Iterable) -> tuple:
+    """The block-id tags Inspire walks on a model whose denoiser modules are ``infos``
+    (``ModuleInfo`` s): those whose original (ComfyUI) name starts with ``double_blocks.``,
+    then ``single_blocks.``, which is all Inspire recognises."""
+    found = {}
+    for m in infos:
+        b, path = getattr(m, "block", ""), getattr(m, "ldm_path", None) or ""
+        if not _DIT_NUMBERED.match(b) or b in _GROUP:
+            continue
+        for i, prefix in enumerate(_INSPIRE_PREFIXES):
+            if path.startswith(prefix):
+                found.setdefault(b[0], i)
+    return tuple(sorted(found, key=found.get))
 #: Inspire Pack's numeric presets (``resources/lbw-preset.txt``; R/U/A/B ones left out)
 INSPIRE_PRESETS = MappingProxyType({
     **{"SD-" + k: v for k, v in _LBW_DEFAULTS.items()}, **{"SD-" + k: v for k, v in _SD_EXTRA.items()},
@@ -681,7 +702,7 @@ def inspire_name(values: tuple) -> Optional[str]:
 
 
 def inspire_weights(values: Iterable[float], present: Iterable[str],
-                    model_blocks: Iterable[str] = ()) -> dict:
+                    model_blocks: Iterable[str] = (), walked: tuple = INSPIRE_GROUPS) -> dict:
     """Inspire Pack's "LoRA Loader (Block Weight)" semantics, exactly (its ``load_lbw``).
 
     ``present``: the denoiser block ids the LoRA has modules in. Inspire walks the LoRA's
@@ -691,19 +712,20 @@ def inspire_weights(values: Iterable[float], present: Iterable[str],
     the last value stays. Every other module (``IN``/``OUT`` embedders and output layers,
     Chroma's approximator, every block of a family without double/single blocks, the text
     encoders) gets the first value, BASE. Returns block id -> weight, with ``BASE`` and every
-    non-positional id of ``model_blocks``.
+    non-positional id of ``model_blocks``. ``walked``: the tags of the double and single blocks
+    (:func:`inspire_walked`).
     """
     vals = [float(v) for v in values]
     base = vals[0]
     out = {"BASE": base}
     for b in model_blocks:
-        if is_dit_block(b) and (b in DIT_TOP_IDS or b[0] not in INSPIRE_GROUPS):
+        if is_dit_block(b) and (b in DIT_TOP_IDS or b[0] not in walked):
             out[b] = base
     ratio = 1.0
     vi = 1
     last = None
-    for tag in INSPIRE_GROUPS:
-        nums = sorted(int(b[1:]) for b in present if _DIT_NUMBERED.match(b) and b[0] == tag)
+    for tag in walked:
+        nums = sorted(int(b[1:]) for b in present if _DIT_NUMBERED.match(b) and b[0] == tag and b not in _GROUP)
         for n in nums:
             if last != n and len(vals) > vi:
                 ratio = vals[vi]
@@ -782,7 +804,8 @@ def kj_multipliers(kj: Mapping, bindings, label: str = "this LoRA") -> dict:
 # --- resolving against a model and a LoRA --------------------------------------------------------
 
 def resolve(blocks: Optional[Mapping], inspire: Optional[tuple], *, model_blocks: Iterable[str],
-            present: Iterable[str] = (), label: str = "this model") -> Optional[dict]:
+            present: Iterable[str] = (), label: str = "this model",
+            inspire_groups: tuple = INSPIRE_GROUPS) -> Optional[dict]:
     """Block weights as plain per-id multipliers for one model and one LoRA.
 
     ``model_blocks``: the block ids of the model's denoiser (empty when it has none bound);
@@ -821,7 +844,7 @@ def resolve(blocks: Optional[Mapping], inspire: Optional[tuple], *, model_blocks
         raise BlockWeightError(f"block weights name block {bad}; {label} has blocks {_describe(model_blocks)}")
     out = {b: v for b, v in blocks.items() if b in TE_IDS or is_dit_block(b)}
     if inspire is not None:
-        for b, v in inspire_weights(inspire, present, model_blocks).items():
+        for b, v in inspire_weights(inspire, present, model_blocks, inspire_groups).items():
             out[b] = _mul(out[b], v) if b in out else v
     if groups:
         for b, g in coarse_groups(model_blocks).items():

@@ -157,8 +157,9 @@ class LoraSpec:
         """
         if self.blocks is None and self.inspire is None and self.kj_alpha is None:
             return self
+        table = (getattr(keymap, "layout", None) or {}).get("unet", {}) if keymap is not None else {}
+        walked = _blocks.inspire_walked(table.values()) if table else _blocks.INSPIRE_GROUPS
         if model_blocks is None:
-            table = (getattr(keymap, "layout", None) or {}).get("unet", {}) if keymap is not None else {}
             model_blocks = {getattr(m, "block", None) for m in table.values()}
             model_blocks.discard(None)
         if present is None:
@@ -167,7 +168,7 @@ class LoraSpec:
                 present = {t.block for b in resolution.bindings for t in b.targets if t.component == "unet"}
         label = getattr(keymap, "label", None) or "this model"
         resolved = _blocks.resolve(self.blocks, self.inspire, model_blocks=model_blocks, present=present,
-                                   label=label)
+                                   label=label, inspire_groups=walked)
         if self.kj_alpha is not None:
             if any(_blocks.is_block_id(b) and b != "BASE" for b in model_blocks):
                 raise _blocks.BlockWeightError(f"kjalpha= (KJNodes' alpha per block) works on DiT blocks; "

@@ -258,6 +258,24 @@ def test_inspire_positions_shift_on_a_lora_without_some_blocks():
     assert w_full["D07"] == 8 and w_full["S00"] == 20 and w_full["S37"] == 57
 
 
+def test_inspire_walks_what_comfyui_names_double_and_single_blocks():
+    """Inspire matches ComfyUI key prefixes: HunyuanVideo's double_blocks/single_blocks are walked,
+    HiDream's double_stream_blocks/single_stream_blocks are "others" (BASE), as in the reference."""
+    from types import SimpleNamespace
+
+    assert B.inspire_walked(arch_layout("flux-dev")["unet"].values()) == ("D", "S")
+    assert B.inspire_walked(arch_layout("hunyuan-video")["unet"].values()) == ("D", "S")
+    assert B.inspire_walked(arch_layout("hidream-i1")["unet"].values()) == ()
+    vec = ",".join(["0.5"] + ["0"] * 57)
+    km = SimpleNamespace(layout=arch_layout("hidream-i1"), label="HiDream-I1")
+    mb = model_blocks("hidream-i1")
+    bound = one(f"<lora:x:1:inspire={vec}>").bind_blocks(None, km, present=mb)
+    assert {bound.strength("unet", b) for b in mb} == {0.5}
+    km = SimpleNamespace(layout=arch_layout("flux-dev"), label="Flux.1 dev")
+    bound = one(f"<lora:x:1:inspire={vec}>").bind_blocks(None, km, present=model_blocks("flux-dev"))
+    assert bound.strength("unet", "D00") == 0 and bound.strength("unet", "IN") == 0.5
+
+
 def test_inspire_on_families_without_double_single_blocks_is_base():
     """Inspire recognises only double_blocks/single_blocks: SD3 and Qwen blocks are "others"."""
     for variant in ("sd3.5-large", "qwen-image"):
