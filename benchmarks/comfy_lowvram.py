@@ -68,7 +68,7 @@ def main(argv=None):
             cells = []
             for i in range(3):
                 cells.append(f"{a[i]:6.2f} {b[i]:6.2f} {a[i] / b[i] if b[i] else float('nan'):6.2f}x")
-            print(f"{mode:8s} {kind:6s} | " + " | ".join(cells))
+            print(f"{mode:8s} {kind:6s} | " + " | ".join(cells) + f" | latents rel. diff {r['rel_diff']:.1e}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

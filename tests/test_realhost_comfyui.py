@@ -460,6 +460,7 @@ def timing_series(c, mode, kinds=("lora", "loha"), rounds=ROUNDS, steps=2):
     for kind in kinds:
         lora = f"lxt_{kind}.safetensors"
         rec = {"LoraLoader": ([], [], []), "LoraExtLoader": ([], [], [])}
+        lat = {}
         latent_of(c, loader="LoraLoader", lora=lora, steps=steps)  # warm up
         latent_of(c, loader="LoraExtLoader", lora=lora, steps=steps)
         for r in range(rounds):
@@ -468,13 +469,15 @@ def timing_series(c, mode, kinds=("lora", "loha"), rounds=ROUNDS, steps=2):
                 time.sleep(0.5)
                 start = c.log_offset()
                 entry = c.run(graph(c, loader=loader, lora=lora, steps=steps, seed=100 + r))
-                c.latent(entry)
+                lat.setdefault(r, {})[loader] = c.latent(entry)
                 st, ld = _times(h.log()[start:])
                 rec[loader][0].append(rh.comfy_seconds(entry))
                 rec[loader][1].append(statistics.median(st) if st else float("nan"))
                 rec[loader][2].append(sum(ld))
         out[kind] = {k: {"median": tuple(statistics.median(x) for x in v), "best": tuple(min(x) for x in v)}
                      for k, v in rec.items()}
+        # the same seeds: the two loaders' latents (parity in this mode, from the timed runs)
+        out[kind]["rel_diff"] = max(rel(v["LoraExtLoader"], v["LoraLoader"]) for v in lat.values())
     return out
 
 
@@ -502,6 +505,13 @@ def check_time(comfy, mode, limit):
         cells = [f"{a['best'][i]:.2f} ({a['median'][i]:.2f}) vs {b['best'][i]:.2f} ({b['median'][i]:.2f}) = "
                  f"{a['best'][i] / b['best'][i]:.2f}x" for i in range(3)]
         print(f"  {kind:6s} lora-ext vs LoraLoader: " + " | ".join(cells))
+        print(f"  {kind:6s} latents: relative difference lora-ext vs LoraLoader {r['rel_diff']:.2e}")
+    if mode == "lowvram":
+        assert "loaded partially" in comfy.host.log(), "the probe did not force a partial load"
     for kind, r in res.items():
         a, b = r["LoraExtLoader"]["best"], r["LoraLoader"]["best"]
         assert a[0] <= limit * b[0], f"{kind} ({mode}): workflow {a[0]:.2f}s vs LoraLoader {b[0]:.2f}s"
+        if kind in BIT_IDENTICAL:
+            assert r["rel_diff"] == 0.0, f"{kind} ({mode}): latents differ from LoraLoader's"
+        elif kind in SAME_MATHS:
+            assert r["rel_diff"] < SAME_MATHS[kind], f"{kind} ({mode}): latents differ by {r['rel_diff']:.2e}"
