@@ -583,9 +583,14 @@ def comfy_seconds(entry: dict) -> float:
     return (ts["execution_success"] - ts["execution_start"]) / 1000.0
 
 
-def comfy_free(url: str) -> None:
-    """POST /free: unload every model (weights unpatched) and free memory, before the next prompt."""
+def comfy_free(url: str, settle: float = 11.0) -> None:
+    """POST /free: unload every model (weights unpatched) and free memory, before the next prompt.
+
+    ComfyUI's prompt worker acts on the flag only when its queue wait returns (main.py 0.3.64
+    prompt_worker L184-L226: at most ``gc_collect_interval`` = 10 s after the last prompt while
+    idle, or *after* the next queued prompt has run), so this waits ``settle`` seconds."""
     _post(url.rstrip("/") + "/free", {"unload_models": True, "free_memory": True}, timeout=120)
+    time.sleep(settle)
 
 
 @contextlib.contextmanager
