@@ -30,7 +30,7 @@ import torch
 
 from ..errors import LoraExtError
 from .contrib import FIXED_POINT_ITERATIONS, delta_sum
-from .record import FLOAT8, check_fused, decode, encode, same_bits
+from .record import FLOAT8, check_fused, decode, encode, full_record, same_bits, upcast
 
 Tensor = torch.Tensor
 
@@ -168,7 +168,7 @@ def nonfinite(t: Tensor) -> Tensor:
 
 def dequantise(w8: Tensor, scale: Optional[Tensor]) -> Tensor:
     """fp32 value of a stored fp8 weight (a new tensor)."""
-    w = w8.detach().float()
+    w = upcast(w8.detach())
     return w if scale is None else w.mul_(scale)
 
 
@@ -202,18 +202,22 @@ def fuse(param: Tensor, w0: Tensor, items: tuple, rounding: Optional[tuple] = No
     if scale is not None:
         v.div_(scale)
     wf = round_to(v, dtype, rounding)
-    bad = nonfinite(wf) & torch.isfinite(v)
+    bad = nonfinite(wf)  # a finite value that became Inf/NaN (e4m3fn: torch saturates at 448)
     if bool(bad.any()):
-        info = torch.finfo(dtype)
-        raise LoraExtError(f"{what}: the fused value leaves {dtype}'s range (|x| <= {info.max:g}) at "
-                           f"{int(bad.sum())} elements; weights are left as they were")
+        n = int(torch.isfinite(v[bad]).sum())
+        if n:
+            info = torch.finfo(dtype)
+            raise LoraExtError(f"{what}: the fused value leaves {dtype}'s range (|x| <= {info.max:g}) at "
+                               f"{n} elements; weights are left as they were")
     del v, bad
     if same_bits(wf, w0):
         rec = None
     else:
         rec = encode(w0, wf, estimate(items, wf, scale), items)
-        if rec.full is None:
-            rec.scale = None if scale is None else scale.clone()
+        if rec.full is None and scale is not None:
+            rec.scale = scale.clone()
+            if rec.nbytes >= w0.numel() * w0.element_size():  # a copy is the ceiling
+                rec = full_record(w0, items)
         rec.rounding = "nearest" if rounding is None else rounding[0]
     changed = not same_bits(wf, param.detach())
     if changed:

@@ -53,6 +53,21 @@ BLOCK = 1 << 16  # exception positions: low 16 bits + a count per block of this 
 SAMPLE = 1 << 16  # elements sampled to price the code widths
 
 
+_LUT: dict = {}
+
+
+def upcast(t: Tensor, dtype=torch.float32) -> Tensor:
+    """``t.to(dtype)``; for fp8 on the CPU through a 256-entry table made with torch's own
+    conversion (the same values, 2-3x faster than torch's scalar fp8 conversion)."""
+    if t.dtype not in FLOAT8 or t.device.type != "cpu" or _numpy is None or not t.is_contiguous():
+        return t.to(dtype)
+    key = (t.dtype, dtype)
+    lut = _LUT.get(key)
+    if lut is None:
+        lut = _LUT[key] = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(t.dtype).to(dtype).numpy()
+    return torch.from_numpy(lut[t.detach().view(torch.uint8).numpy()])
+
+
 def compact_dtype(dtype: torch.dtype) -> bool:
     return dtype in _INT
 
@@ -194,7 +209,7 @@ def decode_codes(codes: Tensor, e: Tensor, est: Tensor, b: int) -> Tensor:
     m = 1 << b
     half = m >> 1
     d0 = torch.bitwise_and(codes.to(eo.dtype) - eo, m - 1)
-    up = est.reshape(-1) >= e.reshape(-1).to(est.dtype)
+    up = est.reshape(-1) >= upcast(e.reshape(-1), est.dtype)
     if b == 1:
         d = torch.where(up, d0, -d0)
     else:

@@ -50,14 +50,14 @@ def unfusable_reason(module) -> Optional[str]:
                 "never requantised, applied on the fly)")
     if not w.is_floating_point():
         return f"{w.dtype} weight (quantised; never requantised, applied on the fly)"
+    if w.device.type == "meta":
+        return "offloaded weight (on the meta device)"
     if w.dtype in _FLOAT8:
         if not fp8.is_fp8(w.dtype):
             return f"{w.dtype} weight (fp8 storage fused only as float8_e4m3fn / float8_e5m2)"
         _, why = fp8.weight_scale(module, w)
         if why is not None:
             return why
-    if w.device.type == "meta":
-        return "offloaded weight (on the meta device)"
     if not w.is_contiguous():
         return "a slice of a wider weight"
     return None
