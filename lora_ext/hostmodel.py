@@ -55,6 +55,9 @@ class HostModel:
     naming: object = "diffusers"
     family: Optional[str] = None
     label: str = ""
+    #: which expert of a two-expert model this is ("high" or "low": Wan 2.2 A14B's high-noise
+    #: transformer and low-noise transformer_2), or None; a LoRA pair applies that expert's file
+    expert: Optional[str] = None
 
     def naming_of(self, component: str) -> str:
         n = self.naming.get(component, "diffusers") if isinstance(self.naming, Mapping) else self.naming

@@ -74,7 +74,7 @@ _DYN_RE = re.compile(r"\d{1,9}")
 _STEP_RANGE_RE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*-\s*(\d+(?:\.\d*)?|\.\d+)\s*")
 
 _WEIGHT_KEYS = ("te", "unet", "in", "mid", "out", "hr", "hrte", "hrunet")
-_KNOWN_KEYS = _WEIGHT_KEYS + ("lbw", "w", "inspire", "kjalpha", "start", "stop", "step", "dyn")
+_KNOWN_KEYS = _WEIGHT_KEYS + ("lbw", "w", "inspire", "kjalpha", "start", "stop", "step", "dyn", "high", "low")
 _UNSUPPORTED_KEYS = {
     "lbwe": "lbw's elemental weights (lbwe=) are not supported",
     "x": "lbw's inherited weight (x=) is not supported",
@@ -293,6 +293,9 @@ def _parse_body(tag: str, tag_pos: int, body: str, body_pos: int, presets) -> Lo
     for key, attr in (("hr", "hr"), ("hrte", "hr_te"), ("hrunet", "hr_unet")):
         if key in named:
             setattr(spec, attr, weight(named[key], f"{key}="))
+    for key in ("high", "low"):  # a two-expert pair's own strength per expert (lora_ext.experts)
+        if key in named:
+            spec.extra[f"{key}_weight"] = weight(named[key], f"{key}=")
 
     # dyn
     if "dyn" in named:
@@ -495,6 +498,10 @@ def format_tag(spec: LoraSpec) -> str:
     if spec.stop is not None:
         parts.append(f"stop={_fmt_number(spec.stop)}")
     for key, w in (("hr", spec.hr), ("hrte", spec.hr_te), ("hrunet", spec.hr_unet)):
+        if w is not None:
+            parts.append(f"{key}={format_weight(w)}")
+    for key in ("high", "low"):
+        w = spec.extra.get(f"{key}_weight") if spec.extra else None
         if w is not None:
             parts.append(f"{key}={format_weight(w)}")
     return "<lora:" + ":".join(parts) + ">"

@@ -275,6 +275,36 @@ class LoraLibrary:
                 return alias[k]
         return None
 
+    def find_pair(self, name: str) -> Optional[dict]:
+        """``{"high": LoraFile, "low": LoraFile}`` when ``name`` names a two-expert pair (files
+        whose names differ only by a HIGH / LOW / high_noise / low_noise token, or a folder
+        holding ``high_noise_model`` and ``low_noise_model``; see :mod:`lora_ext.experts`), else
+        None. Exact spelling first, then ignoring case; the first file of each expert in library
+        order wins."""
+        from .experts import split_expert
+
+        n = _norm_name(name)
+        if not n:
+            return None
+        index = self._current()
+        for fold in (False, True):
+            want = n.casefold() if fold else n
+            found: dict = {}
+            for f in index.files:
+                parts = split_expert(f.stem)
+                if parts is None:
+                    continue
+                pair, expert = parts
+                folder = f.relpath.rsplit("/", 1)[0] if "/" in f.relpath else ""
+                names = {pair, f"{folder}/{pair}" if folder else pair} if pair else {folder}
+                if fold:
+                    names = {x.casefold() for x in names}
+                if want in names or (pair and any(x.endswith("/" + want) for x in names if "/" in x)):
+                    found.setdefault(expert, f)
+            if len(found) == 2:
+                return found
+        return None
+
     def _absolute(self, index: _Index, name: str) -> Optional[LoraFile]:
         real = os.path.realpath(name)
         for f in index.files:
@@ -321,6 +351,12 @@ def resolve_specs(specs: Iterable, library: LoraLibrary, *, on_missing: str = "r
         f = library.find(spec.name)
         if f is not None:
             spec.path = f.path
+            continue
+        pair = library.find_pair(spec.name)
+        if pair is not None:  # a two-expert LoRA (Wan 2.2): one tag for both files
+            from .experts import pair_spec
+
+            pair_spec(spec, {e: pf.path for e, pf in pair.items()})
             continue
         err = library.not_found(spec.name)
         if spec.tag:

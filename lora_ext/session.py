@@ -294,7 +294,10 @@ class Session:
     def _apply(self) -> None:
         from .engine import apply  # the engine needs torch; import it when first used
 
-        specs = list(self.specs)
+        from .experts import for_expert
+
+        # a two-expert LoRA pair: this model's expert applies its own file (lora_ext.experts)
+        specs = [for_expert(s, getattr(self.bound.host, "expert", None)) for s in self.specs]
         shared_cache = None
         for group, comps, method in self._groups():
             h = self.handles.get(group)
