@@ -108,8 +108,12 @@ def detect_base_model(lora) -> BaseModel:
     if not prefixes or max(scores.values(), default=0) < len(prefixes):
         from . import dit
 
-        for variant in dit.VARIANTS:
-            scores[variant] = _fitting(lora, arch_keymap(variant))
+        # bind against the variants of the families whose module names the file uses (cheap to
+        # find; building every variant's key map is not)
+        families = set(dit.families_for(prefixes))
+        for variant, (family, _, _) in dit.VARIANTS.items():
+            if family in families:
+                scores[variant] = _fitting(lora, arch_keymap(variant))
     best = max(scores.values()) if scores else 0
     if best == 0:
         for name, pattern in _OTHER_FAMILIES:

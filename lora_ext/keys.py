@@ -211,8 +211,10 @@ class KeyMap:
 
     # --- building ------------------------------------------------------------------------
     def _add(self, alias: str, cand: Candidate) -> None:
-        lst = self._aliases.setdefault(alias, [])
-        if cand not in lst:
+        lst = self._aliases.get(alias)
+        if lst is None:
+            self._aliases[alias] = [cand]
+        elif cand not in lst:  # identity first: the same candidate under several spellings
             lst.append(cand)
 
     @staticmethod

@@ -249,3 +249,68 @@ def table_for_shapes(shapes: Mapping[str, tuple], root: str = "") -> Optional[tu
         return None
     family, dims, naming = found
     return variant_of(family, dims) or family, naming, table(family, dims, root, dims.get("_names", ""))
+
+
+# --- which families a LoRA may be for, cheaply ------------------------------------------------
+_FLAT_PREFIXES = ("lora_unet_", "lora_transformer_", "lycoris_", "lora_", "diffusion_model_",
+                  "lora_unet_diffusion_model_", "lora_unet__", "Hunyuan_video_I2V_lora_", "oft_unet_",
+                  "lora_te1_", "lora_te2_", "lora_te3_", "lora_te_")
+_DOTTED_PREFIXES = ("transformer.base_model.model.", "model.diffusion_model.", "diffusion_model.", "transformer.",
+                    "base_model.model.", "unet.", "text_encoder.", "text_encoder_2.", "text_encoder_3.",
+                    "text_encoders.clip_l.transformer.", "text_encoders.clip_g.transformer.",
+                    "text_encoders.t5xxl.transformer.", "clip_l.", "clip_g.", "t5.")
+_BODIES: dict = {}
+
+
+def _family_bodies(family: str) -> frozenset:
+    """Every module name of ``family`` (both layouts, aliases, fused parts), flattened with "_"."""
+    got = _BODIES.get(family)
+    if got is None:
+        from ..layouts import arch_layout
+        from .aliases import extra_aliases
+
+        variant = next(v for v, (f, _, _) in VARIANTS.items() if f == family)
+        names = set()
+        for comp, table in arch_layout(variant).items():
+            for info in table.values():
+                for n in (info.path, "text_model." + info.path if comp != "unet" else None, info.ldm_path,
+                          getattr(info, "ldm_alias", None)):
+                    if n:
+                        names.add(n[: -len(".scale")] if n.endswith(".scale") else n)
+                if info.ldm_rows is not None:
+                    for base in filter(None, (info.ldm_path, getattr(info, "ldm_alias", None))):
+                        names.update(f"{base}.{k}" for k in range(4))
+            if comp == "unet":
+                names.update(a for a, _ in extra_aliases(table))
+        got = _BODIES[family] = frozenset(n.replace(".", "_") for n in names)
+    return got
+
+
+def _strip_index(body: str) -> str:
+    # block numbers differ between sizes: compare names with their numbers masked
+    return re.sub(r"(?<=_)\d+(?=_|$)", "#", body)
+
+
+_MASKED: dict = {}
+
+
+def families_for(prefixes) -> list:
+    """The DiT families whose module names some of ``prefixes`` (LoRA key groups) use, with
+    block numbers masked: which full-size variants are worth binding a LoRA against."""
+    out = []
+    bodies = set()
+    for p in prefixes:
+        for pre in _DOTTED_PREFIXES:
+            if p.startswith(pre):
+                bodies.add(_strip_index(p[len(pre):].replace(".", "_")))
+        for pre in _FLAT_PREFIXES:
+            if p.startswith(pre):
+                bodies.add(_strip_index(p[len(pre):].replace(".", "_")))
+        bodies.add(_strip_index(p.replace(".", "_")))
+    for family in FAMILIES:
+        masked = _MASKED.get(family)
+        if masked is None:
+            masked = _MASKED[family] = frozenset(_strip_index(b) for b in _family_bodies(family))
+        if bodies & masked:
+            out.append(family)
+    return out

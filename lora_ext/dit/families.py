@@ -484,9 +484,19 @@ VARIANTS = {v: (fam.name, label, dims) for fam in FAMILIES.values() for v, (labe
 _OUT_TOP = ("proj_out", "norm_out.linear")
 
 
+_CODE: dict = {}
+
+
 def _value(expr: str, dims: Mapping) -> int:
     # expressions are this module's own constants ("2*h", "h+m"); names come from dims
-    return int(eval(expr, {"__builtins__": {}}, {k: v for k, v in dims.items() if isinstance(v, int)}))
+    if expr.isdigit():
+        return int(expr)
+    if expr in dims and isinstance(dims[expr], int):
+        return dims[expr]
+    code = _CODE.get(expr)
+    if code is None:
+        code = _CODE[expr] = compile(expr, "<dims>", "eval")
+    return int(eval(code, {"__builtins__": {}}, dims))
 
 
 _CONV = ("pos_embed.proj", "x_embedder.proj", "patch_embedding")  # patch embeddings: kernel = dims["kernel"]
