@@ -11,21 +11,9 @@ from .textsafe import printable
 
 
 def _cmd_inspect(args) -> int:
-    from .inspect import inspect_lora, render_text
+    from .inspect_cli import run_inspect
 
-    status = 0
-    for path in args.paths:
-        try:
-            info = inspect_lora(path)
-        except LoraExtError as exc:
-            print(f"error: {printable(exc)}", file=sys.stderr)
-            status = 1
-            continue
-        if args.json:
-            print(json.dumps(info, sort_keys=False))
-        else:
-            print(render_text(info))
-    return status
+    return run_inspect(args)
 
 
 def _cmd_merge(args) -> int:
@@ -361,8 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     s = sub.add_parser("inspect", help="what a LoRA file is, and what of it would not apply")
-    s.add_argument("paths", nargs="+", metavar="PATH")
-    s.add_argument("--json", action="store_true", help="one JSON object per file")
+    from .inspect_cli import add_inspect_args
+
+    add_inspect_args(s)
     s.set_defaults(func=_cmd_inspect)
 
     s = sub.add_parser("merge", help="bake LoRAs into a checkpoint")

@@ -50,7 +50,9 @@ def test_demo_files_then_inspect_json(tmp_path):
     dora = by_name["pixel_sd15_peft_dora.safetensors"]
     assert dora["types"] == {"lora+dora": 2} and dora["alphas"] == {"16": 2}
     odd = by_name["odd_keys_sd15.safetensors"]
-    assert odd["types"] == {"lora (auto-detected)": 1}
+    # types come from the file (issue 13): the LoRA on a module SD1.5 lacks is still a LoRA
+    assert odd["types"] == {"lora": 1, "lora (auto-detected)": 1} and odd["typed_modules"] == 2
+    assert odd["modules"] == 1 and odd["not_applied"][0]["modules"] == 1 and odd["not_applied"][0]["keys"] == 2
     assert {u["key"] for u in odd["unmatched"]} == {
         "lora_unet_down_blocks_9_attentions_0_proj_in.lora_up.weight",
         "lora_unet_down_blocks_9_attentions_0_proj_in.lora_down.weight"}
