@@ -384,6 +384,19 @@ def parity(c, mode, kinds=KINDS):
     assert torch.equal(latent_of(c), base)
 
 
+def test_weights_restored_bit_exactly(comfy):
+    """After lora-ext's patches (ComfyUI's LoRAAdapter and lora-ext's own, constant and keyframed),
+    a plain MODEL has the UNet weights it had before (digest) and gives the same latent."""
+    c = comfy
+    c.server("full")
+    digest0 = _digest(c)
+    base = latent_of(c)
+    latent_of(c, loader="LoraExtLoader", lora="lxt_loha.safetensors")
+    latent_of(c, loader="LoraExtLoader", lora="lxt_lora.safetensors", keyframes="0@0,1@1")
+    assert _digest(c) == digest0
+    assert torch.equal(latent_of(c), base)
+
+
 def test_prompt_tags_node_equals_loader(comfy):
     c = comfy
     c.server("full")
