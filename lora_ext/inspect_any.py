@@ -80,7 +80,12 @@ def inspect_any(path, base: Optional[BaseModelRef] = None, *, lora=None, addnet:
     # (at bind time, against the target's shape) counts with the type it was found to be
     types = Counter(summary["types"])
     ranks, alphas = Counter(summary["ranks"]), Counter(summary["alphas"])
-    comps = Counter(summary["components"])
+    from .typing_only import component_of_prefix
+
+    # components: where a group binds, else what its name says
+    bound_comp = {b.group.prefix: b.targets[0].component for b in bindings}
+    comps = Counter(bound_comp.get(p) or component_of_prefix(p) for p, g in lora.groups.items()
+                    if g.adapter is not None or p in bound_comp)
     bound_prefixes = set()
     for b in bindings:
         bound_prefixes.add(b.group.prefix)
@@ -90,11 +95,6 @@ def inspect_any(path, base: Optional[BaseModelRef] = None, *, lora=None, addnet:
                 ranks[str(b.adapter.rank)] += 1
             if b.adapter.alpha is not None:
                 alphas[_num(b.adapter.alpha)] += 1
-    for b in bindings:
-        if b.group.adapter is None:
-            from .typing_only import component_of_prefix
-
-            comps[component_of_prefix(b.group.prefix)] += 1
     unclaimed = [u for u in summary["unclaimed"] if u["module"] not in bound_prefixes]
     blocks = Counter(t.block if t.component == "unet" else t.component.upper() for b in bindings for t in b.targets)
     applied_keys = sum(len(b.group.keys) for b in bindings)

@@ -23,11 +23,16 @@ _COMPONENT_PREFIXES = (
 )
 
 
+_TEXT_BODY = re.compile(r"text_model|(^|[._])encoder[._]layers?[._]\d+[._](self_attn|mlp)")
+
+
 def component_of_prefix(prefix: str) -> str:
     """te1 / te2 / te3 for text-encoder spellings, else unet (the denoiser: UNet or DiT)."""
     for comp, starts in _COMPONENT_PREFIXES:
         if prefix.startswith(starts):
             return comp
+    if _TEXT_BODY.search(prefix):  # a CLIP text encoder's modules under a neutral prefix (PEFT)
+        return "te1"
     return "unet"
 
 
