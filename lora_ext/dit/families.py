@@ -481,7 +481,8 @@ FAMILIES = {
 VARIANTS = {v: (fam.name, label, dims) for fam in FAMILIES.values() for v, (label, dims) in fam.variants.items()}
 
 # Top-level modules: inputs and embedders are "IN", the output layers "OUT" (lbw's Flux ids).
-_OUT_TOP = ("proj_out", "norm_out.linear")
+_OUT_TOP = ("proj_out", "norm_out.linear", "norm_out.linear_1", "norm_out.linear_2", "final_layer.linear",
+            "final_layer.adaLN_modulation.1", "scale_shift_table")
 
 
 _CODE: dict = {}
