@@ -196,7 +196,9 @@ def block_multiplier(blocks: Optional[dict], t: Target) -> float:
     if not blocks:
         return 1.0
     if t.component != "unet":
-        return float(blocks.get("BASE", 1.0))
+        from ..blocks import te_weight
+
+        return float(te_weight(blocks, t.component))  # CLIP / T5 (DiT vectors) over BASE
     if t.block == "BASE":
         return 1.0
     return float(blocks.get(t.block, 1.0))
