@@ -177,7 +177,10 @@ def archmod_label(family: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-DIFFUSERS_COMPONENTS = (("unet", "unet"), ("te1", "text_encoder"), ("te2", "text_encoder_2"))
+# a DiT pipeline's denoiser is its "transformer" (component "unet"); Flux's text_encoder_2 and
+# SD3's text_encoder_3 are T5s (component "te3", told by their config's model_type)
+DIFFUSERS_COMPONENTS = (("unet", "unet"), ("unet", "transformer"), ("te1", "text_encoder"), ("te2", "text_encoder_2"),
+                        ("te3", "text_encoder_3"))
 _WEIGHT_FILES = (
     "diffusion_pytorch_model.safetensors", "model.safetensors",
     "diffusion_pytorch_model.fp16.safetensors", "model.fp16.safetensors",
@@ -241,12 +244,18 @@ class DiffusersFolder(Checkpoint):
         for comp, sub in DIFFUSERS_COMPONENTS:
             folder = os.path.join(self.path, sub)
             cfg_path = os.path.join(folder, "config.json")
-            if not os.path.isfile(cfg_path):
+            if comp in configs or not os.path.isfile(cfg_path):
                 continue
             weight = next((os.path.join(folder, f) for f in _WEIGHT_FILES if os.path.isfile(os.path.join(folder, f))), None)
             if weight is None:
+                if any(f.endswith(".index.json") for f in os.listdir(folder)):
+                    raise LoraFileError(folder, "sharded weights (an .index.json and several files) are not supported "
+                                                "as a merge base yet; merge into the model's single-file checkpoint")
                 raise LoraFileError(folder, "component folder has config.json but no weight file")
-            configs[comp], weights[comp] = read_config(cfg_path), weight
+            cfg = read_config(cfg_path)
+            if comp == "te2" and str(cfg.get("model_type", "")).lower() in ("t5", "umt5"):
+                comp = "te3"  # Flux's second text encoder is its T5
+            configs[comp], weights[comp] = cfg, weight
         for comp, weight in weights.items():
             try:
                 self.files[comp] = open_tensors(weight, kind="checkpoint")
@@ -279,8 +288,10 @@ class DiffusersFolder(Checkpoint):
             if family_from_unet_config(plain["unet"], plain) != "custom":
                 self.family = family_from_unet_config(plain["unet"], plain)
         for comp, cfg in configs.items():
-            table = table_from_model(comp, cfg, self.family)
             keys = set(self.files[comp].keys())
+            table = self._dit_table(comp, cfg, keys)
+            if table is None:
+                table = table_from_model(comp, cfg, self.family)
             # transformers < 5 saves CLIP text encoders with a "text_model." level; 5 drops it.
             lead = "text_model." if comp != "unet" and any(k.startswith("text_model.") for k in keys) else ""
             self.layout[comp] = table
@@ -291,8 +302,33 @@ class DiffusersFolder(Checkpoint):
                         key = path_ + "." + param
                     if key in keys:
                         self.key_of[(comp, path_, param)] = key
+                    elif param == "weight" and path_ in keys:  # a bare parameter (Wan's scale_shift_table)
+                        self.key_of[(comp, path_, param)] = path_
         self._find_widened(lambda comp, info: self.files[comp].shape(self.key_of[(comp, info.path, "weight")])
                            if (comp, info.path, "weight") in self.key_of else None)
+
+    def _dit_table(self, comp, cfg, keys):
+        """The table of a DiT transformer (``transformer/``) or a T5 (``te3``), from the weight
+        file's shapes; None for the SD components (their configs give their tables)."""
+        if comp == "te3":
+            from .dit.text import t5_dims, t5_table
+
+            dims = t5_dims({k: tuple(self.files[comp].shape(k)) for k in keys})
+            if dims is None:
+                raise LoraFileError(self.path, "text_encoder_3 (or a T5 text_encoder_2) is not a T5 encoder")
+            return t5_table(dims)
+        if comp != "unet" or "block_out_channels" in cfg:
+            return None
+        from .dit import table_for_shapes
+
+        found = table_for_shapes({k: tuple(self.files[comp].shape(k)) for k in keys})
+        if found is None:
+            raise LoraFileError(self.path, f"the denoiser ({cfg.get('_class_name', 'transformer')}) is no model family "
+                                           "lora-ext knows (SD1.x/SD2.x/SDXL UNets, Flux, Chroma, SD3, Qwen-Image, "
+                                           "HunyuanVideo, Wan, Lumina2, HiDream)")
+        name, _, table = found
+        self.family = name
+        return table
 
     def read(self, target, param):
         key = self.key_of.get((target.component, target.module, param))
@@ -344,8 +380,9 @@ class DiffusersFolder(Checkpoint):
             raise
 
     #: the folders of a diffusers pipeline (used when model_index.json does not name them)
-    PIPELINE_FOLDERS = ("unet", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "vae", "scheduler",
-                        "feature_extractor", "safety_checker", "image_encoder")
+    PIPELINE_FOLDERS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer",
+                        "tokenizer_2", "tokenizer_3", "vae", "scheduler", "feature_extractor", "safety_checker",
+                        "image_encoder")
 
     def _copy_pipeline(self, tmp: str, changed_dirs: set) -> None:
         """Copy what a diffusers pipeline is made of into ``tmp``: model_index.json and the

@@ -86,3 +86,26 @@ def test_generate_refuses_a_dit_checkpoint_clearly(tmp_path, capsys):
     assert code != 0 and len(err) == 1
     assert "Flux.1 checkpoint" in err[0] and "ComfyUI" in err[0]
     assert not (tmp_path / "x.png").exists()
+
+
+def test_merge_into_a_diffusers_folder_with_transformer(tmp_path):
+    """A diffusers pipeline folder whose denoiser is ``transformer/`` (Flux): a BFL-named kohya
+    LoRA lands on the split modules exactly as the live engine puts it."""
+    import json
+
+    base = tiny("flux")
+    folder = tmp_path / "flux-pipe"
+    base.save_pretrained(folder / "transformer", safe_serialization=True)
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline", "transformer": ["diffusers", "FluxTransformer2DModel"]}))
+    (folder / "notes.txt").write_text("not part of the pipeline")
+    _kohya_and_peft_lora(tmp_path / "lora.safetensors")
+    reports = merge(folder, [(tmp_path / "lora.safetensors", 0.8)], tmp_path / "out")
+    assert reports[0].unmatched == []
+    merged = load_file(tmp_path / "out" / "transformer" / "diffusion_pytorch_model.safetensors")
+    twin = copy.deepcopy(base)
+    apply(twin, [(tmp_path / "lora.safetensors", 0.8)], "fuse")
+    want = twin.state_dict()
+    assert set(merged) == set(want)
+    for k, t in merged.items():
+        assert torch.allclose(t, want[k], rtol=0, atol=1e-6), k
+    assert not (tmp_path / "out" / "notes.txt").exists()
