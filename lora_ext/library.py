@@ -124,6 +124,7 @@ def load_lora_shapes(path):
         file_format = tf.format
         signature = hashlib.sha256(repr(sorted(
             (str(tf.dtype(k)), tuple(tf.shape(k))) for k in tf.keys())).encode()).hexdigest()
+        sample = _sample(tf)
     config = _peft_config(path, metadata)
     for group in groups.values():
         if config and "alpha" not in group.tensors and "lora_down.weight" in group.tensors:
@@ -141,6 +142,7 @@ def load_lora_shapes(path):
             _configure_peft(group, config)
     lora = Lora(path, metadata, groups, file_format)
     lora.shape_signature = signature
+    lora.sample_fingerprint = sample
     return lora
 
 
@@ -168,11 +170,12 @@ def _tensor_bytes(t) -> bytes:
     return t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
 
 
-def sample_fingerprint(path: str) -> str:
+def _sample(tf) -> Optional[str]:
     """Hash of the first bytes of every tensor with its dtype and shape, names and order left
-    out: files with other data almost always differ here (32 bytes read per tensor)."""
+    out: files with other data almost always differ here (32 bytes read per tensor, while the
+    file is open for its header anyway). None when the file is too short for its tensors."""
     items = []
-    with open_tensors(path, kind="lora") as tf:
+    try:
         if tf.format == "safetensors":
             for k, b, e in _spans(tf):
                 READS["sample"] += 1
@@ -180,14 +183,32 @@ def sample_fingerprint(path: str) -> str:
         else:
             for k in tf.keys():
                 READS["sample"] += 1
-                items.append((str(tf.dtype(k)), tuple(tf.shape(k)), _tensor_bytes(tf.get(k, check_finite=False))[:_SAMPLE_BYTES].hex()))
+                t = tf.get(k, check_finite=False).reshape(-1)[:_SAMPLE_BYTES]
+                items.append((str(t.dtype), tuple(tf.shape(k)), _tensor_bytes(t)[:_SAMPLE_BYTES].hex()))
+    except LoraExtError:
+        return None
     return hashlib.sha256(repr(sorted(items)).encode()).hexdigest()
 
 
-def full_read(path: str) -> dict:
-    """Read every tensor: content fingerprint (names and order left out), NaN/Inf check, and
-    A1111's hash (addnet for safetensors, sha256 of the file for pickles)."""
-    from .io import _check_finite, file_sha256
+def _finite(t) -> bool:
+    """Whether every value is finite: one fp32 sum (NaN and Inf survive it), the exact
+    elementwise check only when the sum is not finite (an overflow of finite values)."""
+    import math
+
+    if not t.is_floating_point() or t.numel() == 0:
+        return True
+    try:
+        if math.isfinite(float(t.float().sum())):
+            return True
+    except (RuntimeError, TypeError):
+        pass
+    return bool(torch.isfinite(t.float()).all())
+
+
+def full_read(path: str, check: bool = False) -> dict:
+    """Read every tensor: content fingerprint (names and order left out), A1111's hash (addnet
+    for safetensors, sha256 of the file for pickles) and, with ``check``, NaN/Inf in any tensor."""
+    from .io import file_sha256
 
     items, problem = [], None
     with open_tensors(path, kind="lora") as tf:
@@ -203,13 +224,11 @@ def full_read(path: str) -> dict:
                 else:
                     addnet = None  # a gap: the data area is not the tensors back to back
                 items.append((str(tf.dtype(k)), tuple(tf.shape(k)), hashlib.sha256(data).hexdigest()))
-                if problem is None and e > b:
+                if check and problem is None and e > b:
                     try:
-                        t = torch.frombuffer(bytearray(data), dtype=tf.dtype(k)).reshape(tf.shape(k))
-                        _check_finite(path, k, t)
-                    except LoraFileError as exc:
-                        problem = exc.problem if hasattr(exc, "problem") else str(exc)
-                    except Exception:
+                        if not _finite(torch.frombuffer(bytearray(data), dtype=tf.dtype(k))):
+                            problem = f"tensor {k!r} contains NaN or Inf"
+                    except (RuntimeError, TypeError, ValueError, LoraExtError):
                         pass
             a1111 = addnet.hexdigest() if addnet is not None and at == tf.file_size - tf.data_start else None
         else:
@@ -217,11 +236,8 @@ def full_read(path: str) -> dict:
                 READS["full"] += 1
                 t = tf.get(k, check_finite=False)
                 items.append((str(t.dtype), tuple(t.shape), hashlib.sha256(_tensor_bytes(t)).hexdigest()))
-                if problem is None:
-                    try:
-                        _check_finite(path, k, t)
-                    except LoraFileError as exc:
-                        problem = exc.problem if hasattr(exc, "problem") else str(exc)
+                if check and problem is None and not _finite(t):
+                    problem = f"tensor {k!r} contains NaN or Inf"
             a1111 = file_sha256(path)
     return {"content": hashlib.sha256(repr(sorted(items)).encode()).hexdigest(), "hash": a1111, "nan": problem}
 
@@ -245,11 +261,12 @@ def scan_file(path: str, base=None, full: bool = False) -> dict:
         row["size"] = os.path.getsize(path)
     except OSError:
         row["size"] = None
-    entry = {"row": row, "sig": None}
+    entry = {"row": row, "sig": None, "sample": None}
     try:
         try:
             lora = load_lora_shapes(path)
             sig = lora.shape_signature
+            entry["sample"] = lora.sample_fingerprint
         except _NeedsData:
             from .network import load_lora
 
@@ -285,7 +302,7 @@ def scan_file(path: str, base=None, full: bool = False) -> dict:
     if info["unclaimed_groups"]:
         problems.append(f"{len(info['unclaimed_groups'])} key groups of no known type")
     if full:
-        entry.update(full_read(path))
+        entry.update(full_read(path, check=True))
         if entry.get("hash"):
             row["hash"], row["hash_source"] = entry["hash"][:12], "computed"
         if entry.get("nan"):
@@ -410,6 +427,7 @@ def scan_library(paths, *, base=None, full: bool = False, jobs: Optional[int] = 
         e = entries[p]
         e["rows"][bkey] = res["row"]
         e["sig"] = res.get("sig")
+        e["sample"] = res.get("sample")
         for k in ("content", "hash", "nan"):
             if k in res:
                 e[k] = res[k]
@@ -456,13 +474,8 @@ def _flag_duplicates(files, rows, entries, cache, stats) -> None:
         by_sample: dict = {}
         for p in group:
             e = entries[p]
-            if "sample" not in e:
-                try:
-                    e["sample"] = sample_fingerprint(p)
-                except LoraExtError:
-                    continue
-                cache.dirty = True
-            by_sample.setdefault(e["sample"], []).append(p)
+            if e.get("sample"):
+                by_sample.setdefault(e["sample"], []).append(p)
         for same in by_sample.values():
             if len(same) < 2:
                 continue

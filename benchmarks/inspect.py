@@ -1,0 +1,186 @@
+"""Benchmark: ``lora-ext inspect`` library mode over a generated LoRA library.
+
+Not a test. Writes a library of ``--files`` LoRA files (default 320) into ``--folder``: full-size
+SD1.5 kohya LoRAs (attention and feed-forward, rank 4-16, fp16, with alphas and kohya metadata),
+SDXL LyCORIS LoHas, Flux.1 kohya LoRAs (double blocks), PEFT/diffusers SD1.5 LoRAs, LoHas for a
+small custom UNet (the "unknown base" case), pickles (``.pt``), broken files (truncated, not
+safetensors) and byte-identical copies. Then, in one process and with the page cache warm for
+all three:
+
+* floor: ``safetensors.safe_open`` on every ``.safetensors`` file and listing its keys (pickles
+  are ``torch.load``-ed with ``weights_only=True``, as the safe loader does);
+* cold: ``scan_library`` with an empty cache (every header parsed, small tensors read, types,
+  detection, binding, duplicate confirmation), ``--jobs`` worker processes;
+* warm: ``scan_library`` again with the cache the cold run wrote.
+
+    python benchmarks/inspect.py --folder /tmp/loralib            # 320 files, 2 jobs
+    python benchmarks/inspect.py --folder /tmp/loralib --files 60 --jobs 1
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+# this file is named like the standard library's ``inspect``: keep its folder off the path
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+
+import argparse  # noqa: E402
+import shutil  # noqa: E402
+import time  # noqa: E402
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from lora_ext import library  # noqa: E402
+from lora_ext.layouts import arch_layout  # noqa: E402
+
+
+def _flat(path: str) -> str:
+    return path.replace(".", "_")
+
+
+def _kohya(table, prefix, rank, g, dtype, pick, extra=0.0):
+    sd = {}
+    for path, info in table.items():
+        if not pick(path, info) or len(info.weight_shape) != 2:
+            continue
+        out, inn = info.weight_shape
+        p = prefix + _flat(path)
+        sd[p + ".lora_down.weight"] = (torch.randn(rank, inn, generator=g) * 0.01).to(dtype)
+        sd[p + ".lora_up.weight"] = (torch.randn(out, rank, generator=g) * 0.01 + extra).to(dtype)
+        sd[p + ".alpha"] = torch.tensor(float(rank) / 2)
+    return sd
+
+
+def _attn(path, info):
+    return any(s in path for s in ("attn1.to_", "attn2.to_", "ff.net"))
+
+
+def make_library(folder: str, n: int, seed: int = 0) -> dict:
+    from safetensors.torch import save_file
+
+    if os.path.isdir(folder):
+        shutil.rmtree(folder)
+    kinds = {}
+    g = torch.Generator().manual_seed(seed)
+    sd1 = arch_layout("sd1")["unet"]
+    sdxl = arch_layout("sdxl")["unet"]
+    flux = arch_layout("flux-dev")["unet"]
+    written = []
+    for i in range(n):
+        kind = ("sd15", "sd15", "sd15", "sdxl_loha", "flux", "peft", "custom_loha", "pickle", "copy", "broken")[i % 10]
+        sub = os.path.join(folder, kind, f"part{i % 3}")
+        os.makedirs(sub, exist_ok=True)
+        path = os.path.join(sub, f"{kind}_{i:04d}.safetensors")
+        meta = {"ss_network_module": "networks.lora", "ss_network_dim": "8", "ss_network_alpha": "4",
+                "ss_tag_frequency": '{"10_style%d": {"style%d": 10, "1girl": 5}}' % (i, i)}
+        if kind == "sd15":
+            rank = (4, 8, 16)[i % 3]
+            save_file(_kohya(sd1, "lora_unet_", rank, g, torch.float16, _attn), path, meta)
+        elif kind == "sdxl_loha":
+            sd = {}
+            for p, info in sdxl.items():
+                if "attn2.to_k" in p or "attn2.to_v" in p:
+                    out, inn = info.weight_shape
+                    k = "lora_unet_" + _flat(p)
+                    for a, s in (("hada_w1_a", (out, 4)), ("hada_w1_b", (4, inn)), ("hada_w2_a", (out, 4)),
+                                 ("hada_w2_b", (4, inn))):
+                        sd[f"{k}.{a}"] = (torch.randn(*s, generator=g) * 0.01).half()
+                    sd[k + ".alpha"] = torch.tensor(2.0)
+            save_file(sd, path, dict(meta, ss_network_module="lycoris.kohya", ss_network_args='{"algo": "loha"}'))
+        elif kind == "flux":
+            save_file(_kohya(flux, "lora_unet_", 8, g, torch.bfloat16,
+                             lambda p, info: p.startswith("transformer_blocks.") and "attn.to_" in p), path,
+                      dict(meta, ss_base_model_version="flux1"))
+        elif kind == "peft":
+            sd = {}
+            for p, info in sd1.items():
+                if _attn(p, info) and len(info.weight_shape) == 2:
+                    out, inn = info.weight_shape
+                    sd[f"unet.{p}.lora_A.weight"] = (torch.randn(4, inn, generator=g) * 0.01).half()
+                    sd[f"unet.{p}.lora_B.weight"] = (torch.randn(out, 4, generator=g) * 0.01).half()
+            save_file(sd, path)
+        elif kind == "custom_loha":
+            sd = {}
+            for j in range(40):
+                k = f"lora_unet_down_blocks_{j // 10}_attentions_0_transformer_blocks_{j % 10}_attn1_to_q"
+                for a, s in (("hada_w1_a", (48, 4)), ("hada_w1_b", (4, 48)), ("hada_w2_a", (48, 4)),
+                             ("hada_w2_b", (4, 48))):
+                    sd[f"{k}.{a}"] = torch.randn(*s, generator=g)
+                sd[k + ".alpha"] = torch.tensor(2.0)
+            save_file(sd, path, dict(meta, ss_network_module="lycoris.kohya", ss_network_args='{"algo": "loha"}'))
+        elif kind == "pickle":
+            path = path[: -len(".safetensors")] + ".pt"
+            torch.save(_kohya(sd1, "lora_unet_", 4, g, torch.float16, lambda p, info: "attn2.to_k" in p), path)
+        elif kind == "copy":
+            src = written[-8]  # an earlier file (an sd15 / sdxl / flux one)
+            path = os.path.join(sub, "copy_of_" + os.path.basename(src))
+            shutil.copyfile(src, path)
+        else:
+            with open(written[-9], "rb") as fh:
+                data = fh.read()
+            with open(path, "wb") as fh:
+                fh.write(data[: len(data) // 2] if i % 20 == 9 else b"not a safetensors file")
+        written.append(path)
+        kinds[path] = kind
+    return kinds
+
+
+def floor(files) -> float:
+    from safetensors import safe_open
+
+    t = time.perf_counter()
+    for p in files:
+        try:
+            if p.endswith(".safetensors"):
+                with safe_open(p, "pt") as f:
+                    list(f.keys())
+            else:
+                list(torch.load(p, weights_only=True, mmap=True).keys())
+        except Exception:
+            pass
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--folder", default="/tmp/lora-ext-bench-library")
+    ap.add_argument("--files", type=int, default=320)
+    ap.add_argument("--jobs", type=int, default=None)
+    ap.add_argument("--keep", action="store_true", help="reuse the library in --folder if it is there")
+    args = ap.parse_args()
+    if not (args.keep and os.path.isdir(args.folder)):
+        t = time.perf_counter()
+        make_library(args.folder, args.files)
+        print(f"wrote {args.files} files in {time.perf_counter() - t:.1f} s")
+    files = library.find_lora_files([args.folder])
+    size = sum(os.path.getsize(p) for p in files)
+    for p in files:  # page cache warm for every run
+        with open(p, "rb") as fh:
+            while fh.read(1 << 24):
+                pass
+    cache = os.path.join(args.folder + "-cache.json")
+    if os.path.exists(cache):
+        os.remove(cache)
+    t_floor = floor(files)
+    t = time.perf_counter()
+    cold = library.scan_library([args.folder], jobs=args.jobs, cache_path=cache, progress=False)
+    t_cold = time.perf_counter() - t
+    t = time.perf_counter()
+    warm = library.scan_library([args.folder], jobs=args.jobs, cache_path=cache, progress=False)
+    t_warm = time.perf_counter() - t
+    t_floor2 = floor(files)
+    fl = min(t_floor, t_floor2)
+    assert warm["rows"] == cold["rows"]
+    print(f"{len(files)} files, {size / 1e6:.0f} MB; jobs={args.jobs or os.cpu_count()}")
+    print(f"floor (safe_open + keys):      {fl:.3f} s")
+    print(f"cold (empty cache):            {t_cold:.3f} s  = {t_cold / fl:.1f}x the floor")
+    print(f"warm (unchanged library):      {t_warm:.3f} s  = {t_cold / t_warm:.0f}x faster than cold, "
+          f"{t_warm / fl:.1f}x the floor")
+    print(library.summary_line(cold))
+
+
+if __name__ == "__main__":
+    main()
