@@ -375,6 +375,10 @@ def _work(job):
                       "sig": None}, dict(READS)
 
 
+def _worker_init() -> None:
+    torch.set_num_threads(1)  # one process per core: torch's own threads would only contend
+
+
 def _warm_layouts() -> None:
     from . import dit
     from .layouts import SD_ARCHS, arch_keymap
@@ -440,7 +444,7 @@ def scan_library(paths, *, base=None, full: bool = False, jobs: Optional[int] = 
         import multiprocessing as mp
 
         _warm_layouts()  # built once, shared by the forked workers
-        with mp.get_context("fork").Pool(jobs) as pool:
+        with mp.get_context("fork").Pool(jobs, initializer=_worker_init) as pool:
             chunk = max(1, len(todo) // (jobs * 8))
             for p, res, reads in pool.imap_unordered(_work, [(p, full) for p in todo], chunksize=chunk):
                 take(p, res, reads)
