@@ -227,10 +227,19 @@ def _config_for(group: Group, config: dict) -> dict:
 
 
 def _pattern_value(patterns: dict, prefix: str):
-    # PEFT matches alpha_pattern/rank_pattern keys as a suffix of the module name.
+    # PEFT matches an alpha_pattern / rank_pattern key as the whole module name or a suffix
+    # after a "." (``re.match(rf"(.*\.)?{key}$", name)``, peft/tuners/lora/model.py): so
+    # "transformer_blocks.0.attn.to_v" must not match "single_transformer_blocks.0.attn.to_v"
+    import re
+
     for pat, value in (patterns or {}).items():
-        if prefix == pat or prefix.endswith("." + pat) or prefix.endswith(pat):
+        if prefix == pat or prefix.endswith("." + pat):
             return value
+        try:
+            if re.fullmatch(rf"(?:.*\.)?(?:{pat})", prefix):
+                return value
+        except re.error:
+            continue
     return None
 
 

@@ -109,3 +109,29 @@ def test_merge_into_a_diffusers_folder_with_transformer(tmp_path):
     for k, t in merged.items():
         assert torch.allclose(t, want[k], rtol=0, atol=1e-6), k
     assert not (tmp_path / "out" / "notes.txt").exists()
+
+
+def test_convert_dit_lora_between_kohya_and_peft(tmp_path):
+    """kohya (BFL names, fused qkv / linear1, the swapped modulation) -> PEFT (diffusers names,
+    split q/k/v/mlp) -> kohya again: every file applies exactly like the original."""
+    from lora_ext.tools.convert import convert
+
+    base = tiny("flux")
+    save_file({"model.diffusion_model." + k: v for k, v in original_state(base).items()}, tmp_path / "flux.safetensors")
+    _kohya_and_peft_lora(tmp_path / "lora.safetensors")
+    convert(tmp_path / "lora.safetensors", tmp_path / "peft.safetensors", to="peft", base=tmp_path / "flux.safetensors")
+    convert(tmp_path / "peft.safetensors", tmp_path / "kohya.safetensors", to="kohya", base=tmp_path / "flux.safetensors")
+    peft_keys = set(load_file(tmp_path / "peft.safetensors"))
+    assert "transformer.single_transformer_blocks.0.proj_mlp.lora_A.weight" in peft_keys
+    assert "transformer.norm_out.linear.lora_B.weight" in peft_keys
+    kohya_keys = set(load_file(tmp_path / "kohya.safetensors"))
+    assert "lora_unet_single_blocks_0_linear1.lora_up.weight" in kohya_keys
+    assert "lora_unet_final_layer_adaLN_modulation_1.lora_up.weight" in kohya_keys
+    want = copy.deepcopy(base)
+    apply(want, [tmp_path / "lora.safetensors"], "fuse")
+    for name in ("peft.safetensors", "kohya.safetensors"):
+        got = copy.deepcopy(base)
+        h = apply(got, [tmp_path / name], "fuse")
+        assert h.unmatched == []
+        for k, t in want.state_dict().items():
+            assert torch.allclose(got.state_dict()[k], t, rtol=0, atol=2e-6), (name, k)

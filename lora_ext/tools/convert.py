@@ -49,7 +49,7 @@ def convert(path, out, *, to: str = "kohya", base=None, progress: Optional[bool]
             if to == "peft" and not is_plain_lora(bnd):
                 bad.append(f"{bnd.group.prefix} ({bnd.adapter.type_name})")
                 continue
-            for e in copy_entries(bnd, model.layout):
+            for e in _diffusers_order(copy_entries(bnd, model.layout), model):
                 note = bnd.adapter.type_name
                 if to == "peft" and "lora_mid.weight" in e.tensors:
                     _fold_mid(e)
@@ -90,7 +90,10 @@ def convert(path, out, *, to: str = "kohya", base=None, progress: Optional[bool]
             te_text_model = remembered.get("te_text_model", True)
             meta[CONVERT_META] = json.dumps(keep)
             original = remembered.get("lora_adapter_metadata")
-            tensors, generated = peft_state_dict(entries, te_text_model, remembered.get("te_magnitude_weight", True))
+            from .writer import peft_components
+
+            tensors, generated = peft_state_dict(entries, te_text_model, remembered.get("te_magnitude_weight", True),
+                                                 peft_components(model.family))
             use = original if original and _same_scales(json.loads(original), entries, te_text_model) else None
             from ..io import save_safetensors
 
@@ -105,6 +108,22 @@ def convert(path, out, *, to: str = "kohya", base=None, progress: Optional[bool]
         model.close()
     emit(log, report)
     return report
+
+
+def _diffusers_order(entries, model):
+    """Entries with every row in the diffusers order the output names assume: on an
+    original-layout (ldm-named) base, a DiT modulation the original stores halves-swapped
+    (``ModuleInfo.ldm_swap``) comes out of the binding in the original's order."""
+    if getattr(model.keymap, "naming", "diffusers") != "ldm":
+        return entries
+    for e in entries:
+        info = model.layout.get(e.target.component, {}).get(e.target.module) if e.target is not None else None
+        if info is not None and getattr(info, "ldm_swap", False):
+            for k in ("lora_up.weight", "lora_up.bias", "dora_scale"):
+                if k in e.tensors:
+                    t = e.tensors[k]
+                    e.tensors[k] = torch.cat([t[t.shape[0] // 2:], t[: t.shape[0] // 2]], 0)
+    return entries
 
 
 def _remembered(metadata) -> dict:

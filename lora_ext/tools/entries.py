@@ -40,6 +40,11 @@ def copy_entries(binding, layout) -> list:
     """
     tensors = binding.group.tensors
     targets = binding.targets
+    if getattr(binding.candidate, "swap", False):
+        # a DiT modulation spelled in the other layout: rows into the target's (diffusers) order
+        n = lambda t: torch.cat([t[t.shape[0] // 2:], t[: t.shape[0] // 2]], 0)  # noqa: E731
+        tensors = {k: (n(v) if k in ("lora_up.weight", "lora_up.bias", "dora_scale", "diff", "diff_b") else v)
+                   for k, v in tensors.items()}
     if len(targets) == 1:
         t = targets[0]
         shape = tuple(layout[t.component][t.module].weight_shape)

@@ -38,7 +38,21 @@ Tensor = torch.Tensor
 FORMATS = ("kohya", "peft")
 DTYPES = {"fp16": torch.float16, "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp32": torch.float32, "float32": torch.float32, "float": torch.float32, "half": torch.float16}
-PEFT_COMPONENT = {"unet": "unet", "te1": "text_encoder", "te2": "text_encoder_2"}
+PEFT_COMPONENT = {"unet": "unet", "te1": "text_encoder", "te2": "text_encoder_2", "te3": "text_encoder_3"}
+
+
+def peft_components(family: str) -> dict:
+    """diffusers' component names for ``family``: a DiT pipeline's denoiser is its
+    ``transformer``; Flux's (and HunyuanVideo's) T5 is ``text_encoder_2``, SD3's ``text_encoder_3``."""
+    from .. import dit
+
+    fam = dit.VARIANTS[family][0] if family in dit.VARIANTS else family
+    if fam not in dit.FAMILIES:
+        return dict(PEFT_COMPONENT)
+    out = dict(PEFT_COMPONENT, unet="transformer")
+    if fam != "sd3":
+        out["te3"] = "text_encoder_2"
+    return out
 BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
 ARCHITECTURE = {"sd1": "stable-diffusion-v1/lora", "sd2": "stable-diffusion-v2-512/lora",
                 "sdxl": "stable-diffusion-xl-v1-base/lora"}
@@ -117,8 +131,10 @@ def kohya_prefix(target: Target, family: str, ldm_path: Optional[str] = None, ha
     return te + "text_model_" + target.module.replace(".", "_")
 
 
-def peft_prefix(target: Target, te_text_model: bool = True) -> str:
-    comp = PEFT_COMPONENT[target.component]
+def peft_prefix(target: Target, te_text_model: bool = True, components: Optional[Mapping] = None) -> str:
+    comp = (components or PEFT_COMPONENT)[target.component]
+    if target.component == "te3":  # T5: no text_model level
+        return f"{comp}.{target.module}"
     if target.component == "unet":
         return f"{comp}.{target.module}"
     return f"{comp}.{'text_model.' if te_text_model else ''}{target.module}"
@@ -132,6 +148,11 @@ def _scalar(t) -> float:
 def kohya_state_dict(entries: Iterable[Entry], family: str, layout: Mapping, unet_names: Optional[str] = None) -> dict:
     has_te2 = "te2" in layout
     out = {}
+    from .. import dit
+
+    if family in dit.VARIANTS or family in dit.FAMILIES:
+        entries = list(entries)
+        return _dit_kohya_state_dict(entries, layout)
     for e in entries:
         if e.prefix is not None:
             prefix = e.prefix
@@ -169,7 +190,8 @@ def kohya_dora_scale(scale: Tensor, weight_shape) -> Tensor:
     return scale  # per-input (1, in, ...): kohya/LyCORIS spelling already
 
 
-def peft_state_dict(entries: Iterable[Entry], te_text_model: bool = True, te_magnitude_weight: bool = True) -> tuple[dict, dict]:
+def peft_state_dict(entries: Iterable[Entry], te_text_model: bool = True, te_magnitude_weight: bool = True,
+                    components: Optional[Mapping] = None) -> tuple[dict, dict]:
     """(tensors, lora_adapter_metadata dict) in diffusers' PEFT layout.
 
     Text-encoder DoRA magnitudes are written ``lora_magnitude_vector.weight`` by default: PEFT
@@ -184,7 +206,7 @@ def peft_state_dict(entries: Iterable[Entry], te_text_model: bool = True, te_mag
             raise FormatError(f"{where}: PEFT/diffusers LoRA files hold LoRA and DoRA only, not tensors {names}")
         if "lora_mid.weight" in e.tensors:
             raise FormatError(f"{e.target.module}: a Tucker lora_mid core has no PEFT form; fold it first")
-        prefix = peft_prefix(e.target, te_text_model)
+        prefix = peft_prefix(e.target, te_text_model, components)
         t = e.tensors
         tensors[f"{prefix}.lora_A.weight"] = t["lora_down.weight"].contiguous()
         tensors[f"{prefix}.lora_B.weight"] = t["lora_up.weight"].contiguous()
@@ -201,7 +223,7 @@ def peft_state_dict(entries: Iterable[Entry], te_text_model: bool = True, te_mag
     for comp, mods in per_comp.items():
         doras = {m[3] for m in mods}
         if len(doras) > 1:
-            raise FormatError(f"{PEFT_COMPONENT[comp]}: some modules are DoRA and some plain LoRA; one PEFT config "
+            raise FormatError(f"{(components or PEFT_COMPONENT)[comp]}: some modules are DoRA and some plain LoRA; one PEFT config "
                               "cannot hold both (write kohya instead)")
         r0 = Counter(m[1] for m in mods).most_common(1)[0][0]
         a0 = Counter(m[2] for m in mods).most_common(1)[0][0]
@@ -214,7 +236,7 @@ def peft_state_dict(entries: Iterable[Entry], te_text_model: bool = True, te_mag
             "use_rslora": False, "bias": "none", "peft_type": "LORA",
         }
         for k, v in cfg.items():
-            meta[f"{PEFT_COMPONENT[comp]}.{k}"] = v
+            meta[f"{(components or PEFT_COMPONENT)[comp]}.{k}"] = v
     return tensors, meta
 
 
@@ -272,3 +294,83 @@ def write_lora(out, entries: list, *, fmt: str = "kohya", family: str = "custom"
 
 __all__ = ["Entry", "lora_entry", "write_lora", "kohya_prefix", "peft_prefix", "FORMATS", "FormatError",
            "parse_dtype", "kohya_dora_scale", "CONVERT_META"]
+
+
+# ---------------------------------------------------------------------------------------------
+# DiT families: kohya's names are the original layout's (``lora_unet_double_blocks_0_img_attn_qkv``)
+def _swap_rows(t: Tensor) -> Tensor:
+    n = t.shape[0] // 2
+    return torch.cat([t[n:], t[:n]], 0)
+
+
+def _dit_kohya_state_dict(entries: list, layout: Mapping) -> dict:
+    """kohya naming on a DiT: original-layout module names (HunyuanVideo: Tencent's, as musubi
+    writes them); the modulation whose halves the original stores the other way round gets its
+    rows swapped; modules the original fuses (q|k|v, Flux's q|k|v|mlp) are written as one LoRA
+    on the fused weight: ``down`` stacks the parts' ``down``s, ``up`` is block-diagonal, so the
+    fused delta is exactly the parts' deltas (a part the file lacks gets zero rows). Parts with
+    one ``alpha / rank`` keep it as ``alpha``; different ones are folded into ``up`` in fp32."""
+    out, fused = {}, {}
+    unet = layout.get("unet", {})
+
+    def put(prefix, tensors):
+        for name, t in tensors.items():
+            key = f"{prefix}.{name}"
+            if key in out:
+                raise FormatError(f"two modules write {key}")
+            out[key] = t.contiguous()
+
+    for e in entries:
+        if e.prefix is not None:
+            put(e.prefix, e.tensors)
+            continue
+        t = e.target
+        if t.component != "unet":
+            lead = "text_model_" if t.component in ("te1", "te2") else ""
+            put({"te1": "lora_te1_", "te2": "lora_te2_", "te3": "lora_te3_"}[t.component] + lead
+                + t.module.replace(".", "_"), e.tensors)
+            continue
+        info = unet[t.module]
+        if info.ldm_rows is not None:
+            if not e.is_lora or set(e.tensors) - {"lora_up.weight", "lora_down.weight", "alpha"}:
+                raise FormatError(f"{t.module}: only plain LoRA parts can be joined into the fused "
+                                  f"{info.ldm_path} (write PEFT / diffusers names instead)")
+            fused.setdefault(info.ldm_alias or info.ldm_path, []).append((info, e))
+            continue
+        name = (info.ldm_alias or info.ldm_path or t.module)
+        tensors = dict(e.tensors)
+        if info.ldm_swap:
+            for k in ("lora_up.weight", "lora_up.bias", "dora_scale", "diff", "diff_b"):
+                if k in tensors:
+                    tensors[k] = _swap_rows(tensors[k])
+        put("lora_unet_" + (name[: -len(".scale")] if name.endswith(".scale") else name).replace(".", "_"), tensors)
+    for body, parts in fused.items():
+        infos = sorted({i.path: i for i in unet.values() if (i.ldm_alias or i.ldm_path) == body and i.ldm_rows}.values(),
+                       key=lambda i: i.ldm_rows[0])
+        have = {i.path: e for i, e in parts}
+        downs, ups, scales = [], [], []
+        for i in infos:
+            e = have.get(i.path)
+            if e is None:
+                continue
+            down = e.tensors["lora_down.weight"].reshape(e.tensors["lora_down.weight"].shape[0], -1)
+            up = e.tensors["lora_up.weight"].reshape(e.tensors["lora_up.weight"].shape[0], -1)
+            alpha = _scalar(e.tensors["alpha"]) if "alpha" in e.tensors else float(down.shape[0])
+            downs.append(down)
+            ups.append((i, up))
+            scales.append(alpha / float(down.shape[0]))
+        rank = sum(d.shape[0] for d in downs)
+        rows = infos[-1].ldm_rows[1]
+        dtype = downs[0].dtype
+        same = len({round(s, 12) for s in scales}) == 1
+        big_up = torch.zeros(rows, rank, dtype=torch.float32)
+        col = 0
+        for (i, up), s in zip(ups, scales):
+            r = up.shape[1]
+            big_up[i.ldm_rows[0]:i.ldm_rows[1], col:col + r] = up.float() * (1.0 if same else s)
+            col += r
+        alpha = scales[0] * rank if same else float(rank)
+        put("lora_unet_" + body.replace(".", "_"), {
+            "lora_down.weight": torch.cat(downs, 0).to(dtype), "lora_up.weight": big_up.to(dtype),
+            "alpha": torch.tensor(alpha, dtype=torch.float32)})
+    return out
