@@ -17,7 +17,7 @@ from .layouts import arch_keymap
 from .metadata import training_info, trigger_words
 from .network import Unmatched, load_lora
 from .textsafe import printable
-from .typing_only import file_summary, group_unmatched, unknown_evidence
+from .typing_only import closest_family, file_summary, group_unmatched, unknown_evidence
 
 
 class BaseModelRef:
@@ -32,6 +32,7 @@ class BaseModelRef:
         try:
             self.family = ckpt.family
             fam = LABELS.get(ckpt.family) or _dit_label(ckpt.family)
+            self.family_label = fam
             self.label = f"{os.path.basename(os.path.normpath(self.path))} ({fam})"
             self.keymap = KeyMap(ckpt.layout, label=self.label, naming=ckpt.naming)
             self.modules = sum(len(t) for t in ckpt.layout.values())
@@ -63,6 +64,13 @@ def inspect_any(path, base: Optional[BaseModelRef] = None, *, lora=None, addnet:
     elif detected.supported:
         res = lora.resolve(arch_keymap(detected.name))
         bindings, unmatched, label = res.bindings, res.unmatched, detected.label
+    elif detected.name == "unknown" and closest_family(lora, detected.scores)[0] is not None:
+        # name the keys' fate in the closest known layout (its names, not its shapes)
+        closest = closest_family(lora, detected.scores)[0]
+        res = lora.resolve(arch_keymap(closest))
+        label = arch_keymap(closest).label
+        bindings, unmatched = [], res.unmatched + [
+            Unmatched(k, f"no module of this shape in {label}") for b in res.bindings for k in sorted(b.group.keys.values())]
     else:
         label = detected.label
         why = (
@@ -160,7 +168,7 @@ def render_any(info: dict, *, keys: bool = False, examples: int = 3) -> str:
         f"  [{t(info['base_model_evidence'])}]",
     ]
     if info.get("bound_to_path"):
-        lines.append(f"  bound to:     {t(info['bound_to_path'])} ({t(bound)})")
+        lines.append(f"  bound to:     {t(info['bound_to_path'])}")
     lines += [
         f"  types:        {_counts(info['types']) or 'none'}  ({n_typed} modules, {info['keys']} keys{applied})",
         f"  components:   {_counts(info['components']) or 'none'}",

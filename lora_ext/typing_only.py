@@ -114,6 +114,20 @@ def file_summary(lora) -> dict:
     }
 
 
+def closest_family(lora, scores: dict):
+    """(layout name, groups whose module name it has): the known layout with most of the file's
+    module names, or (None, 0)."""
+    from .layouts import arch_keymap
+
+    best, best_hits = None, 0
+    for arch in scores:
+        km = arch_keymap(arch)
+        hits = sum(1 for prefix in lora.groups if km.candidates(prefix))
+        if hits > best_hits:
+            best, best_hits = arch, hits
+    return best, best_hits
+
+
 def unknown_evidence(lora, summary: dict, scores: dict) -> str:
     """Why no known base fits: module count, distinct weight shapes, the closest known layout
     (most module names it has) and why it does not fit."""
@@ -125,22 +139,11 @@ def unknown_evidence(lora, summary: dict, scores: dict) -> str:
     common = ", ".join(str(s) for s, _ in shapes.most_common(3))
     parts = [f"{summary['modules']} typed modules of {n}",
              f"{len(shapes)} distinct weight shapes" + (f" (most common {common})" if common else "")]
-    best, best_hits, example = None, 0, ""
-    for arch in scores:
-        km = arch_keymap(arch)
-        hits = 0
-        for prefix, group in lora.groups.items():
-            cands = km.candidates(prefix)
-            if cands:
-                hits += 1
-                if not example or best != arch:
-                    pass
-        if hits > best_hits:
-            best, best_hits = arch, hits
+    best, best_hits = closest_family(lora, scores)
     if best is None:
         parts.append("closest known family: none (no module name of SD1.x, SD2.x, SDXL or a DiT family matches)")
         return "; ".join(parts)
-    km = arch_keymap(best)
+    km, example = arch_keymap(best), ""
     for prefix, group in lora.groups.items():
         cands = km.candidates(prefix)
         if cands and group.adapter is not None:
