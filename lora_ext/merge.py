@@ -53,7 +53,10 @@ def finite_result(base: torch.Tensor, value32: torch.Tensor, what: str) -> torch
     where the base held a finite number (a strength too large for fp16 overflows there)."""
     out = value32.to(base.dtype)
     if out.is_floating_point():
-        bad = ~torch.isfinite(out) & torch.isfinite(base.reshape(out.shape))
+        # fp8 has no isfinite kernel: check its fp32 upcast (exact), which keeps NaN / Inf
+        check = out if out.element_size() > 1 else out.float()
+        ref = base if base.element_size() > 1 else base.float()
+        bad = ~torch.isfinite(check) & torch.isfinite(ref.reshape(out.shape))
         if bool(bad.any()):
             raise LoraExtError(f"{what}: the result holds {int(bad.sum())} non-finite values where the base "
                                f"is finite (a strength too large for {str(base.dtype).replace('torch.', '')}?); "

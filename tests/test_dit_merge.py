@@ -135,3 +135,24 @@ def test_convert_dit_lora_between_kohya_and_peft(tmp_path):
         assert h.unmatched == []
         for k, t in want.state_dict().items():
             assert torch.allclose(got.state_dict()[k], t, rtol=0, atol=2e-6), (name, k)
+
+
+def test_merge_into_an_fp8_flux_file_rounds_once_to_nearest(tmp_path):
+    """An fp8 (float8_e4m3fn) single file: each patched weight is the fp32 result (the fp32
+    upcast of the stored weight plus the fp32 delta) rounded once to nearest; the rest is
+    untouched and stays fp8."""
+    base = tiny("flux")
+    state = {k: (v.to(torch.float8_e4m3fn) if v.dim() == 2 else v) for k, v in original_state(base).items()}
+    save_file(state, tmp_path / "flux_fp8.safetensors")
+    _kohya_and_peft_lora(tmp_path / "lora.safetensors")
+    merge(tmp_path / "flux_fp8.safetensors", [(tmp_path / "lora.safetensors", 1.0)], tmp_path / "out.safetensors")
+    merged = load_file(tmp_path / "out.safetensors")
+    lora = load_file(tmp_path / "lora.safetensors")
+    key = "double_blocks.1.img_attn.qkv.weight"
+    p = "lora_unet_double_blocks_1_img_attn_qkv"
+    delta = 0.75 * lora[f"{p}.lora_up.weight"] @ lora[f"{p}.lora_down.weight"]
+    want = (state[key].float() + delta).to(torch.float8_e4m3fn)
+    assert merged[key].dtype == torch.float8_e4m3fn
+    assert torch.equal(merged[key].view(torch.uint8), want.view(torch.uint8))
+    untouched = "double_blocks.0.img_mod.lin.weight"
+    assert torch.equal(merged[untouched].view(torch.uint8), state[untouched].view(torch.uint8))
