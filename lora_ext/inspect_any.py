@@ -145,7 +145,8 @@ def inspect_any(path, base: Optional[BaseModelRef] = None, *, lora=None, addnet:
 def _wrong_base(detected, base: BaseModelRef, applied: int, groups: int) -> Optional[str]:
     """Why the file is not for ``base`` (None when it is)."""
     if groups and applied == 0:
-        return f"made for {detected.label}: none of its {groups} modules applies to {base.label}"
+        made = "made for another model" if detected.name == "unknown" else f"made for {detected.label}"
+        return f"{made}: none of its {groups} modules applies to {base.label}"
     fam = base.family
     if detected.supported and fam not in ("custom", None) and detected.name != fam and applied < groups:
         return f"made for {detected.label}, not {base.label}: {groups - applied} of {groups} modules do not apply"
