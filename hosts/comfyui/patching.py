@@ -83,8 +83,9 @@ def _rows(binding, index):
     if len(binding.targets) == 1:
         return None, None
     shape = tuple(binding.candidate.weight_shape)
-    n = shape[0] // len(binding.targets)
-    return shape, (index * n, (index + 1) * n)
+    counts = binding.candidate.row_counts  # uneven for Flux's linear1 (q|k|v|mlp)
+    start = sum(counts[:index])
+    return shape, (start, start + counts[index])
 
 
 class _Item:
@@ -301,6 +302,14 @@ def clip_host(clip) -> HostModel:
     csm = clip.cond_stage_model
     have = {n: getattr(csm, n).transformer for n in ("clip_l", "clip_h", "clip_g")
             if hasattr(getattr(csm, n, None), "transformer")}
+    t5 = getattr(getattr(csm, "t5xxl", None), "transformer", None)
+    if t5 is not None:  # Flux (CLIP-L + T5), SD3 (CLIP-L, CLIP-G + T5): a DiT's text encoders
+        comps = {"te3": t5}
+        if "clip_l" in have:
+            comps["te1"] = have["clip_l"]
+        if "clip_g" in have:
+            comps["te2"] = have["clip_g"]
+        return HostModel(comps, naming="diffusers", family=None, label="the connected CLIP")
     if "clip_l" in have and "clip_g" in have:
         comps, family = {"te1": have["clip_l"], "te2": have["clip_g"]}, "sdxl"
     elif "clip_h" in have:
@@ -465,26 +474,46 @@ def _add(patcher, bound, entries, components) -> None:
                     continue
                 wide = view.widened.get(t.module)
                 narrow = None if wide is None else wide[1]
+                keys = _patch_keys(module, owner, name)
                 plain = _plain_lora(b, narrow)
                 if plain is not None:
-                    native.append((s, f"{name}.weight", comfy_lora_adapter(*plain)))
+                    native.append((s, keys[0], comfy_lora_adapter(*plain)))
                     continue
                 item = _Item(b, i, s)
-                ours.setdefault(name, (module, owner, narrow, t, []))[4].append(item)
+                ours.setdefault(keys[0], (module, owner, narrow, t, keys, []))[5].append(item)
         for s, key, adapter in native:
             _add_patches(patcher, {key: adapter}, s)
         out = {}
-        for name, (module, owner, narrow, t, items) in ours.items():
+        for key, (module, owner, narrow, t, keys, items) in ours.items():
             wp = cls(items, "weight", narrow, f"{t.component}:{t.module}")
-            wp.weight_shape = tuple(owner.weight.shape)
-            out[f"{name}.weight"] = wp
-            if getattr(owner, "bias", None) is not None and any(_changes_bias(it.binding) for it in items):
+            wp.weight_shape = keys[2]
+            out[key] = wp
+            if keys[1] is not None and getattr(owner, "bias", None) is not None and any(
+                    _changes_bias(it.binding) for it in items):
                 bp = cls(items, "bias", narrow, f"{t.component}:{t.module}")
-                bp.module_weight = (lambda o=owner: o.weight)
-                out[f"{name}.bias"] = bp
+                bp.module_weight = keys[3]
+                out[keys[1]] = bp
         _add_patches(patcher, out, 1.0)
     for m in sorted(missing):
         log.warning("lora-ext: %s is not a module of the patched model; skipped", m)
+
+
+def _patch_keys(module, owner, name):
+    """``(weight key, bias key or None, weight shape, weight getter)`` of a bound module in
+    ComfyUI's ``add_patches`` form. A DiT module that is rows of a fused weight (Flux's q in
+    ``img_attn.qkv``) is ComfyUI's ``(key, (dim, start, length))`` offset form, the way its own
+    loader patches diffusers-named LoRAs onto fused weights (comfy/lora.py, model_lora_keys_unet);
+    a bare parameter (Wan's ``modulation``, a norm's ``scale``) is keyed by its own name."""
+    rows = getattr(module, "rows", None)
+    if rows is not None and isinstance(owner, torch.nn.Linear):
+        r0, r1 = int(rows[0]), int(rows[1])
+        off = (0, r0, r1 - r0)
+        return ((f"{name}.weight", off), (f"{name}.bias", off), (r1 - r0,) + tuple(owner.weight.shape[1:]),
+                lambda o=owner: o.weight[r0:r1])
+    pname = getattr(module, "name", None)
+    if pname is not None and not isinstance(module, torch.nn.Module) and pname not in ("weight", "bias"):
+        return f"{name}.{pname}" if name else pname, None, tuple(module.weight.shape), lambda m=module: m.weight
+    return f"{name}.weight", f"{name}.bias", tuple(owner.weight.shape), lambda o=owner: o.weight
 
 
 def _changes_bias(binding) -> bool:
