@@ -128,6 +128,33 @@ def make_library(folder: str, n: int, seed: int = 0) -> dict:
     return kinds
 
 
+EXPECT = {  # kind -> (base model, types) every row of that kind must show
+    "sd15": ("sd1", {"lora"}), "sdxl_loha": ("sdxl", {"loha"}), "flux": ("flux", {"lora"}),
+    "peft": ("sd1", {"lora"}), "custom_loha": ("unknown", {"loha"}), "pickle": ("sd1", {"lora"}),
+}
+
+
+def check_rows(rows, kinds) -> list:
+    """Every row against what was written: base, types, problems, duplicates."""
+    bad = []
+    for r in rows:
+        kind = kinds.get(r["path"]) or next((k for p, k in kinds.items() if os.path.samefile(p, r["path"])), None)
+        probs = r.get("problems") or []
+        if kind == "broken":
+            ok = probs and probs[0].startswith("unreadable")
+        elif kind == "copy":  # flagged with its original (which of the two is named first: path order)
+            ok = len(r.get("duplicates", [])) == 1 and "copy_of_" + os.path.basename(r["duplicates"][0]) == \
+                os.path.basename(r["path"])
+        else:
+            base, types = EXPECT[kind]
+            ok = (r["base_model"] == base or r["base_model"].startswith(base + "-")) and set(r["types"]) == types
+            if kind != "custom_loha":
+                ok = ok and all(p.startswith(("same tensors as", "duplicate of")) for p in probs)
+        if not ok:
+            bad.append((kind, r["path"], r.get("base_model"), r.get("types"), probs))
+    return bad
+
+
 def floor(files) -> float:
     from safetensors import safe_open
 
@@ -155,6 +182,7 @@ def main() -> None:
         t = time.perf_counter()
         make_library(args.folder, args.files)
         print(f"wrote {args.files} files in {time.perf_counter() - t:.1f} s")
+    kinds = {p: p.split(os.sep)[-3] for p in library.find_lora_files([args.folder])}
     files = library.find_lora_files([args.folder])
     size = sum(os.path.getsize(p) for p in files)
     for p in files:  # page cache warm for every run
@@ -180,6 +208,10 @@ def main() -> None:
     print(f"warm (unchanged library):      {t_warm:.3f} s  = {t_cold / t_warm:.0f}x faster than cold, "
           f"{t_warm / fl:.1f}x the floor")
     print(library.summary_line(cold))
+    bad = check_rows(cold["rows"], kinds)
+    print(f"rows checked against what was written: {len(cold['rows']) - len(bad)} right, {len(bad)} wrong")
+    for b in bad[:10]:
+        print("  WRONG:", b)
 
 
 if __name__ == "__main__":

@@ -109,6 +109,7 @@ def load_lora_shapes(path):
 
     path = os.fspath(path)
     with open_tensors(path, kind="lora") as tf:
+        tf.check_complete()  # a truncated file is broken even where no tensor is read
         metadata = dict(tf.metadata)
         types = plugins.adapter_types()
         names = {n for t in types for n in (t.required | t.optional)}

@@ -200,6 +200,8 @@ def lib(tiny, tmp_path):
     # a pickle (through the safe loader) of another LoHa (other data)
     torch.save(_kohya_loha(tiny["unet"], seed=7), root / "custom" / "other_loha.pt")
     (root / "broken" / "truncated.safetensors").write_bytes(open(tiny["loha"], "rb").read()[:5000])
+    data = open(tiny["loha"], "rb").read()  # header whole, data cut: found without reading the data
+    (root / "broken" / "half.safetensors").write_bytes(data[: len(data) - 1000])
     (root / "broken" / "not_a_lora.safetensors").write_bytes(b"hello")
     bad = _kohya_loha(tiny["unet"], seed=9)
     bad[next(k for k in bad if k.endswith(".alpha"))] = torch.tensor(float("nan"))
@@ -218,7 +220,7 @@ def test_library_rows_duplicates_problems_and_cache(lib, tiny, tmp_path, monkeyp
     first = library.scan_library([lib], jobs=1, cache_path=str(cache), progress=False)
     reads = dict(library.READS)
     rows = _by_name(first)
-    assert len(first["rows"]) == 12 and "notes" not in rows
+    assert len(first["rows"]) == 13 and "notes" not in rows
     n = tiny["n"]
     assert rows["loha_custom"]["types"] == {"loha": n} and rows["loha_custom"]["base_model"] == "unknown"
     assert rows["other_loha"]["types"] == {"loha": n} and rows["other_loha"]["ranks"] == {"4": n}
@@ -226,6 +228,7 @@ def test_library_rows_duplicates_problems_and_cache(lib, tiny, tmp_path, monkeyp
     assert rows["inkwash_sd15_lora"]["triggers"][:2] == ["inkwash style", "monochrome"]
     assert rows["odd_keys_sd15"]["problems"][0].startswith("2 keys (1 modules) not applied to SD1.x")
     assert rows["truncated"]["problems"][0].startswith("unreadable: ")
+    assert rows["half"]["problems"][0].startswith("unreadable: truncated")
     assert rows["not_a_lora"]["problems"][0].startswith("unreadable: not a safetensors file")
     assert rows["nan_alpha"]["problems"][0].startswith("NaN/Inf: ") and "NaN" in rows["nan_alpha"]["problems"][0]
     # duplicates: the copy and the renamed keys hold the same tensors as loha_custom; other_loha does not
@@ -243,14 +246,14 @@ def test_library_rows_duplicates_problems_and_cache(lib, tiny, tmp_path, monkeyp
     library.READS.clear()
     monkeypatch.setattr(library, "open_tensors", lambda *a, **k: pytest.fail("opened a tensor file"))
     second = library.scan_library([lib], jobs=1, cache_path=str(cache), progress=False)
-    assert sum(library.READS.values()) == 0 and second["stats"]["cached"] == 12
+    assert sum(library.READS.values()) == 0 and second["stats"]["cached"] == 13
     assert second["rows"] == first["rows"]
     monkeypatch.undo()
 
     # a changed file is scanned again, the rest comes from the cache
     save_file(_kohya_loha(tiny["unet"], seed=11), lib / "custom" / "loha_custom.safetensors", LOHA_META)
     third = library.scan_library([lib], jobs=1, cache_path=str(cache), progress=False)
-    assert third["stats"]["cached"] == 11 and third["stats"]["scanned"] == 1
+    assert third["stats"]["cached"] == 12 and third["stats"]["scanned"] == 1
     rows3 = _by_name(third)
     assert "duplicates" not in rows3["loha_custom"]
     assert {os.path.basename(p) for p in rows3["copy_of_loha"]["duplicates"]} == {"renamed_keys.safetensors"}
@@ -273,10 +276,10 @@ def test_library_with_base_flags_wrong_base_and_parallel_matches(lib, tiny, tmp_
     assert out.splitlines()[0].split()[:4] == ["NAME", "BASE", "TYPES", "RANKS"] and "wrong base" in out
     assert main(["inspect", str(lib), "--csv", "--no-cache", "--jobs", "1"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith("name,base,types") and len(lines) == 13
+    assert lines[0].startswith("name,base,types") and len(lines) == 14
     assert main(["inspect", str(lib), "--json", "--no-cache", "--jobs", "1"]) == 0
     objs = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
-    assert len(objs) == 12 and all("problems" in o for o in objs)
+    assert len(objs) == 13 and all("problems" in o for o in objs)
 
 
 def test_library_full_finds_nan_in_big_tensors(tiny, tmp_path):
