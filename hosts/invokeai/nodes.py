@@ -370,7 +370,8 @@ class LoraExtLoaderInvocation(BaseInvocation):
     lora: str = InputField(description="A LoRA file: a name in the LoRA folders, or a path")
     weight: float = InputField(default=1.0, description="Strength on the UNet")
     clip_weight: float = InputField(default=1.0, description="Strength on the text encoders")
-    block_weights: str = InputField(default="", description="lbw preset or 12/17/20/26 numbers, or in=..:mid=..:out=..")
+    block_weights: str = InputField(default="", description="lbw preset or 12/17/20/26 numbers (FLUX: 61 numbers or "
+                                                            "ids such as lbw=D00=0.5,S01=0), or in=..:mid=..:out=..")
     keyframes: str = InputField(default="", description="w@pos,... over the run, multiplying the UNet strength")
     lora_ext: Optional[LoraExtStackField] = InputField(default=None, input=Input.Connection, title=STACK_TITLE)
 
