@@ -95,7 +95,14 @@ def _small_or_meta(tf, key: str):
     if n <= SMALL:
         READS["small"] += 1
         return tf.get(key)
-    return torch.empty(shape, dtype=tf.dtype(key), device="meta")
+    dtype = tf.dtype(key)
+    t = _META.get((shape, dtype))
+    if t is None:  # meta tensors hold no data: one per shape and dtype serves every group
+        t = _META[(shape, dtype)] = torch.empty(shape, dtype=dtype, device="meta")
+    return t
+
+
+_META: dict = {}
 
 
 def load_lora_shapes(path):
