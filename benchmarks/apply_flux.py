@@ -35,8 +35,9 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# appended, not prepended: benchmarks/inspect.py must not shadow the standard library's inspect
+sys.path.append(os.path.dirname(os.path.abspath(__file__)))
 
 import lora_ext  # noqa: E402
 from apply import DTYPES, Phase, compare, mb, quiet_diffusers, snapshot  # noqa: E402
