@@ -74,7 +74,8 @@ def sample(ns, model, steps=4, second_order=False, observe=None):
 
 def test_node_list_and_inputs(comfy):
     ns = comfy
-    assert set(ns.nodes) == {"LoraExtLoader", "LoraExtLoaderModelOnly", "LoraExtPromptLoader", "LoraExtInspector"}
+    assert set(ns.nodes) == {"LoraExtLoader", "LoraExtLoaderModelOnly", "LoraExtPromptLoader", "LoraExtInspector",
+                             "LoraExtExpertLoader"}
     assert set(ns.names) == set(ns.nodes)
     inputs = ns.nodes["LoraExtLoader"].INPUT_TYPES()
     assert inputs["required"]["lora_name"][0] == ["alpha.safetensors", "beta.safetensors", "gamma.safetensors"]
@@ -194,7 +195,7 @@ def test_repository_init_is_import_light():
     code = ("import importlib.util, sys\n"
             f"spec = importlib.util.spec_from_file_location('lora_ext_nodes', {os.path.join(ROOT, '__init__.py')!r})\n"
             "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
-            "assert set(m.NODE_CLASS_MAPPINGS) == {'LoraExtLoader', 'LoraExtLoaderModelOnly', 'LoraExtPromptLoader', "
+            "assert set(m.NODE_CLASS_MAPPINGS) == {'LoraExtLoader', 'LoraExtLoaderModelOnly', 'LoraExtPromptLoader', 'LoraExtExpertLoader', "
             "'LoraExtInspector'}\n"
             "heavy = [x for x in ('torch', 'comfy', 'diffusers', 'transformers') if x in sys.modules]\n"
             "assert not heavy, heavy\n"
@@ -401,3 +402,21 @@ def test_model_only_and_clip_failure_do_not_block_each_other(comfy, caplog):
     assert any("CLIP is left unchanged" in r.getMessage() for r in caplog.records)
     with pytest.raises(Exception, match="CLIP"):
         ns.nodes["LoraExtLoader"]().load(ns.model, broken, "alpha.safetensors", 0.0, 0.5)
+
+
+def test_two_expert_loader_gives_each_model_its_file(comfy, tmp_path):
+    """Wan 2.2 A14B workflows load the high- and low-noise experts as two MODELs: the pair's
+    files go each to its expert, with one strength or the low expert's own."""
+    import shutil
+
+    ns = comfy
+    shutil.copy(ns.loras["alpha"], tmp_path / "loras" / "pair_HIGH.safetensors")
+    shutil.copy(ns.loras["beta"], tmp_path / "loras" / "pair_LOW.safetensors")
+    clone = ns.model.clone()
+    high, low = ns.nodes["LoraExtExpertLoader"]().load(ns.model, clone, "pair_LOW.safetensors", 0.8, 0.3)
+    sample(ns, high)
+    assert close_weights(ns.unet, reference({"unet": ns.base_unet}, [LoraSpec("a", path=ns.loras["alpha"], unet=0.8)], 0)["unet"])
+    sample(ns, low)
+    assert close_weights(ns.unet, reference({"unet": ns.base_unet}, [LoraSpec("b", path=ns.loras["beta"], unet=0.3)], 0)["unet"])
+    with pytest.raises(ValueError, match="names no expert"):
+        ns.nodes["LoraExtExpertLoader"]().load(ns.model, clone, "alpha.safetensors", 1.0)

@@ -93,6 +93,79 @@ class LoraExtLoaderModelOnly:
         return _load(model, None, lora_name, strength_model, 0.0, block_weights, keyframes)[:1]
 
 
+class LoraExtExpertLoader:
+    """A LoRA pair for a two-expert model (Wan 2.2 A14B: ComfyUI loads its high-noise and its
+    low-noise model with two loaders and samples them in two KSamplerAdvanced halves). Pick
+    either file of the pair; its twin (the same name with LOW for HIGH, low_noise for
+    high_noise ...) goes to the other model. One strength, block weights and keyframes for
+    both (the keyframes follow the whole run across the two halves), or ``strength_low`` for
+    the low-noise model's own."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model_high": ("MODEL", {"tooltip": "The high-noise expert (Wan 2.2 A14B: the first sampler's model)."}),
+                "model_low": ("MODEL", {"tooltip": "The low-noise expert (the second sampler's model)."}),
+                "lora_name": _lora_input(),
+                "strength": _strength("Strength on both experts."),
+                "strength_low": ("FLOAT", {"default": -1000.0, "min": -1000.0, "max": 100.0, "step": 0.01,
+                                           "tooltip": "The low-noise expert's own strength; -1000: the same as strength."}),
+            },
+            "optional": _schedule_inputs(),
+        }
+
+    RETURN_TYPES = ("MODEL", "MODEL")
+    RETURN_NAMES = ("model_high", "model_low")
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Applies a two-expert LoRA pair (HIGH/LOW files) to the two models of a Wan 2.2 A14B workflow."
+
+    def load(self, model_high, model_low, lora_name, strength, strength_low=-1000.0, block_weights="",
+             keyframes=""):
+        pair = _pair(lora_name)
+        low = strength if strength_low <= -1000.0 else strength_low
+        out_high = _load_path(model_high, pair["high"], strength, block_weights, keyframes)
+        out_low = _load_path(model_low, pair["low"], low, block_weights, keyframes)
+        return (out_high, out_low)
+
+
+def _pair(lora_name: str) -> dict:
+    """``{"high": path, "low": path}`` of the pair ``lora_name`` (either file) belongs to."""
+    import os
+
+    from lora_ext.experts import split_expert
+
+    rel = lora_name.replace("\\", "/")
+    stem = os.path.splitext(os.path.basename(rel))[0]
+    parts = split_expert(stem)
+    if parts is None:
+        raise ValueError(f"lora-ext: {lora_name} names no expert (HIGH / LOW, high_noise / low_noise); "
+                         "use LoRA Loader (lora-ext) for a single model")
+    folder = os.path.dirname(rel)
+    name = parts[0] or folder
+    found = _library().find_pair(f"{folder}/{parts[0]}" if folder and parts[0] else name)
+    if found is None:
+        raise ValueError(f"lora-ext: {lora_name} has no {'low' if parts[1] == 'high' else 'high'}-noise twin "
+                         "in the LoRA folders")
+    return {e: f.path for e, f in found.items()}
+
+
+def _load_path(model, path, strength, block_weights, keyframes):
+    import os
+
+    from lora_ext.session import spec_from_inputs
+
+    from .patching import apply
+
+    if strength == 0 and not (keyframes or "").strip():
+        return model
+    spec = spec_from_inputs(os.path.splitext(os.path.basename(path))[0], path, unet=strength, te=0.0,
+                            blocks=block_weights, keyframes=keyframes)
+    new_model, _, _ = apply(model, None, [spec])
+    return model if new_model is None else new_model
+
+
 def _lora_input():
     return (_lora_files(), {"tooltip": "Any LoRA type: LoRA, LoCon, LoHa, LoKr, DoRA, IA3, OFT, BOFT, GLoRA, "
                                        "full, norm."})
@@ -176,10 +249,12 @@ NODE_CLASS_MAPPINGS = {
     "LoraExtLoaderModelOnly": LoraExtLoaderModelOnly,
     "LoraExtPromptLoader": LoraExtPromptLoader,
     "LoraExtInspector": LoraExtInspector,
+    "LoraExtExpertLoader": LoraExtExpertLoader,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "LoraExtLoader": "LoRA Loader (lora-ext)",
     "LoraExtLoaderModelOnly": "LoRA Loader, model only (lora-ext)",
     "LoraExtPromptLoader": "LoRA Tags from Prompt (lora-ext)",
     "LoraExtInspector": "LoRA Inspector (lora-ext)",
+    "LoraExtExpertLoader": "LoRA Loader, two experts (lora-ext)",
 }
