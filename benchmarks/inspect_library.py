@@ -13,8 +13,8 @@ all three:
   detection, binding, duplicate confirmation), ``--jobs`` worker processes;
 * warm: ``scan_library`` again with the cache the cold run wrote.
 
-    python benchmarks/inspect.py --folder /tmp/loralib            # 320 files, 2 jobs
-    python benchmarks/inspect.py --folder /tmp/loralib --files 60 --jobs 1
+    python benchmarks/inspect_library.py --folder /tmp/loralib            # 320 files, 2 jobs
+    python benchmarks/inspect_library.py --folder /tmp/loralib --files 60 --jobs 1
 """
 from __future__ import annotations
 
