@@ -36,7 +36,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-# appended, not prepended: benchmarks/inspect.py must not shadow the standard library's inspect
+# appended, not prepended: no benchmark module may shadow the standard library's inspect
 sys.path.append(os.path.dirname(os.path.abspath(__file__)))
 
 import lora_ext  # noqa: E402
