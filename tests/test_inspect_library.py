@@ -303,3 +303,28 @@ def test_library_errors_are_one_line(tmp_path, capsys):
     assert err.startswith("error: no LoRA files") and err.count("\n") == 1
     assert main(["inspect", str(tmp_path / "empty"), str(tmp_path / "missing"), "--no-cache"]) == 2
     assert "no such file or folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kw", [dict(algo="locon", use_tucker=True), dict(algo="lokr", factor=4, use_tucker=True,
+                                decompose_both=True), dict(algo="loha", dora_wd=True),
+                                dict(algo="locon", dora_wd=True, wd_on_output=False), dict(algo="diag-oft", block_size=4),
+                                dict(algo="boft", block_size=4), dict(algo="glora"), dict(algo="locon", train_norm=True)],
+                         ids=["locon-tucker", "lokr-tucker", "dora-loha", "dora-in", "diag-oft", "boft", "glora", "norms"])
+def test_library_reading_by_shapes_reports_what_a_full_load_does(tiny, tmp_path, kw):
+    """Library mode builds adapters on meta tensors (no tensor data): for every type the report
+    must equal the one from the real tensors."""
+    lycoris = pytest.importorskip("lycoris")
+    from lora_ext.inspect_any import inspect_any
+    from lora_ext.network import load_lora
+
+    net = lycoris.create_lycoris(tiny_unet(), 1.0, linear_dim=4, linear_alpha=3, conv_dim=4, conv_alpha=2, **kw)
+    net.apply_to()
+    path = str(tmp_path / "x.safetensors")
+    net.save_weights(path, torch.float32, {})
+    fields = ("types", "typed_modules", "ranks", "alphas", "components", "base_model", "unmatched", "not_applied")
+    library.READS.clear()
+    by_shape = inspect_any(path, None, lora=library.load_lora_shapes(path), addnet=False)
+    assert library.READS["full"] == 0
+    full = inspect_any(path, None, lora=load_lora(path), addnet=False)
+    assert {k: by_shape[k] for k in fields} == {k: full[k] for k in fields}
+    assert by_shape["typed_modules"] > 0
