@@ -328,3 +328,28 @@ def test_library_reading_by_shapes_reports_what_a_full_load_does(tiny, tmp_path,
     full = inspect_any(path, None, lora=load_lora(path), addnet=False)
     assert {k: by_shape[k] for k in fields} == {k: full[k] for k in fields}
     assert by_shape["typed_modules"] > 0
+
+
+def test_base_can_be_a_tiny_dit_single_file(tmp_path):
+    """--base with a tiny Flux single file (original layout, fused qkv): a diffusers-named LoRA
+    for that model applies in full; without --base the types are still named."""
+    pytest.importorskip("diffusers")
+    from dit_models import dit_table, original_state, tiny as tiny_dit
+
+    model = tiny_dit("flux")
+    table = dit_table(model)
+    save_file(original_state(model, table), tmp_path / "flux_tiny.safetensors")
+    g = torch.Generator().manual_seed(0)
+    sd = {}
+    for path, info in table.items():
+        if info.kind == "linear" and path.startswith(("transformer_blocks.", "single_transformer_blocks.")):
+            out, inn = info.weight_shape
+            sd[f"transformer.{path}.lora_A.weight"] = torch.randn(2, inn, generator=g)
+            sd[f"transformer.{path}.lora_B.weight"] = torch.randn(out, 2, generator=g)
+    save_file(sd, tmp_path / "lora.safetensors")
+    n = len(sd) // 2
+    alone = inspect_lora(tmp_path / "lora.safetensors")
+    assert alone["types"] == {"lora": n} and alone["ranks"] == {"2": n} and alone["modules"] == 0
+    bound = inspect_lora(tmp_path / "lora.safetensors", base=tmp_path / "flux_tiny.safetensors")
+    assert bound["unmatched"] == [] and bound["modules"] == n and bound.get("wrong_base") is None
+    assert any(b.startswith("D") for b in bound["blocks"]) and any(b.startswith("S") for b in bound["blocks"])
