@@ -58,6 +58,11 @@ class HostModel:
     #: which expert of a two-expert model this is ("high" or "low": Wan 2.2 A14B's high-noise
     #: transformer and low-noise transformer_2), or None; a LoRA pair applies that expert's file
     expert: Optional[str] = None
+    #: the other expert of a two-expert model held as one pipeline (SD.Next's Wan 2.2 A14B:
+    #: ``transformer`` is this model, expert "high"; ``transformer_2`` is ``second_expert``,
+    #: expert "low", a denoiser-only HostModel): the session applies the same LoRA list to it,
+    #: each expert taking its own file of a pair, on the same step clock
+    second_expert: Optional["HostModel"] = None
 
     def naming_of(self, component: str) -> str:
         n = self.naming.get(component, "diffusers") if isinstance(self.naming, Mapping) else self.naming
@@ -503,6 +508,9 @@ def weights_digest(host: HostModel) -> dict:
                 flat = t.detach().reshape(-1).contiguous().cpu()
                 h.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
         out[comp] = h.hexdigest()
+    second = getattr(host, "second_expert", None)
+    if second is not None:
+        out.update({f"{c} ({second.expert or 'second'} expert)": d for c, d in weights_digest(second).items()})
     return out
 
 

@@ -112,6 +112,8 @@ class Session:
         self.errors: list = []  # one line per problem of the current list (shims show them)
         self._applied: list = []  # the specs the handles currently hold
         self._lock = threading.RLock()
+        #: the session of the model's second expert (HostModel.second_expert), driven with this one
+        self.partner: Optional["Session"] = None
 
     # --- driving the seam (what shims call) ------------------------------------------------
     def load_model(self, model: HostModel) -> None:
@@ -215,12 +217,16 @@ class Session:
         for h in self.handles.values():
             if getattr(h, "alive", False):
                 out.update(h.strengths())
+        if self.partner is not None:
+            expert = getattr(self.partner.bound.host, "expert", None) if self.partner.bound else None
+            out.update({(f"{c} ({expert or 'second'} expert)", m): v for (c, m), v in self.partner.strengths().items()})
         return out
 
     def close(self) -> None:
         """Restore everything and forget the model."""
         with self._lock:
             self._release()
+            self._drop_partner()
             self.bound = None
 
     # --- hook implementations -------------------------------------------------------------
@@ -230,11 +236,19 @@ class Session:
             return
         with self._lock:
             new = bind(model)
+            second = getattr(model, "second_expert", None)
             self._release()
+            self._drop_partner()
             self.bound = new
+            if second is not None:
+                # the second expert: its own binding and handles, the same LoRAs and step clock
+                self.partner = Session(self.library, method=self.method, te_method=self.te_method,
+                                       label=f"{self.label} ({second.expert or 'second'} expert)".strip())
+                self.partner.load_model(second)
             if self.specs:
                 self._apply()
                 self._position(0)
+                self._follow_partner()
 
     @hookimpl
     def lora_ext_specs_resolved(self, session, specs, hires, total_steps):
@@ -253,6 +267,7 @@ class Session:
             if changed:
                 self._apply()
             self._position(0)
+            self._follow_partner()
 
     @hookimpl
     def lora_ext_step_begins(self, session, step, total_steps, sigma):
@@ -263,6 +278,8 @@ class Session:
             h = self.handles.get("unet")
             if h is not None and h.alive:
                 h.update(step, total_steps, hires=self.hires)
+            if self.partner is not None:
+                self.partner.begin_step(step, total_steps, sigma)
 
     @hookimpl
     def lora_ext_run_ends(self, session, restore):
@@ -272,6 +289,8 @@ class Session:
             self.step = None
             if restore:
                 self._release()
+            if self.partner is not None:
+                self.partner.end_run(restore=restore)
 
     # --- internals ---------------------------------------------------------------------------
     def _alive_handles(self, want: bool) -> bool:
@@ -341,6 +360,23 @@ class Session:
                          r.unmatched[0]["key"], r.unmatched[0]["reason"])
         for e in self.errors:
             log.warning("lora-ext: %s", e)
+
+    def _follow_partner(self) -> None:
+        """The second expert takes the same list (each expert its own file of a pair); its
+        problems are this session's problems."""
+        if self.partner is None:
+            return
+        self.partner.library = self.library
+        if self.partner.method != self.method:
+            self.partner.end_run(restore=True)
+            self.partner.method = self.method
+        self.partner.use_specs(self.specs, hires=self.hires, total_steps=self.total_steps)
+        self.errors.extend(e for e in self.partner.errors if e not in self.errors)
+
+    def _drop_partner(self) -> None:
+        if self.partner is not None:
+            self.partner.close()
+            self.partner = None
 
     def _release(self) -> None:
         """Take every LoRA off the current model; forget handles whose weights were replaced."""

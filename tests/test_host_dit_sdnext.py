@@ -249,3 +249,101 @@ def test_sdnext_flux_kohya_fused_qkv_onto_split_modules_and_skipped_encoders(sdn
         ns.en.activate(_p(pipe, 2), data)
     lines = [r.getMessage() for r in caplog.records if "not taken by lora-ext" in r.getMessage()]
     assert len(lines) == 1 and "text_encoder (qwen2)" in lines[0], lines
+
+
+def _wan22_pipeline():
+    """SD.Next's Wan 2.2 A14B with both experts resident: WanPipeline(transformer=high-noise
+    expert, transformer_2=low-noise expert, boundary_ratio) with tiny components."""
+    import diffusers
+
+    umt5 = _t5(d_model=8, umt5=True)
+    high, low = tiny("wan", seed=0), tiny("wan", seed=7)
+    pipe = diffusers.WanPipeline(tokenizer=None, text_encoder=umt5, vae=None,
+                                 scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), transformer=high,
+                                 transformer_2=low, boundary_ratio=0.875)
+    return pipe, high, low, umt5
+
+
+def _wan_entries(t, *mods):
+    return [(f"transformer.{m}", "unet", m, tuple(t.get_submodule(m).weight.shape), 2.0) for m in mods]
+
+
+def test_sdnext_wan22_two_experts_pair_and_single_lora(sdnext):
+    """A HIGH/LOW pair is one LoRA: transformer takes the HIGH file, transformer_2 the LOW file,
+    ``high=`` gives the high-noise expert its own strength, one step schedule drives both (the
+    low-noise expert runs the later steps alone); a single (Wan 2.1) LoRA goes on both experts;
+    restore is bit-exact on both and on the text encoder."""
+    ns = sdnext
+    pipe, high, low, umt5 = _wan22_pipeline()
+    g = torch.Generator().manual_seed(3)
+    q, ff = "blocks.0.attn1.to_q", "blocks.1.ffn.net.2"
+    d_high = write_lora(ns.folder / "wan22_motion_HIGH.safetensors", _wan_entries(high, q, ff), g)
+    d_low = write_lora(ns.folder / "wan22_motion_LOW.safetensors", _wan_entries(low, q), g)
+    d_one = write_lora(ns.folder / "wan21_style.safetensors", _wan_entries(high, ff), g)
+    pristine = {"high": bits(high), "low": bits(low), "te": bits(umt5)}
+    base_high, base_low = copy.deepcopy(high), copy.deepcopy(low)
+    ns.shared.sd_model = pipe
+    steps = 3
+    p = _p(pipe, steps)
+    _, data = ns.en.parse_prompt("x <lora:wan22_motion:1:high=0.5:unet=0.5@0,1@2> <lora:wan21_style:0.7>")
+    ns.en.activate(p, data)
+    shim = __import__("lora_ext.hosts.a1111.shim", fromlist=["SHIM"]).SHIM
+    s = shim.session
+    assert s.bound.host.components["unet"] is high and s.bound.host.expert == "high"
+    assert s.partner is not None and s.partner.bound.host.components["unet"] is low
+    assert s.errors == [], s.errors
+    ns.shared.state.sampling_steps = steps
+
+    def want(base, pair, own, step):
+        # high=0.5 replaces the pair's strength (schedule included) on the high-noise expert;
+        # the low-noise expert follows the schedule 0.5@0 -> 1@2 on the run's step clock
+        ramp = own if own is not None else 0.5 + 0.5 * step / (steps - 1)
+        deltas = {}
+        for key, d in pair.items():
+            deltas[key] = ramp * d
+        for key, d in d_one.items():
+            deltas[key] = deltas.get(key, 0) + 0.7 * d
+        return merged(base, deltas, "unet", 1.0)
+
+    # steps 0-1 on the high-noise expert, step 2 on the low-noise expert alone (as the pipeline does)
+    for i, (model, base, pair, own) in enumerate([(high, base_high, d_high, 0.5), (high, base_high, d_high, 0.5),
+                                                   (low, base_low, d_low, None)]):
+        ns.shared.state.sampling_step = i
+        got = forward(model, "wan")
+        assert max_rel_err(got, forward(want(base, pair, own, i), "wan")) <= 1e-5, f"step {i}"
+    for r in [*s.reports(), *s.partner.reports()]:
+        assert r.unmatched == [], (r.name, r.unmatched)
+    assert any("low expert" in c for c, _ in s.strengths())
+    ns.shared.opts.lora_ext_restore = "restore"
+    ns.en.activate(p, {})
+    assert same_bits(high, pristine["high"]) and same_bits(low, pristine["low"]) and same_bits(umt5, pristine["te"])
+    assert no_hooks(high) and no_hooks(low)
+
+
+def test_sdnext_wan22_low_noise_stage_alone(sdnext):
+    """SD.Next loads only ``transformer_2`` for a low-noise-only stage: that is the denoiser, and
+    a pair applies its LOW file to it."""
+    import diffusers
+
+    ns = sdnext
+    low = tiny("wan", seed=7)
+    pipe = diffusers.WanPipeline(tokenizer=None, text_encoder=_t5(d_model=8, umt5=True), vae=None,
+                                 scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), transformer=None,
+                                 transformer_2=low, boundary_ratio=0.875)
+    g = torch.Generator().manual_seed(4)
+    q = "blocks.0.attn1.to_q"
+    write_lora(ns.folder / "pair_high_noise.safetensors", _wan_entries(low, "blocks.1.attn1.to_k"), g)
+    d_low = write_lora(ns.folder / "pair_low_noise.safetensors", _wan_entries(low, q), g)
+    base, pristine = copy.deepcopy(low), bits(low)
+    ns.shared.sd_model = pipe
+    p = _p(pipe, 2)
+    _, data = ns.en.parse_prompt("x <lora:pair:0.8>")
+    ns.en.activate(p, data)
+    shim = __import__("lora_ext.hosts.a1111.shim", fromlist=["SHIM"]).SHIM
+    assert shim.session.bound.host.components["unet"] is low and shim.session.bound.host.expert == "low"
+    assert shim.session.partner is None
+    ns.shared.state.sampling_steps, ns.shared.state.sampling_step = 2, 0
+    assert max_rel_err(forward(low, "wan"), forward(merged(base, d_low, "unet", 0.8), "wan")) <= 1e-5
+    ns.shared.opts.lora_ext_restore = "restore"
+    ns.en.activate(p, {})
+    assert same_bits(low, pristine)

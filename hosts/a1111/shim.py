@@ -288,9 +288,18 @@ class A1111Shim:
         forge = getattr(sd_model, "forge_objects", None)
         if forge is not None:
             return _forge_host_model(forge, family, label)
-        comps = _pipeline_components(getattr(sd_model, "pipe", sd_model))
+        pipe = getattr(sd_model, "pipe", sd_model)
+        comps = _pipeline_components(pipe)
         if not comps:
             raise LoraExtError(f"lora-ext does not know how this webui holds its model ({type(sd_model).__name__})")
+        first, second = _experts(pipe)
+        if first is not None and second is not None:
+            # Wan 2.2 A14B with both experts resident: transformer is the high-noise expert,
+            # transformer_2 the low-noise one; each takes its own file of a HIGH/LOW pair
+            low = HostModel({"unet": second}, naming="diffusers", label=f"{label} transformer_2".strip(), expert="low")
+            return HostModel(comps, naming="diffusers", label=label, expert="high", second_expert=low)
+        if second is not None:
+            return HostModel(comps, naming="diffusers", label=label, expert="low")  # a low-noise-only stage
         return HostModel(comps, naming="diffusers", label=label)
 
     def _session_for(self, sd_model, method: Optional[str] = None) -> Session:
@@ -332,6 +341,10 @@ class A1111Shim:
                 self._follow_hires()
 
         hooks = [unet.register_forward_pre_hook(pre)]
+        second = s.bound.host.second_expert
+        if second is not None and hasattr(second.components.get("unet"), "register_forward_pre_hook"):
+            # Wan 2.2's low-noise expert runs the later steps without the first one
+            hooks.append(second.components["unet"].register_forward_pre_hook(pre))
         for comp in ("te1", "te2", "te3"):
             te = s.bound.host.components.get(comp)
             if te is not None and hasattr(te, "register_forward_pre_hook"):
@@ -665,7 +678,8 @@ def _pipeline_components(pipe) -> dict:
     """``{component: module}`` of a diffusers pipeline as SD.Next holds it: the denoiser as
     ``unet``, each CLIP text encoder as ``te1`` then ``te2`` (CLIP-L, CLIP-G) and a T5 as ``te3``,
     whatever the pipeline's attribute order. Encoders lora-ext does not bind (HunyuanVideo's Llama,
-    Qwen-Image's Qwen2.5-VL, Wan 2.2's second transformer) are left out and logged once."""
+    Qwen-Image's Qwen2.5-VL) are left out and logged once; Wan 2.2's second transformer is the
+    second expert (:func:`_experts`)."""
     comps = {}
     denoiser = getattr(pipe, "unet", None)
     if denoiser is None:
@@ -690,10 +704,8 @@ def _pipeline_components(pipe) -> dict:
         else:
             left.append(f"{attr} ({kind})")
     second = getattr(pipe, "transformer_2", None)
-    if second is not None and "unet" in comps:
-        left.append("transformer_2 (the second denoiser)")
-    elif second is not None:
-        comps["unet"] = second
+    if second is not None and "unet" not in comps:
+        comps["unet"] = second  # transformer_2 is the host model's second expert otherwise (_experts)
     if left:
         key = (id(pipe), tuple(left))
         if key not in _NOTED:
@@ -704,6 +716,17 @@ def _pipeline_components(pipe) -> dict:
 
 
 _NOTED: set = set()
+
+
+def _experts(pipe) -> tuple:
+    """``(transformer, transformer_2)`` of a two-expert pipeline (SD.Next's Wan 2.2 A14B; either
+    may be None when SD.Next loaded one expert for a stage), ``(None, None)`` otherwise."""
+    if not hasattr(pipe, "transformer_2"):
+        return None, None
+    def module(name):
+        m = getattr(pipe, name, None)
+        return m if m is not None and hasattr(m, "named_modules") else None
+    return module("transformer"), module("transformer_2")
 
 
 def _text_component(wrapped):
