@@ -23,7 +23,7 @@ from test_engine import no_hooks
 from tiny_models import max_rel_err, tiny_text_encoder, tiny_unet, unet_out
 
 one_thread = one_thread_fixture()
-HOST_MODULES = ("comfy", "folder_paths", "lora_ext.hosts.comfyui", "lora_ext_custom_nodes")
+HOST_MODULES = ("comfy", "folder_paths", "nodes", "lora_ext.hosts.comfyui", "lora_ext_custom_nodes")
 
 
 @pytest.fixture(scope="module")
@@ -68,8 +68,8 @@ def sample(ns, model, steps=4, second_order=False, observe=None):
     if observe is not None:
         model.add_callback_with_key(ns.comfy.patcher_extension.CallbacksMP.ON_PREPARE_STATE, "test-observer", observe)
     sigmas = torch.linspace(10.0, 0.0, steps + 1)
-    return ns.samplers.sample(model, torch.zeros(1, 4, 8, 8), None, sigmas,
-                              sampler=ns.samplers.KSAMPLER(second_order=second_order))
+    return ns.samplers.sample(model, torch.zeros(1, 4, 8, 8), None, None, 1.0, torch.device("cpu"),
+                              ns.samplers.KSAMPLER(second_order=second_order), sigmas)
 
 
 def test_node_list_and_inputs(comfy):

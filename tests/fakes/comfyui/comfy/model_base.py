@@ -32,3 +32,38 @@ class BaseModel(nn.Module):
         unet = self._diffusers[0]
         ctx = c_crossattn if c_crossattn is not None else torch.zeros(x.shape[0], 5, unet.config.cross_attention_dim)
         return unet(x, t * 100, encoder_hidden_states=ctx).sample
+
+
+class WAN21_T2V:
+    """comfy/supported_models.py WAN21_T2V (L985-L1011): Wan 2.1 T2V and both Wan 2.2 A14B
+    experts (ComfyUI loads each expert's file as this config; WAN22_T2V is the TI2V-5B)."""
+    sampling_settings = {"shift": 8.0}
+
+    def __init__(self, unet_config=None):
+        self.unet_config = dict(unet_config or {"image_model": "wan2.1", "model_type": "t2v"})
+
+
+class WAN21(nn.Module):
+    """comfy/model_base.py WAN21 (L1098): ``diffusion_model`` in Wan's original names
+    (``blocks.N.self_attn.q``, ``ffn.0``, ``modulation`` ...), ``model_sampling`` a
+    ``ModelSamplingDiscreteFlow`` (flow, shift 8), ``current_patcher``, ``apply_model``.
+
+    ``diffusion_model`` is any module tree with those names (tests/dit_models.py
+    ``OriginalTree``); ``denoise`` (optional) computes the output from (model, x, sigma),
+    zeros otherwise: the tests observe the patched modules themselves."""
+
+    def __init__(self, diffusion_model, model_config=None, denoise=None):
+        super().__init__()
+        from comfy.model_sampling import ModelSamplingDiscreteFlow
+
+        self.diffusion_model = diffusion_model
+        self.model_config = model_config or WAN21_T2V()
+        self.model_sampling = ModelSamplingDiscreteFlow(self.model_config)
+        self.current_patcher = None
+        self.device = torch.device("cpu")
+        self._denoise = denoise
+
+    def apply_model(self, x, t, c_crossattn=None, transformer_options=None):
+        if self._denoise is None:
+            return torch.zeros_like(x)
+        return self._denoise(self, x, t)

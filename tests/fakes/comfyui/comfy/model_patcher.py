@@ -20,6 +20,8 @@ wrappers, callbacks and attachments go:
   intermediate_dtype=weight.dtype)``. ``unpatch_model`` wipes the weight functions
   (``wipe_lowvram_weight``, L98-L107). The fake's modules are torch's own Linear/Conv2d, so the
   cast layer is mirrored by a forward that reads the weight through those functions.
+* ``get_model_object(name)`` (L466-L486: object patches first, then the model's attribute;
+  KSampler reads ``model_sampling`` through it);
 * ``add_wrapper_with_key`` / ``get_wrappers`` / ``remove_wrappers_with_key``,
   ``add_callback_with_key`` / ``get_all_callbacks``; ``pre_run`` (sets
   ``model.current_patcher``), ``prepare_state(timestep)`` (ON_PREPARE_STATE callbacks),
@@ -120,6 +122,13 @@ class ModelPatcher:
 
     def is_clone(self, other):
         return hasattr(other, 'model') and self.model is other.model
+
+    def get_model_object(self, name):
+        if name in self.object_patches:
+            return self.object_patches[name]
+        if name in self.object_patches_backup:
+            return self.object_patches_backup[name]
+        return comfy.utils.get_attr(self.model, name)
 
     def model_state_dict(self, filter_prefix=None):
         sd = self.model.state_dict()
