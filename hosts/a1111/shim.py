@@ -153,6 +153,8 @@ class A1111Shim:
                  (cb.on_infotext_pasted, self.on_infotext_pasted), (cb.on_ui_settings, self.on_ui_settings),
                  (cb.on_before_ui, self.take_over), (cb.on_app_started, self._on_app_started),
                  (cb.on_script_unloaded, self.unload)]
+        if hasattr(cb, "on_ui_tabs"):
+            pairs.append((cb.on_ui_tabs, self.on_ui_tabs))
         remove = getattr(cb, "remove_callbacks_for_function", None)
         for register, fn in pairs:
             if remove is not None:
@@ -166,6 +168,15 @@ class A1111Shim:
         add_route = getattr(app, "add_api_route", None)
         if add_route is not None:
             add_route(STATUS_ROUTE, self.status, methods=["GET"])
+            from .inspect_view import INSPECT_ROUTE, api_inspect
+
+            add_route(INSPECT_ROUTE, api_inspect(self), methods=["GET"])
+
+    def on_ui_tabs(self) -> list:
+        """The "lora-ext" tab: the inspect report of one LoRA (hosts/a1111/inspect_view.py)."""
+        from .inspect_view import ui_tabs
+
+        return ui_tabs(self, _gradio())
 
     def status(self, weights: bool = False) -> dict:
         """What lora-ext holds now (``GET /lora-ext/v1/status``): the bound model, the LoRAs of

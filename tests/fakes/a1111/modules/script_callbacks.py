@@ -56,6 +56,7 @@ callback_map = dict(
     callbacks_infotext_pasted=[],
     callbacks_script_unloaded=[],
     callbacks_before_ui=[],
+    callbacks_ui_tabs=[],
 )
 
 
@@ -152,3 +153,17 @@ def remove_callbacks_for_function(callback_func):
     for callback_list in callback_map.values():
         for callback_to_remove in [cb for cb in callback_list if cb.callback == callback_func]:
             callback_list.remove(callback_to_remove)
+
+
+def on_ui_tabs(callback, *, name=None):
+    add_callback(callback_map['callbacks_ui_tabs'], callback, name=name, category='ui_tabs')
+
+
+def ui_tabs_callback():
+    res = []
+    for c in callback_map['callbacks_ui_tabs']:
+        try:
+            res += c.callback() or []
+        except Exception:
+            report_exception(c, 'ui_tabs_callback')
+    return res
