@@ -2,7 +2,12 @@
 patches on a real ComfyUI Flux model (comfy.ldm.flux, tiny) against ComfyUI's own LoRA
 loader (comfy.lora.load_lora + comfy.lora.model_lora_keys_unet) on the same file; and a
 diffusers-named file (split q/k/v, proj_mlp, norm_out.linear) against ComfyUI's loader on the
-same LoRA converted to BFL names. Prints one JSON line."""
+same LoRA converted to BFL names. Then a Wan 2.2 A14B two-expert workflow (issue 12): two tiny
+Wan models that ComfyUI itself detects and builds from their state dicts (WAN21_T2V, flow
+sampling with shift 8), a HIGH/LOW LoRA pair with keyframes through lora-ext's two-experts loader
+node, sampled by ComfyUI's own KSamplerAdvanced nodes as the Wan 2.2 templates do (steps 0..k on
+the high-noise model with leftover noise, k..n on the low-noise one); at every model evaluation
+the strength each expert's modules carry is measured on probe inputs. Prints one JSON line."""
 import json
 import os
 import sys
@@ -93,4 +98,110 @@ d = A("norm_out.linear")
 add("final_layer.adaLN_modulation.1.weight", (0, 2 * h), torch.cat([d[h:], d[:h]], 0))
 out["diffusers_max_diff"] = max(float((c[k] - want[k]).abs().max()) for k in c)
 out["diffusers_changed"] = sum(not torch.equal(c[k], base[k]) for k in c)
+
+
+# --- Wan 2.2 A14B: two experts, one keyframed LoRA pair, two KSamplerAdvanced halves -------------
+import comfy.ldm.wan.model  # noqa: E402
+import comfy.sd  # noqa: E402
+import folder_paths  # noqa: E402
+import nodes  # noqa: E402
+from comfy.patcher_extension import CallbacksMP  # noqa: E402
+
+from lora_ext.hosts.comfyui import nodes as ext_nodes  # noqa: E402
+
+
+def wan_state(seed):
+    """A tiny Wan 2.x T2V in ComfyUI's own class (original names); ComfyUI's detection reads
+    dim, heads (dim // 128), ffn, layers and in/out channels back from the keys."""
+    torch.manual_seed(seed)
+    m = comfy.ldm.wan.model.WanModel(model_type="t2v", dim=128, ffn_dim=256, num_heads=1, num_layers=2, in_dim=16,
+                                     out_dim=16, text_dim=4096, operations=comfy.ops.disable_weight_init)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.05)
+    return {k: v.detach().clone() for k, v in m.state_dict().items()}
+
+
+MODS = {"blocks.0.self_attn.q": (128, 128), "blocks.1.ffn.0": (256, 128), "blocks.1.cross_attn.o": (128, 128)}
+loras = os.path.join(work, "loras")
+os.makedirs(loras, exist_ok=True)
+folder_paths.folder_names_and_paths["loras"] = ([loras], folder_paths.supported_pt_extensions)
+deltas = {"high": {}, "low": {}}
+fh, fl = {}, {}
+for mod, (rows, cols) in MODS.items():
+    down, up = torch.randn(4, cols, generator=g) * 0.2, torch.randn(rows, 4, generator=g) * 0.2
+    k = "lora_unet_" + mod.replace(".", "_")  # musubi-tuner's names
+    fh.update({f"{k}.lora_down.weight": down, f"{k}.lora_up.weight": up, f"{k}.alpha": torch.tensor(2.0)})
+    deltas["high"][mod] = up @ down * 0.5
+    a, b = torch.randn(4, cols, generator=g) * 0.2, torch.randn(rows, 4, generator=g) * 0.2
+    fl.update({f"diffusion_model.{mod}.lora_A.weight": a, f"diffusion_model.{mod}.lora_B.weight": b})  # native PEFT
+    deltas["low"][mod] = b @ a
+save_file(fh, os.path.join(loras, "wanpair_HIGH_fp16.safetensors"))
+save_file(fl, os.path.join(loras, "wanpair_LOW_fp16.safetensors"))
+experts = {}
+for expert, seed in (("high", 0), ("low", 1)):
+    patcher = comfy.sd.load_diffusion_model_state_dict(wan_state(seed))
+    dm = patcher.model.diffusion_model
+    experts[expert] = (patcher, dm, {k: v.detach().clone() for k, v in dm.state_dict().items()})
+out["wan_model_class"] = type(experts["high"][0].model).__name__
+out["wan_config_class"] = type(experts["high"][0].model.model_config).__name__
+probes = {mod: torch.randn(3, cols, generator=torch.Generator().manual_seed(5)) for mod, (_, cols) in MODS.items()}
+
+
+def wan_run(steps, split, sampler, scheduler, keyframes, strength=0.8):
+    seen = []
+
+    def observer(expert):
+        _, dm, pristine = experts[expert]
+        count = [0]
+
+        def observe(patcher, timestep):  # ComfyUI calls it after lora-ext's own ON_PREPARE_STATE callback
+            row = {"expert": expert, "i": count[0], "sigma": float(timestep.max()), "mods": {}}
+            with torch.no_grad():
+                for mod, x in probes.items():
+                    m = dm.get_submodule(mod)
+                    ch = m(x.to(m.weight.dtype)).float() - torch.nn.functional.linear(
+                        x, pristine[mod + ".weight"].float(), pristine[mod + ".bias"].float())
+                    d = torch.nn.functional.linear(x, deltas[expert][mod])
+                    st = float((ch * d).sum() / (d * d).sum())
+                    row["mods"][mod] = (st, float((ch - st * d).abs().max() / d.abs().max()))
+            seen.append(row)
+            count[0] += 1
+
+        return observe
+
+    high, low = ext_nodes.LoraExtExpertLoader().load(experts["high"][0], experts["low"][0],
+                                                     "wanpair_HIGH_fp16.safetensors", strength, keyframes=keyframes)
+    high, low = high.clone(), low.clone()
+    high.add_callback_with_key(CallbacksMP.ON_PREPARE_STATE, "test-observer", observer("high"))
+    low.add_callback_with_key(CallbacksMP.ON_PREPARE_STATE, "test-observer", observer("low"))
+    cond = [[torch.randn(1, 8, 4096, generator=torch.Generator().manual_seed(9)), {}]]
+    neg = [[torch.zeros(1, 8, 4096), {}]]
+    latent = {"samples": torch.zeros(1, 16, 1, 8, 8)}
+    adv = nodes.KSamplerAdvanced()
+    (mid,) = adv.sample(high, "enable", 11, steps, 1.0, sampler, scheduler, cond, neg, latent, 0, split, "enable")
+    (end,) = adv.sample(low, "disable", 11, steps, 1.0, sampler, scheduler, cond, neg, mid, split, 10000, "disable")
+    return seen, end["samples"]
+
+
+for sampler in ("euler", "dpm_2"):
+    steps, split = 6, 3
+    want = [0.8 * v for v in (0.2, 0.2 + 0.8 / 3, 0.2 + 1.6 / 3, 1.0, 0.7, 0.4)]  # 0.2@0,1@3,0.4@5 x 0.8
+    seen, final = wan_run(steps, split, sampler, "simple", "0.2@0,1@3,0.4@5")
+    per = 2 if sampler == "dpm_2" else 1
+    rows = []
+    worst_strength, worst_resid = 0.0, 0.0
+    for r in seen:
+        step = r["i"] // per + (split if r["expert"] == "low" else 0)
+        for mod, (st, resid) in r["mods"].items():
+            worst_strength = max(worst_strength, abs(st - want[step]))
+            worst_resid = max(worst_resid, resid)
+        rows.append([r["expert"], step, round(r["sigma"], 5), round(next(iter(r["mods"].values()))[0], 6),
+                     round(want[step], 6)])
+    out[f"wan_{sampler}"] = {"evaluations": rows, "max_strength_error": worst_strength,
+                             "max_other_residual": worst_resid, "final_finite": bool(torch.isfinite(final).all()),
+                             "weights_pristine": all(torch.equal(v, experts[e][2][k]) for e in experts
+                                                     for k, v in experts[e][1].state_dict().items()),
+                             "hooks_left": sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for e in experts
+                                               for m in experts[e][1].modules())}
 print(json.dumps(out))

@@ -1,20 +1,28 @@
-"""lora-ext's ComfyUI patches on ComfyUI's own Flux model class (issue 15), in the ComfyUI
+"""lora-ext's ComfyUI patches on ComfyUI's own Flux model class (issue 15) and a Wan 2.2 A14B
+two-expert workflow in ComfyUI's own sampling code (issue 12), in the ComfyUI
 checkout's python (``-m realhost``; needs ``LORA_EXT_COMFYUI_DIR``, and the checkout's venv or
 ``LORA_EXT_COMFYUI_PYTHON``): a BFL kohya LoRA patched by lora-ext equals ComfyUI's own loader
 (comfy.lora.load_lora) bit for bit; a diffusers-named LoRA lands on the fused qkv / linear1 rows
 and the swapped final modulation exactly (ComfyUI's offset patches)."""
+import importlib.util
 import json
 import os
 import subprocess
 import sys
+import types
 
 import pytest
+import torch
+from safetensors.torch import save_file
+
+from dit_models import OriginalTree, original_state, tiny
+from host_common import FAKES, purge
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.realhost
-def test_comfy_flux_patches_equal_comfy_loader(tmp_path):
+def test_comfy_dit_patches_and_two_expert_schedule_in_real_comfyui(tmp_path):
     comfy = os.environ.get("LORA_EXT_COMFYUI_DIR")
     if not comfy:
         pytest.skip("set LORA_EXT_COMFYUI_DIR to a ComfyUI checkout (with its venv) to run this check")
@@ -26,6 +34,15 @@ def test_comfy_flux_patches_equal_comfy_loader(tmp_path):
     res = json.loads(out.stdout.strip().splitlines()[-1])
     assert res["bfl_changed"] == 4 and res["bfl_max_diff"] == 0.0, res
     assert res["diffusers_changed"] == 4 and res["diffusers_max_diff"] == 0.0, res
+    # Wan 2.2 A14B: ComfyUI built both experts as WAN21 / WAN21_T2V from their keys; through its own
+    # KSamplerAdvanced halves (6 steps split at 3) every evaluation carried the schedule's strength
+    # at its global step, only its own expert's file, and left no hook nor changed weight
+    assert (res["wan_model_class"], res["wan_config_class"]) == ("WAN21", "WAN21_T2V"), res
+    for sampler, evals in (("euler", 6), ("dpm_2", 11)):
+        r = res[f"wan_{sampler}"]
+        assert len(r["evaluations"]) == evals, r
+        assert r["max_strength_error"] < 1e-5 and r["max_other_residual"] < 1e-5, r
+        assert r["final_finite"] and r["weights_pristine"] and r["hooks_left"] == 0, r
 
 
 # --- the two-expert Wan 2.2 A14B workflow against the ComfyUI fake -------------------------------
@@ -34,17 +51,6 @@ def test_comfy_flux_patches_equal_comfy_loader(tmp_path):
 # (return_with_leftover_noise), the low-noise one for k..n (add_noise off). A keyframed LoRA pair
 # given through the two-experts loader must follow ONE schedule over the n steps: the low half's
 # first step is global step k.
-import copy as _copy  # noqa: E402
-import importlib.util  # noqa: E402
-import sys  # noqa: E402
-import types  # noqa: E402
-
-import torch  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
-
-from dit_models import OriginalTree, original_state, tiny  # noqa: E402
-from host_common import FAKES, purge  # noqa: E402
-
 HOST_MODULES = ("comfy", "folder_paths", "nodes", "lora_ext.hosts.comfyui", "lora_ext_custom_nodes")
 # what the pair's files change (original Wan names): {module: (rows, cols)} of the tiny model
 PAIR_MODULES = {"blocks.0.self_attn.q": (32, 32), "blocks.1.ffn.0": (64, 32), "blocks.1.cross_attn.o": (32, 32)}
