@@ -40,6 +40,44 @@ _METADATA_HINTS = (
 )
 
 
+class LiveModels:
+    """Where detection gets the full-size layouts and the DiT variants: the live tables
+    (``layouts``, ``dit``; they import ``arch`` and so torch). ``fastpath.FastModels`` answers
+    the same questions from precomputed data without torch."""
+
+    def keymap(self, name):
+        return arch_keymap(name)
+
+    def fitting(self, lora, keymap) -> int:
+        return _fitting(lora, keymap)
+
+    def variants(self) -> dict:
+        """DiT variant -> its family."""
+        from . import dit
+
+        return {v: fam for v, (fam, _, _) in dit.VARIANTS.items()}
+
+    def families_for(self, prefixes) -> list:
+        from . import dit
+
+        return dit.families_for(prefixes)
+
+    def family_label(self, family: str) -> str:
+        from . import dit
+
+        return dit.FAMILIES[family].label
+
+    def label(self, name: str) -> str:
+        if name in LABELS:
+            return LABELS[name]
+        from .dit import family_label
+
+        return family_label(name)
+
+
+LIVE = LiveModels()
+
+
 @dataclass
 class BaseModel:
     # "sd1" | "sd2" | "sdxl" | a DiT variant ("flux-dev", "sd3.5-large", ... see lora_ext.dit)
@@ -50,18 +88,17 @@ class BaseModel:
     v_prediction: bool = False
 
     family_label: str = ""  # set when several variants of one DiT family fit alike
+    models: object = field(default=None, repr=False, compare=False)  # LiveModels-like; None: LIVE
 
     @property
     def label(self) -> str:
-        return self.family_label or _label(self.name)
+        return self.family_label or (self.models or LIVE).label(self.name)
 
     @property
     def supported(self) -> bool:
         if self.name in SD_ARCHS:
             return True
-        from .dit import VARIANTS
-
-        return self.name in VARIANTS
+        return self.name in (self.models or LIVE).variants()
 
 
 def metadata_hint(metadata: dict):
@@ -92,7 +129,7 @@ def _fitting(lora, keymap) -> int:
     return sum(1 for group in lora.groups.values() if bind_group(group, keymap)[0] is not None)
 
 
-def detect_base_model(lora) -> BaseModel:
+def detect_base_model(lora, models=None) -> BaseModel:
     """Best guess of the base model of a loaded ``Lora``, with the evidence for it.
 
     Every key group is bound against the full-size layouts (SD1.x, SD2.x, SDXL; and, when SD
@@ -100,60 +137,58 @@ def detect_base_model(lora) -> BaseModel:
     Chroma, SD3 Medium, SD3.5 Medium / Large, Qwen-Image), and the layout where the most
     groups fit by name *and* shape wins. DiT variants that fit equally (a Flux LoRA without
     guidance or input keys fits dev and schnell alike) are named as their family.
+    ``models``: where the layouts come from (default: the live tables, :data:`LIVE`).
     """
+    m = models or LIVE
+    _lbl = m.label
     prefixes = list(lora.groups)
     hint = metadata_hint(lora.metadata)
     vpred = is_v_prediction(lora.metadata)
-    scores = {arch: _fitting(lora, arch_keymap(arch)) for arch in SD_ARCHS}
+    scores = {arch: m.fitting(lora, m.keymap(arch)) for arch in SD_ARCHS}
     if not prefixes or max(scores.values(), default=0) < len(prefixes):
-        from . import dit
-
         # bind against the variants of the families whose module names the file uses (cheap to
         # find; building every variant's key map is not)
-        families = set(dit.families_for(prefixes))
-        for variant, (family, _, _) in dit.VARIANTS.items():
+        families = set(m.families_for(prefixes))
+        for variant, family in m.variants().items():
             if family in families:
-                scores[variant] = _fitting(lora, arch_keymap(variant))
+                scores[variant] = m.fitting(lora, m.keymap(variant))
     best = max(scores.values()) if scores else 0
     if best == 0:
         for name, pattern in _OTHER_FAMILIES:
             hits = sum(1 for p in prefixes if pattern.search(p))
             if hits and hits * 4 >= len(prefixes):
-                return BaseModel(name, f"{hits} of {len(prefixes)} modules use {_label(name)} names, "
-                                       "but none fits a known model of that family by shape", scores, vpred)
+                return BaseModel(name, f"{hits} of {len(prefixes)} modules use {_lbl(name)} names, "
+                                       "but none fits a known model of that family by shape", scores, vpred,
+                                 models=models)
         if hint:
-            return BaseModel(hint, f"no module fits a known base model; metadata says {_label(hint)}", scores, vpred)
+            return BaseModel(hint, f"no module fits a known base model; metadata says {_lbl(hint)}", scores, vpred,
+                             models=models)
         return BaseModel("unknown", "no module fits SD1.x, SD2.x, SDXL, Flux.1, Chroma, SD3 or Qwen-Image by "
-                                    "name and shape", scores, vpred)
+                                    "name and shape", scores, vpred, models=models)
     top = [a for a in scores if scores[a] == best]
     of = f"{best} of {len(prefixes)} {_modules(len(prefixes))}"
     if len(top) == 1:
         name = top[0]
-        why = f"{of} fit {_label(name)} by name and shape"
+        why = f"{of} fit {_lbl(name)} by name and shape"
     elif hint and any(a == hint or a.startswith((hint + "-", hint + ".")) for a in top):
         name = next(a for a in top if a == hint or a.startswith((hint + "-", hint + ".")))
-        why = f"{of} fit {' and '.join(_label(a) for a in top)} alike; metadata says {_label(hint)}"
+        why = f"{of} fit {' and '.join(_lbl(a) for a in top)} alike; metadata says {_lbl(hint)}"
     else:
         name = top[0]
-        why = f"{of} {'fits' if best == 1 else 'fit'} {' and '.join(_label(a) for a in top)} alike; chose {_label(name)}"
+        why = f"{of} {'fits' if best == 1 else 'fit'} {' and '.join(_lbl(a) for a in top)} alike; chose {_lbl(name)}"
     if hint and hint != name and len(top) == 1 and hint in SD_ARCHS:
-        why += f" (metadata claims {_label(hint)}; shapes win)"
-    base = BaseModel(name, why, scores, vpred)
+        why += f" (metadata claims {_lbl(hint)}; shapes win)"
+    base = BaseModel(name, why, scores, vpred, models=models)
     if len(top) > 1 and name not in SD_ARCHS:
-        from . import dit
-
-        if all(a in dit.VARIANTS for a in top):  # variants fit alike: name their families
-            families = list(dict.fromkeys(dit.VARIANTS[a][0] for a in top))
-            base.family_label = " or ".join(dit.FAMILIES[f].label for f in families)
+        variants = m.variants()
+        if all(a in variants for a in top):  # variants fit alike: name their families
+            families = list(dict.fromkeys(variants[a] for a in top))
+            base.family_label = " or ".join(m.family_label(f) for f in families)
     return base
 
 
 def _label(name: str) -> str:
-    if name in LABELS:
-        return LABELS[name]
-    from .dit import family_label
-
-    return family_label(name)
+    return LIVE.label(name)
 
 
 def _modules(n: int) -> str:

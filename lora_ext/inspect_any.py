@@ -10,14 +10,24 @@ import os
 from collections import Counter
 from typing import Optional
 
-from .detect import detect_base_model, naming_family
+from .detect import LIVE, detect_base_model, naming_family
 from .io import addnet_hash
 from .keys import KeyMap
-from .layouts import arch_keymap
 from .metadata import training_info, trigger_words
-from .network import Unmatched, load_lora
 from .textsafe import printable
 from .typing_only import closest_family, file_summary, group_unmatched, unknown_evidence
+
+
+class _Unmatched:
+    """``network.Unmatched`` (that module imports torch)."""
+
+    __slots__ = ("key", "reason")
+
+    def __init__(self, key, reason):
+        self.key, self.reason = key, reason
+
+    def as_dict(self) -> dict:
+        return {"key": self.key, "reason": self.reason}
 
 
 class BaseModelRef:
@@ -51,12 +61,37 @@ def _dit_label(name: str) -> str:
 
 def inspect_any(path, base: Optional[BaseModelRef] = None, *, lora=None, addnet: bool = True) -> dict:
     """One JSON-ready dict describing the file; bound to ``base`` when given, else to the
-    detected full-size base model (when one fits)."""
+    detected full-size base model (when one fits).
+
+    A safetensors file is read by shapes first, without torch (``fastpath``); whatever that
+    reading does not cover exactly goes through ``network.load_lora``: the same report."""
+    if lora is None:
+        from .fastpath import NeedsFullPath, load_fast
+
+        fast = load_fast(path)
+        if fast is not None:
+            try:
+                return _inspect(path, base, fast, addnet, fast.models)
+            except NeedsFullPath:
+                pass
+        from .network import load_lora
+
+        lora = load_lora(path)
+        if str(path).lower().endswith(".safetensors"):
+            from . import fastdata
+
+            if fastdata.load() is None:
+                fastdata.refresh_user_cache()
+    return _inspect(path, base, lora, addnet, getattr(lora, "models", None))
+
+
+def _inspect(path, base, lora, addnet: bool, models) -> dict:
     from .inspect import _block_order, _num  # the helpers the report shares
 
-    if lora is None:
-        lora = load_lora(path)
-    detected = detect_base_model(lora)
+    m = models or LIVE
+    arch_keymap = m.keymap
+    Unmatched = _Unmatched
+    detected = detect_base_model(lora, models)
     summary = file_summary(lora)
     if base is not None:
         res = lora.resolve(base.keymap)
@@ -64,9 +99,9 @@ def inspect_any(path, base: Optional[BaseModelRef] = None, *, lora=None, addnet:
     elif detected.supported:
         res = lora.resolve(arch_keymap(detected.name))
         bindings, unmatched, label = res.bindings, res.unmatched, detected.label
-    elif detected.name == "unknown" and closest_family(lora, detected.scores)[0] is not None:
+    elif detected.name == "unknown" and closest_family(lora, detected.scores, models)[0] is not None:
         # name the keys' fate in the closest known layout (its names, not its shapes)
-        closest = closest_family(lora, detected.scores)[0]
+        closest = closest_family(lora, detected.scores, models)[0]
         res = lora.resolve(arch_keymap(closest))
         label = arch_keymap(closest).label
         bindings, unmatched = [], res.unmatched + [
@@ -82,7 +117,7 @@ def inspect_any(path, base: Optional[BaseModelRef] = None, *, lora=None, addnet:
         unmatched = [Unmatched(k, why) for g in lora.groups.values() for k in sorted(g.keys.values())]
     evidence = detected.evidence
     if detected.name == "unknown" or (not detected.supported and summary["modules"]):
-        evidence = f"{evidence}; {unknown_evidence(lora, summary, detected.scores)}"
+        evidence = f"{evidence}; {unknown_evidence(lora, summary, detected.scores, models)}"
 
     # types/ranks/alphas/components from the file; a group only the auto-detector explains
     # (at bind time, against the target's shape) counts with the type it was found to be

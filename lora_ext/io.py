@@ -12,6 +12,7 @@ Every problem with a file is a :class:`~lora_ext.errors.LoraFileError` whose tex
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -24,8 +25,6 @@ import sys
 import threading
 import warnings
 from typing import Any, Iterator, Mapping, Optional
-
-import torch
 
 from .errors import LoraFileError
 
@@ -83,15 +82,37 @@ _ST_DTYPES: dict[str, tuple[int, str]] = {
     "F64": (8, "float64"),
     "C64": (8, "complex64"),
 }
-_TORCH_TO_ST: dict[torch.dtype, str] = {}
-for _name, (_size, _attr) in _ST_DTYPES.items():
-    _dt = getattr(torch, _attr, None)
-    if isinstance(_dt, torch.dtype) and _dt not in _TORCH_TO_ST:
-        _TORCH_TO_ST[_dt] = _name
-del _name, _size, _attr, _dt
+#: safetensors dtype name -> how torch prints that dtype ("torch.float16"), without torch
+DTYPE_STR: dict[str, str] = {name: "torch." + attr for name, (_, attr) in _ST_DTYPES.items()}
 
 
-_TOLIST_DTYPES = frozenset((torch.float16, torch.bfloat16, torch.float32, torch.float64))
+class _LazyTorch:
+    """``torch``, imported on first use: reading a safetensors header (``inspect``) must not
+    pay torch's import; reading a tensor does."""
+
+    def __getattr__(self, name):
+        import torch as _torch
+
+        globals()["torch"] = _torch
+        return getattr(_torch, name)
+
+
+torch = _LazyTorch()
+
+
+@functools.lru_cache(maxsize=1)
+def _torch_to_st() -> dict:
+    out = {}
+    for name, (_size, attr) in _ST_DTYPES.items():
+        dt = getattr(torch, attr, None)
+        if isinstance(dt, torch.dtype) and dt not in out:
+            out[dt] = name
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def _tolist_dtypes() -> frozenset:
+    return frozenset((torch.float16, torch.bfloat16, torch.float32, torch.float64))
 
 # ----------------------------------------------------------------------------------------------
 # small helpers
@@ -212,7 +233,7 @@ def _read_exactly(fh, n: int) -> bytes:
 def _check_finite(path: str, key: str, t: torch.Tensor) -> None:
     if not (t.is_floating_point() or t.is_complex()) or t.numel() == 0:
         return
-    if t.numel() <= 256 and t.is_floating_point() and t.dtype in _TOLIST_DTYPES:
+    if t.numel() <= 256 and t.is_floating_point() and t.dtype in _tolist_dtypes():
         # a few values (alphas, 1x1 factors): plain Python is ~5x cheaper than a torch op
         if all(map(math.isfinite, t.reshape(-1).tolist())):
             return
@@ -848,7 +869,7 @@ def save_safetensors(path, tensors: Mapping[str, torch.Tensor], metadata: Option
             raise LoraFileError(spath, f"cannot save: {_quote(k)} is a {_py_type(t)}, not a tensor")
         if t.layout != torch.strided:
             raise LoraFileError(spath, f"cannot save: tensor {_quote(k)} is {t.layout}, not a dense tensor")
-        name = _TORCH_TO_ST.get(t.dtype)
+        name = _torch_to_st().get(t.dtype)
         if name is None:
             raise LoraFileError(spath, f"cannot save: tensor {_quote(k)} has dtype {t.dtype}, which safetensors cannot store")
         if t.device.type == "meta":

@@ -12,15 +12,18 @@ from __future__ import annotations
 import functools
 from typing import Mapping, Optional
 
-from . import arch
 from .keys import KeyMap
 
-SD_ARCHS = arch.ARCHS
+#: the full-size SD families (``arch.ARCHS``; spelled here so that importing this module, and
+#: ``detect``, does not import ``arch``, which imports torch)
+SD_ARCHS = ("sd1", "sd2", "sdxl")
 
 
 @functools.lru_cache(maxsize=None)
 def arch_layout(name: str) -> dict:
     """The full-size layout of an SD family or a DiT variant (``lora_ext.dit.VARIANTS``)."""
+    from . import arch
+
     if name in SD_ARCHS:
         return {comp: arch.module_table(name, comp) for comp in arch.components(name)}
     from . import dit
@@ -54,6 +57,8 @@ def arch_keymap(name: str) -> KeyMap:
 
 def family_from_unet_config(unet_config: Optional[Mapping], configs: Mapping = ()) -> str:
     """"sd1" | "sd2" | "sdxl" when the configs are exactly a full-size family, else "custom"."""
+    from . import arch
+
     for name in SD_ARCHS:
         wanted = {comp: arch.load_config(name, comp) for comp in arch.components(name)}
         if all(_same_architecture(cfg, wanted.get(comp)) for comp, cfg in dict(configs).items()):
@@ -97,6 +102,8 @@ def table_from_model(component: str, config: Mapping, family: str = "custom") ->
 
     A full-size SD family is shipped data; any other config needs diffusers (UNet) or
     transformers (text encoders): ``arch.MissingDependencyError`` names the one missing."""
+    from . import arch
+
     if family in SD_ARCHS and component in arch.components(family):
         return arch.module_table(family, component)
     return arch.table_for_config(component, dict(config))
@@ -104,4 +111,6 @@ def table_from_model(component: str, config: Mapping, family: str = "custom") ->
 
 def layout_of_modules(models: Mapping[str, object]) -> dict:
     """Layout of live models: {"unet": UNet2DConditionModel, "te1": CLIPTextModel, ...}."""
+    from . import arch
+
     return {comp: arch.table_for_model(comp, model) for comp, model in models.items()}

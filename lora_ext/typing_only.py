@@ -12,7 +12,8 @@ from __future__ import annotations
 import re
 from collections import Counter
 
-from .adapter import COMMON_NAMES
+#: ``adapter.COMMON_NAMES`` (names any type may carry), spelled here: ``adapter`` imports torch
+COMMON_NAMES = frozenset({"alpha", "dora_scale"})
 
 #: key prefixes -> component, tried in order (kohya, diffusers/PEFT, LyCORIS, ldm, DiT)
 _COMPONENT_PREFIXES = (
@@ -114,32 +115,35 @@ def file_summary(lora) -> dict:
     }
 
 
-def closest_family(lora, scores: dict):
+def closest_family(lora, scores: dict, models=None):
     """(layout name, groups whose module name it has): the known layout with most of the file's
-    module names, or (None, 0)."""
-    from .layouts import arch_keymap
+    module names, or (None, 0). ``models``: where layouts come from (``detect.LiveModels``)."""
+    from .detect import LIVE
 
+    m = models or LIVE
     best, best_hits = None, 0
     for arch in scores:
-        km = arch_keymap(arch)
+        km = m.keymap(arch)
         hits = sum(1 for prefix in lora.groups if km.candidates(prefix))
         if hits > best_hits:
             best, best_hits = arch, hits
     return best, best_hits
 
 
-def unknown_evidence(lora, summary: dict, scores: dict) -> str:
+def unknown_evidence(lora, summary: dict, scores: dict, models=None) -> str:
     """Why no known base fits: module count, distinct weight shapes, the closest known layout
     (most module names it has) and why it does not fit."""
-    from .detect import _label
-    from .layouts import arch_keymap
+    from .detect import LIVE
+
+    m = models or LIVE
+    _label, arch_keymap = m.label, m.keymap
 
     n = len(lora.groups)
     shapes = summary["shapes"]
     common = ", ".join(str(s) for s, _ in shapes.most_common(3))
     parts = [f"{summary['modules']} typed modules of {n}",
              f"{len(shapes)} distinct weight shapes" + (f" (most common {common})" if common else "")]
-    best, best_hits = closest_family(lora, scores)
+    best, best_hits = closest_family(lora, scores, models)
     if best is None:
         parts.append("closest known family: none (no module name of SD1.x, SD2.x, SDXL or a DiT family matches)")
         return "; ".join(parts)
