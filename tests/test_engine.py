@@ -615,29 +615,38 @@ def test_missing_module_fails_cleanly(unet, unet0, tmp_path):
 
 
 # --- the restore record is far smaller than a copy of the patched weights -----------------------------
+@pytest.mark.parametrize("buffer", [None, 0], ids=["background", "sync"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["fp16", "bf16", "fp32"])
-def test_restore_record_is_small(unet0, tmp_path, dtype):
+def test_restore_record_is_small(unet0, tmp_path, dtype, buffer):
+    """The steady-state record (after the background compaction, or built synchronously with
+    ``record_buffer=0``) is far below a copy of the patched weights."""
     unet = copy.deepcopy(unet0).to(dtype)
     mods = [n for n, m in unet.named_modules()
             if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and m.weight.numel() >= 64]
     path = write_lora(tmp_path / "all.safetensors", [("unet", m, "lora", _shape(unet, m)) for m in mods],
                       seed=11, rank=4, mag=0.1)
     base = state_bits(unet)
-    h = lora_ext.apply(unet, [(path, 1.0)], method="fuse")
+    h = lora_ext.apply(unet, [(path, 1.0)], method="fuse", record_buffer=buffer)
     patched = sum(unet.get_submodule(m).weight.numel() * unet.get_submodule(m).weight.element_size() for m in mods)
     assert h.patched_bytes == patched
+    if buffer is None:  # plain copies first, at most one per patched weight
+        assert h.restore_record_bytes <= h.patched_bytes
+        assert h.wait_records(60)
+    assert h.records_complete and "plain" not in h.record_schemes
     frac = h.restore_record_bytes / h.patched_bytes
     print(f"{dtype}: restore record {h.restore_record_bytes} B for {h.patched_bytes} B patched ({frac:.1%}); "
           f"schemes {dict(h.record_schemes)}")
     assert 0 < frac <= 0.25
     h.set([(path, 0.5)])
+    assert h.wait_records(60)
     assert h.restore_record_bytes / h.patched_bytes <= 0.25
     h.remove()
     assert_bit_identical(unet, base)
 
 
+@pytest.mark.parametrize("buffer", [None, 0], ids=["background", "sync"])
 @pytest.mark.parametrize("workers", [1, 2])
-def test_failure_inside_a_block_loop_and_in_parallel(unet0, tmp_path, monkeypatch, workers):
+def test_failure_inside_a_block_loop_and_in_parallel(unet0, tmp_path, monkeypatch, workers, buffer):
     """Small blocks (several per weight), modules re-fused on worker threads, failure midway."""
     from lora_ext.engine import fuse, transact
 
@@ -648,14 +657,16 @@ def test_failure_inside_a_block_loop_and_in_parallel(unet0, tmp_path, monkeypatc
     monkeypatch.setattr(transact, "WORKERS", workers)
     monkeypatch.setattr(transact, "PARALLEL_MIN_ELEMENTS", 0)
     base = state_bits(unet)
-    with lora_ext.apply(unet, [(path, 0.9)], method="fuse") as h:  # the parallel path works
+    with lora_ext.apply(unet, [(path, 0.9)], method="fuse", record_buffer=buffer) as h:  # the parallel path works
         assert h.stats["writes"] == len(mods)
         fused = state_bits(unet)
     assert_bit_identical(unet, base)
-    with lora_ext.apply(unet, [(path, 0.9)], method="fuse", ) as h:
+    with lora_ext.apply(unet, [(path, 0.9)], method="fuse", record_buffer=buffer) as h:
         assert_bit_identical(unet, fused)  # same bits on one thread or several
     calls = {"n": 0}
-    orig = fuse._block_estimate
+    # the synchronous path estimates every block; the fast one computes the deltas of every block
+    name = "_block_estimate" if buffer == 0 else "_block_delta"
+    orig = getattr(fuse, name)
 
     def flaky(*a):
         calls["n"] += 1
@@ -663,15 +674,19 @@ def test_failure_inside_a_block_loop_and_in_parallel(unet0, tmp_path, monkeypatc
             raise MemoryError("injected")
         return orig(*a)
 
-    monkeypatch.setattr(fuse, "_block_estimate", flaky)
+    monkeypatch.setattr(fuse, name, flaky)
     with pytest.raises(MemoryError):
-        lora_ext.apply(unet, [(path, 0.9)], method="fuse")
+        lora_ext.apply(unet, [(path, 0.9)], method="fuse", record_buffer=buffer)
+    assert calls["n"] >= 40
     assert_bit_identical(unet, base)
 
 
-def test_failure_midway_through_a_switch_pass(unet0, tmp_path, monkeypatch):
-    """set() decodes the old fusion and fuses the new one in one pass: a failure puts it back."""
-    from lora_ext.engine import fuse
+@pytest.mark.parametrize("state", ["sync", "plain", "compact"])
+def test_failure_midway_through_a_switch_pass(unet0, tmp_path, monkeypatch, state):
+    """set() decodes the old fusion (or takes the plain copy) and fuses the new one in one
+    pass: a failure puts it back. ``state``: the records at the switch are built synchronously,
+    still plain copies (the worker held), or compacted in the background."""
+    from lora_ext.engine import background, fuse
 
     unet = copy.deepcopy(unet0).half()
     mods = [LIN, FF, MID_Q, PROJ, C3, C3_OUT]
@@ -679,7 +694,14 @@ def test_failure_midway_through_a_switch_pass(unet0, tmp_path, monkeypatch):
     b = write_lora(tmp_path / "b.safetensors", [("unet", m, "lora", _shape(unet, m)) for m in mods], seed=2)
     monkeypatch.setattr(fuse, "CHUNK", 40)
     base = state_bits(unet)
-    h = lora_ext.apply(unet, [(a, 0.8)], method="fuse")
+    if state == "plain":  # the worker drops every module it starts (deterministic: nothing compacts)
+        monkeypatch.setattr(background, "HOOK", lambda ev, key, blk: (_ for _ in ()).throw(RuntimeError("held")))
+    h = lora_ext.apply(unet, [(a, 0.8)], method="fuse", record_buffer=0 if state == "sync" else None)
+    assert h.wait_records(60)
+    want = {"sync": {"sparse", "1-bit", "2-bit", "4-bit", "8-bit", "full"}, "plain": {"plain"},
+            "compact": {"sparse", "1-bit", "2-bit", "4-bit", "8-bit", "full"}}[state]
+    assert set(h.record_schemes) <= want
+    monkeypatch.setattr(background, "HOOK", None)
     fused_a = state_bits(unet)
     calls = {"n": 0}
     orig = fuse._block_delta
@@ -708,6 +730,7 @@ def test_weight_changed_behind_the_engines_back_is_an_error(unet, tmp_path):
 
     path = write_lora(tmp_path / "x.safetensors", [("unet", m, "lora", _shape(unet, m)) for m in (LIN, C3)])
     h = lora_ext.apply(unet, [path], method="fuse")
+    assert h.wait_records(60)  # (while a plain copy is held, a restore copies it back whatever happened)
     with torch.no_grad():
         unet.get_submodule(C3).weight[0, 0, 0, 0] += 1.0  # someone else edits a patched weight
     with pytest.raises(RestoreError, match="changed by something else"):

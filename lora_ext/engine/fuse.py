@@ -25,7 +25,7 @@ import torch
 from ..errors import AdapterError
 from . import fp8
 from .contrib import delta_sum, estimate
-from .record import (Record, bits_choices, RestoreError, check_fused, checksum, compact_dtype, decode,
+from .record import (Record, bits_choices, plain_record, RestoreError, check_fused, checksum, compact_dtype, decode,
                      diff_scratch, encode, full_record, gather_diff, int_view, ordered_diff, same_bits, scatter,
                      sparse_bytes, store_exceptions as _store_exceptions)
 
@@ -271,6 +271,172 @@ def _lowrank_estimate(plan, wf: Tensor) -> Tensor:
     return est
 
 
+# --- the deferred-record path (background compaction) ---------------------------------------
+def _plain_pass(dst: Tensor, plan, *, w0: Optional[Tensor] = None, old=None, keep: Optional[Tensor] = None,
+                prev_plan=None) -> None:
+    """Write ``round(W0 + D)`` over ``plan`` (W0 itself when ``plan`` is None) into ``dst`` and build
+    no record: the fast half of an apply or switch whose record is compacted later.
+
+    W0 per row block comes from ``w0`` (``dst`` itself when it is pristine, or a plain copy) or
+    is decoded from ``dst`` with ``old = (compact record, its plan)`` (block checksums checked).
+    ``keep``: a buffer (``dst``'s shape and dtype, host memory) that receives W0, block by block,
+    before the block is overwritten; on CUDA the copy is asynchronous (pinned ``keep``), ordered
+    before the write by the stream. ``prev_plan``: the fusion ``dst`` holds when ``w0`` is a plain
+    copy (None: ``dst`` is pristine), to put written blocks back if the pass fails.
+
+    The fused bits are those of ``_lowrank_pass`` (``float(W0) + D``, one rounding).
+    """
+    out = dst.shape[0]
+    k = dst.numel() // out
+    n = dst.numel()
+    d2 = dst.detach().view(out, k)
+    w2 = None if w0 is None else w0.detach().reshape(out, k)
+    k2 = None if keep is None else keep.view(out, k)
+    if k2 is not None and w2 is not None and w2.data_ptr() == k2.data_ptr():
+        k2 = None  # already a copy
+    blocks = list(_blocks(out, k))
+    rows0 = blocks[0][1] - blocks[0][0]
+    device = dst.device
+    dbuf = torch.empty(rows0 * k, dtype=torch.float32, device=device)
+    if old is not None:
+        rec_old, plan_old = old
+        wbuf = torch.empty(rows0 * k, dtype=dst.dtype, device=device)
+        fbuf = torch.empty(rows0 * k, dtype=torch.float32, device=device)
+        pos = rec_old.exception_positions().to(device)
+        old_vals = rec_old.exc_val.to(device)
+        starts = torch.tensor([i * k for i, _ in blocks] + [n], dtype=torch.int64, device=pos.device)
+        bounds = torch.searchsorted(pos, starts).tolist()
+        sums_old = [tuple(x) for x in rec_old.block_sums.tolist()]
+    cuda = device.type == "cuda"
+    written = []
+    try:
+        for t, (i, j) in enumerate(blocks):
+            r = j - i
+            d = dbuf[:r * k].view(r, k)
+            if old is not None:
+                w0b = _block_estimate(d2[i:j], _block_delta(plan_old, i, j, d), wbuf[:r * k].view(r, k),
+                                      fbuf[:r * k].view(r, k))
+                lo, hi = bounds[t], bounds[t + 1]
+                if hi > lo:
+                    scatter(int_view(w0b), pos[lo:hi] - i * k, old_vals[lo:hi])
+                if checksum(int_view(w0b)) != sums_old[t]:
+                    raise RestoreError("restoring did not reproduce the pristine weight (block checksum mismatch)")
+            else:
+                w0b = w2[i:j]
+            if k2 is not None:
+                k2[i:j].copy_(w0b, non_blocking=cuda)
+            if plan is None:
+                written.append(t)
+                d2[i:j].copy_(w0b)
+                continue
+            d = _block_delta(plan, i, j, d)
+            d.add_(w0b)  # float(W0) + D: the same sum (and rounding below) as _block_fuse
+            written.append(t)
+            d2[i:j].copy_(d)
+    except BaseException:
+        src = k2 if k2 is not None else w2
+        for t in written:  # put back what this pass overwrote
+            i, j = blocks[t]
+            w0b = src[i:j].to(device)
+            undo = old[1] if old is not None else prev_plan
+            d2[i:j] = _block_fuse(w0b, _block_delta(undo, i, j)) if undo is not None else w0b
+        raise
+
+
+def plain_fuse(param: Tensor, rec, items: tuple, keep, what: str = "weight"):
+    """The fast path of ``refuse``: the fusion of low-rank ``items`` written, the pristine weight
+    kept as a plain copy (a pending record, compacted later by ``compact``). Returns (record,
+    True), or None when this move does not take the fast path (the caller does it the usual way).
+
+    ``keep(param)`` gives a buffer for the copy, or None (the buffer bound is reached).
+    """
+    if fp8.is_fp8(param.dtype) or not compact_dtype(param.dtype) or not items:
+        return None
+    if rec is not None and rec.pending:
+        old_plan = lowrank_plan(rec.items, tuple(param.shape), param.device)
+        if old_plan is None:
+            return None
+        plan = _plan_for(items, param)
+        if plan is None:
+            return None
+        _plain_pass(param, plan, w0=rec.full, prev_plan=old_plan)
+        return plain_record(rec.full, items), True
+    if rec is not None and not _is_block_record(rec):
+        return None
+    old_plan = None
+    if rec is not None:
+        old_plan = lowrank_plan(rec.items, tuple(param.shape), param.device)
+        if old_plan is None:
+            return None
+    plan = _plan_for(items, param)
+    if plan is None:
+        return None
+    if rec is not None:
+        check_fused(rec, param, what)
+    buf = keep(param)
+    if buf is None:
+        return None
+    if rec is None:
+        _plain_pass(param, plan, w0=param, keep=buf)
+    else:
+        _plain_pass(param, plan, old=(rec, old_plan), keep=buf)
+    return plain_record(buf, items), True
+
+
+def plain_restore(param: Tensor, rec) -> None:
+    """Put the plain copy of a pending record back (block by block; undone on failure)."""
+    _plain_pass(param, None, w0=rec.full, prev_plan=lowrank_plan(rec.items, tuple(param.shape), param.device))
+
+
+def compact(rec, wf: Tensor, *, alive=None, hook=None):
+    """The small exact record of the pending record ``rec`` (its plain copy ``rec.full``, the
+    fusion of ``rec.items``), given the fused weight ``wf``. Only reads ``wf`` and the copy.
+
+    ``alive()`` is asked before every row block; False stops the work (returns None): the
+    weight is being moved, what was read may be torn and the result would be stale.
+    ``hook(block)`` is called before every block (tests pause or fail the worker there).
+    On CUDA the copy's blocks go up (pinned, asynchronously), the estimate and the
+    exceptions are computed on the device, and only the exceptions come back.
+    """
+    p = rec.full
+    plan = lowrank_plan(rec.items, tuple(wf.shape), wf.device)
+    if plan is None:
+        raise RestoreError("a pending plain copy of a weight without a low-rank plan")
+    dtype = wf.dtype
+    out = wf.shape[0]
+    k = wf.numel() // out
+    wf2 = wf.detach().reshape(out, k)
+    p2 = p.reshape(out, k)
+    blocks = list(_blocks(out, k))
+    sc = _Scratch(blocks[0][1] - blocks[0][0], k, dtype, wf.device)
+    on_host = p2.device == wf.device
+    new_exc, sums = {}, []
+    for t, (i, j) in enumerate(blocks):
+        if alive is not None and not alive():
+            return None
+        if hook is not None:
+            hook(t)
+        r = j - i
+        w0b = p2[i:j] if on_host else sc.view("w", r).copy_(p2[i:j], non_blocking=True)
+        d = _block_delta(plan, i, j, sc.view("d", r))
+        est = _block_estimate(wf2[i:j], d, sc.view("e", r), sc.view("f", r))
+        w0i = int_view(w0b)
+        bad, vals = gather_diff(w0i, int_view(est), None if sc.mask is None else sc.mask[:r * k])
+        if bad.numel():
+            new_exc[t] = (bad, vals)
+        sums.append(checksum(w0i))
+    if alive is not None and not alive():
+        return None
+    new = _finish_lowrank(wf, dtype, plan, rec.items, blocks, k, new_exc, sums)
+    if new.full is not None:
+        new.full = p  # encode found a full copy smallest: the plain copy is that copy (host memory)
+    for name in ("codes", "exc_lo", "exc_blocks", "exc_val", "block_sums"):  # records live in host memory
+        t = getattr(new, name)
+        if t is not None and t.device != p.device:
+            setattr(new, name, t.to(p.device))
+    return new
+
+
 # --- public --------------------------------------------------------------------------------
 def _plan_for(items, w: Tensor):
     plan = lowrank_plan(items, tuple(w.shape), w.device) if compact_dtype(w.dtype) else None
@@ -279,13 +445,19 @@ def _plan_for(items, w: Tensor):
     return plan
 
 
-def refuse(param: Tensor, rec, items: tuple, what: str = "weight", *, rounding=None, scale=None):
+def refuse(param: Tensor, rec, items: tuple, what: str = "weight", *, rounding=None, scale=None, keep=None):
     """Move ``param`` from its current state (``rec``: its record, None if pristine) to the
     fusion of ``items`` (W0 when empty); returns (new record or None, param changed).
 
     fp8 weights go to ``fp8.refuse`` (``rounding``: None for round-to-nearest or (mode, key);
     ``scale``: the weight's ``scale_weight``). On failure ``param`` is left as it was.
+    ``keep``: the deferred-record fast path (``plain_fuse``) is taken where it applies;
+    ``keep(param)`` gives a buffer for the plain copy, or None when the bound is reached.
     """
+    if keep is not None:
+        done = plain_fuse(param, rec, items, keep, what)
+        if done is not None:
+            return done
     if fp8.is_fp8(param.dtype):
         return fp8.refuse(param, rec, items, what, rounding=rounding, scale=scale)
     if rec is None:
@@ -300,6 +472,9 @@ def refuse(param: Tensor, rec, items: tuple, what: str = "weight", *, rounding=N
     if old_plan is not None and (plan is not None or not items):
         check_fused(rec, param, what)
         return _lowrank_pass(param, old=(rec, old_plan), plan=plan, items=items)
+    if rec.pending and not items:  # a plain copy: put it back
+        plain_restore(param, rec)
+        return None, True
     # mixed or generic: the pristine weight as a tensor first, then the new state
     w0 = restore_weight(rec, param, what)
     if not items:

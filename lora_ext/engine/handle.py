@@ -25,6 +25,7 @@ from ..keys import KeyMap
 from ..network import Lora, Unmatched, load_lora
 from ..spec import LoraSpec
 from .amp import exact_maths, holds_inference_tensors, without_autocast
+from .background import Compactor, parse_bytes
 from .auto import decide
 from .contrib import Contribution
 from .fp8 import check_rounding
@@ -33,6 +34,7 @@ from .models import as_spec, cached_lora, components_of, keymap_for, live_index,
 from .transact import Transactions, _Mod
 
 METHODS = ("auto", "fuse", "onthefly")
+BUFFER_ENV = "LORA_EXT_RECORD_BUFFER_BYTES"
 _log = logging.getLogger("lora_ext")
 
 
@@ -86,9 +88,10 @@ class Handle(Transactions):
     """LoRAs applied to a live model. See ``apply``."""
 
     def __init__(self, model, method: str = "auto", keymap: Optional[KeyMap] = None, *,
-                 rounding: str = "nearest", seed_key=None):
+                 rounding: str = "nearest", seed_key=None, record_buffer=None):
         if method not in METHODS:
             raise LoraExtError(f"unknown method {method!r} (one of {', '.join(METHODS)})")
+        self.record_buffer = _check_buffer(record_buffer)
         self.method = method
         self.rounding = check_rounding(rounding)
         self.seed_key = seed_key  # (component, module path, "weight"|"bias") -> key seeding stochastic rounding
@@ -104,6 +107,13 @@ class Handle(Transactions):
         self._alive = True
         self.stats = Counter()  # writes (parameter writes), refused (modules), restored, decoded ...
         self._lock = threading.Lock()
+        # deferred records: plain copies compacted by a worker thread (``background``)
+        self._rec_lock = threading.Lock()
+        self._compactor = Compactor(self)
+        self._inflight = 0  # bytes of plain copies being made by moves in progress
+        self._peak_plain = 0
+        self._faults: list = []  # [(module key, why)] compactions that failed (plain copy kept)
+        self._target_bytes = 0  # bytes of the fusable weights the current LoRAs reach
         self.reports: list = []
         self.unmatched: list = []
 
@@ -176,15 +186,18 @@ class Handle(Transactions):
             for k, m in self._mods.items():
                 m.contribs = old_contribs[k]
             raise
+        self._alive = False
+        self._compactor.close()
         for m in self._mods.values():
             if m.live is not None:
                 m.live.remove_hook()
         self._mods.clear()
-        self._alive = False
 
     def abandon(self) -> None:
         """Forget everything without writing a weight (the host replaced the model's weights,
         so there is nothing left to restore): hooks off, records dropped, handle dead."""
+        self._alive = False
+        self._compactor.close()
         for m in self._mods.values():
             if m.live is not None:
                 m.live.remove_hook()
@@ -203,10 +216,61 @@ class Handle(Transactions):
     def alive(self) -> bool:
         return self._alive
 
+    # --- restore records and their memory ----------------------------------------------------
+    def record_bound(self) -> float:
+        """Bytes of plain copies the fast path may hold at once (beyond it, records are built
+        synchronously): ``apply(record_buffer=...)``, else ``$LORA_EXT_RECORD_BUFFER_BYTES``,
+        else the bytes of the weights the current LoRAs patch. 0: always synchronous."""
+        v = self.record_buffer
+        if v is None:
+            env = os.environ.get(BUFFER_ENV)
+            if env:
+                try:
+                    v = parse_bytes(env)
+                except ValueError:
+                    _log.warning("%s=%r is not a size (bytes, 512M, 2G, 0.5x, inf); using the default", BUFFER_ENV, env)
+        if v is None:
+            return float(self._target_bytes)
+        if v < 0:  # a share of the default
+            return -v * float(self._target_bytes)
+        return float(v)
+
+    def wait_records(self, timeout: Optional[float] = None) -> bool:
+        """Block until every plain copy has been compacted (or failed to be: see
+        ``record_memory()["faults"]``). False if ``timeout`` (seconds) ran out first."""
+        return self._compactor.wait(timeout)
+
+    @property
+    def records_complete(self) -> bool:
+        """Whether no plain copy is waiting for compaction (faulted ones aside)."""
+        with self._rec_lock:
+            return not any(m.rec_w is not None and m.rec_w.pending and m.rec_w.fault is None
+                           for m in self._mods.values())
+
+    def record_memory(self) -> dict:
+        """Memory of the restore state: ``plain_bytes`` (plain copies waiting for compaction, or
+        kept after a fault), ``record_bytes`` (compact records), ``bound`` (the transient bound,
+        ``record_bound()``), ``peak_plain_bytes`` (most plain-copy bytes held at once so far),
+        ``pending`` (modules with a plain copy), ``compacting`` (the worker is running),
+        ``records_sync`` (records built synchronously because the bound was reached),
+        ``compactions``, ``compactions_dropped`` (stale: the weight moved meanwhile),
+        ``faults`` ([(module, why)]; their plain copies are kept)."""
+        with self._rec_lock:
+            plain = self._plain_held()
+            pending = sum(1 for m in self._mods.values() if m.rec_w is not None and m.rec_w.pending)
+            faults = list(self._faults)
+        total = self.restore_record_bytes
+        return {"plain_bytes": plain, "record_bytes": total - plain, "bound": self.record_bound(),
+                "peak_plain_bytes": self._peak_plain, "pending": pending, "compacting": self._compactor.busy,
+                "records_sync": self.stats["records_sync"], "compactions": self.stats["compactions"],
+                "compactions_dropped": self.stats["compactions_dropped"], "faults": faults}
+
     @property
     def restore_record_bytes(self) -> int:
-        """Bytes held to restore the patched weights (records of every fused parameter)."""
-        return sum(r.nbytes for m in self._mods.values() for r in (m.rec_w, m.rec_b) if r is not None)
+        """Bytes held to restore the patched weights (records of every fused parameter, plain
+        copies waiting for compaction included)."""
+        with self._rec_lock:
+            return sum(r.nbytes for m in list(self._mods.values()) for r in (m.rec_w, m.rec_b) if r is not None)
 
     @property
     def patched_bytes(self) -> int:
@@ -222,10 +286,13 @@ class Handle(Transactions):
     def records(self) -> list:
         """One dict per fused parameter: ``module`` ((component, path)), ``param``, ``dtype``,
         ``elements``, ``bytes`` (its restore record), ``scheme`` (sparse / b-bit / full),
-        ``exceptions``, ``bytes_per_element`` and ``rounding``."""
+        ``exceptions``, ``bytes_per_element`` and ``rounding``. ``scheme`` "plain": a plain copy
+        waiting for the background compaction."""
         out = []
-        for k, m in sorted(self._mods.items()):
-            for name, r in (("weight", m.rec_w), ("bias", m.rec_b)):
+        with self._rec_lock:
+            recs = [(k, (("weight", m.rec_w), ("bias", m.rec_b))) for k, m in sorted(self._mods.items())]
+        for k, pairs in recs:
+            for name, r in pairs:
                 if r is None:
                     continue
                 n = 1
@@ -244,8 +311,9 @@ class Handle(Transactions):
 
     @property
     def record_schemes(self) -> Counter:
-        """How the records are stored: {"sparse": n, "1-bit": n, ..., "full": n}."""
-        return Counter(r.scheme for m in self._mods.values() for r in (m.rec_w, m.rec_b) if r is not None)
+        """How the records are stored: {"sparse": n, "1-bit": n, ..., "full": n, "plain": n}."""
+        with self._rec_lock:
+            return Counter(r.scheme for m in self._mods.values() for r in (m.rec_w, m.rec_b) if r is not None)
 
     @property
     def live_cache_bytes(self) -> int:
@@ -407,9 +475,22 @@ class Handle(Transactions):
         live = {k: v for k, v in live.items() if v[1] != 0.0}
         return fused_items, live
 
+def _check_buffer(v):
+    if v is None:
+        return None
+    if isinstance(v, str):
+        try:
+            return parse_bytes(v)
+        except ValueError:
+            raise LoraExtError(f"record_buffer={v!r}: not a size (bytes, '512M', '2G', '0.5x', 'inf')") from None
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+        raise LoraExtError(f"record_buffer={v!r}: a number of bytes >= 0, or a string such as '512M'")
+    return float(v)
+
+
 # --------------------------------------------------------------------------------------------
 def apply(model, specs, method: str = "auto", *, keymap: Optional[KeyMap] = None, rounding: str = "nearest",
-          seed_key=None) -> Handle:
+          seed_key=None, record_buffer=None) -> Handle:
     """Apply LoRAs to a live model; returns a ``Handle`` (``update``, ``set``, ``remove``).
 
     ``model``: a diffusers ``UNet2DConditionModel``, a transformers ``CLIPTextModel`` /
@@ -432,14 +513,25 @@ def apply(model, specs, method: str = "auto", *, keymap: Optional[KeyMap] = None
     modules whose weights are never written (quantised, offloaded) are in ``handle.unfusable``
     with the reason, and in the reports' ``notes``. ``handle.records()`` lists the restore
     records. If anything fails, the model is left bit-identical and the error is raised.
+
+    ``record_buffer``: how many bytes of plain copies of pristine weights the fast path may
+    hold at once (int bytes, or a string: ``"512M"``, ``"2G"``, ``"0.5x"`` of the default,
+    ``"inf"``). Low-rank LoRAs on fp16/bf16/fp32 weights are fused without building the small
+    restore record first: the pristine weights are kept as plain host copies and compacted
+    into the record by a background thread (``handle.wait_records()``); beyond the bound,
+    records are built synchronously as the weights are fused. Default: the environment
+    variable ``LORA_EXT_RECORD_BUFFER_BYTES``, else the bytes of the weights being patched
+    (never more than one plain copy of each). 0: always synchronous.
     """
-    handle = Handle(model, method, keymap=keymap, rounding=rounding, seed_key=seed_key)
+    handle = Handle(model, method, keymap=keymap, rounding=rounding, seed_key=seed_key, record_buffer=record_buffer)
     entries = handle._load(specs)
     try:
         with exact_maths(handle.needs_inference_mode()):
             handle._install(entries)
             handle._reconcile(sorted({c.target_key for e in entries for c in e.contribs}))
     except BaseException:
+        handle._alive = False
+        handle._compactor.close()
         for m in handle._mods.values():
             if m.live is not None:
                 m.live.remove_hook()

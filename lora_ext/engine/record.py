@@ -15,7 +15,9 @@ The record keeps only what ``E`` cannot tell:
   (a monotone integer image of the float: neighbouring floats are neighbouring integers),
   packed; the decoder takes the value with those low bits nearest to ``E`` (a tie broken by
   the side ``E`` lies on), and what that still gets wrong is kept as sparse exceptions;
-* a full copy, when that is smaller, or the dtype has no compact form.
+* a full copy, when that is smaller, or the dtype has no compact form;
+* a *plain* copy (``pending``): the pristine weight as it was, kept by a fast apply or switch
+  until the background worker (``background``) has compacted it into one of the forms above.
 
 The cheapest form is chosen per weight (the code widths are priced on a sample). The
 exceptions are found by running the decoder itself on the estimate the restore will compute,
@@ -236,6 +238,8 @@ class Record:
     block_sums: Optional[Tensor] = None  # (blocks, 2) checksums of W0 per row block (low-rank path)
     scale: Optional[Tensor] = None  # fp8 with a scale_weight: the scale the estimate was made with
     rounding: str = "nearest"  # how the fused value was rounded (fp8: "nearest" or a stochastic mode)
+    pending: bool = False  # ``full`` is a plain copy awaiting compaction (background worker)
+    fault: Optional[str] = None  # why compacting this plain copy failed (it is kept as it is)
 
     @property
     def nbytes(self) -> int:
@@ -250,6 +254,8 @@ class Record:
 
     @property
     def scheme(self) -> str:
+        if self.pending:
+            return "plain"
         if self.full is not None:
             return "full"
         return "sparse" if self.bits == 0 else f"{self.bits}-bit"
@@ -266,6 +272,11 @@ class Record:
 
 def full_record(w0: Tensor, items=()) -> Record:
     return Record(w0.dtype, tuple(w0.shape), tuple(items), bits=-1, full=w0.detach().clone())
+
+
+def plain_record(copy: Tensor, items=()) -> Record:
+    """A record holding ``copy`` (the pristine weight, not cloned) until it is compacted."""
+    return Record(copy.dtype, tuple(copy.shape), tuple(items), bits=-1, full=copy, pending=True)
 
 
 def store_exceptions(rec: Record, idx: Tensor, values: Tensor, n: int) -> None:

@@ -13,11 +13,14 @@ from typing import Optional
 
 import torch
 
+import logging
+
 from ..errors import LoraExtError
 from .contrib import bias_sum
 from .amp import exact_maths
 from . import fp8
-from .fuse import refuse, restore_weight
+from . import background
+from .fuse import compact, refuse, restore_weight
 from .onthefly import LiveModule, is_quantised, logical_shape
 from .record import Record, full_record, same_bits
 
@@ -25,6 +28,7 @@ from .record import Record, full_record, same_bits
 _FLOAT8 = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz",
                                              "float8_e8m0fnu") if hasattr(torch, n))
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
+_log = logging.getLogger("lora_ext")
 
 
 def unfusable_reason(module) -> Optional[str]:
@@ -67,7 +71,7 @@ class _Mod:
     """Engine state of one module."""
 
     __slots__ = ("key", "module", "component", "block", "contribs", "fused", "rec_w", "rec_b", "live",
-                 "unfusable")
+                 "unfusable", "gen")
 
     def __init__(self, key, module, component, block):
         self.key = key
@@ -81,6 +85,8 @@ class _Mod:
         self.live: Optional[LiveModule] = None
         # why this module's weight is never written (its LoRAs run in a forward hook), or None
         self.unfusable: Optional[str] = unfusable_reason(module)
+        # seqlock of the weight: odd while a move writes it, bumped twice per move (background)
+        self.gen = 0
 
     @property
     def idle(self) -> bool:
@@ -131,17 +137,32 @@ def _workers(work) -> int:
     return min(n, len(work)) if total >= PARALLEL_MIN_ELEMENTS else 1
 
 
+def _nbytes(t) -> int:
+    return t.numel() * t.element_size()
+
+
 def _signature(items) -> tuple:
     return tuple((k, s) for k, _, s in items)
 
 
 
 class Transactions:
-    """Mixin of ``Handle``: needs ``_mods``, ``_wanted``, ``method``, ``stats`` and ``_lock``."""
+    """Mixin of ``Handle``: needs ``_mods``, ``_wanted``, ``method``, ``stats``, ``_lock``,
+    ``_rec_lock``, ``_compactor``, ``_inflight``, ``_peak_plain``, ``_faults``, ``_target_bytes``
+    and ``record_bound()``."""
 
     def _reconcile(self, keys) -> None:
         """Move the modules ``keys`` to their wanted state, all or nothing."""
         journal = []
+        self._target_bytes = sum(_nbytes(m.module.weight) for m in self._mods.values()
+                                 if m.contribs and m.unfusable is None
+                                 and isinstance(getattr(m.module, "weight", None), torch.Tensor))
+        try:
+            self._reconcile_inner(keys, journal)
+        finally:
+            self._kick()
+
+    def _reconcile_inner(self, keys, journal) -> None:
         try:
             with torch.no_grad():
                 refuse, live = [], []
@@ -262,8 +283,99 @@ class Transactions:
         with self._lock:
             self.stats[what] += 1
 
+    # --- the deferred records (background compaction) ---------------------------------------
+    def _plain_held(self) -> int:
+        """Bytes of plain copies held now (call with ``_rec_lock``)."""
+        return sum(_nbytes(m.rec_w.full) for m in list(self._mods.values())
+                   if m.rec_w is not None and m.rec_w.pending)
+
+    def _keeper(self, reserved: list):
+        """``keep(param)`` for ``fuse.refuse``: a host buffer for a plain copy, while the plain
+        copies held stay within the bound (else None: this record is built synchronously)."""
+        bound = self.record_bound()
+        if bound <= 0:
+            return None
+
+        def keep(param):
+            need = _nbytes(param)
+            with self._rec_lock:
+                held = self._plain_held() + self._inflight
+                if held + need > bound:
+                    self.stats["records_sync"] += 1
+                    return None
+                self._inflight += need
+                reserved.append(need)
+                self._peak_plain = max(self._peak_plain, held + need)
+            try:
+                return torch.empty(tuple(param.shape), dtype=param.dtype, device="cpu",
+                                   pin_memory=param.device.type == "cuda")
+            except BaseException:
+                with self._rec_lock:
+                    self._inflight -= need
+                    reserved.remove(need)
+                raise
+        return keep
+
+    def _kick(self) -> None:
+        """Hand the modules holding plain copies to the worker."""
+        if not getattr(self, "_alive", True):
+            return
+        with self._rec_lock:
+            todo = [m for m in self._mods.values()
+                    if m.rec_w is not None and m.rec_w.pending and m.rec_w.fault is None and m.gen % 2 == 0]
+        if todo:
+            self._compactor.submit(todo)
+
+    def _compact_one(self, m: _Mod) -> None:
+        """(The worker.) Compact ``m``'s plain copy into its small record, if still current."""
+        with self._rec_lock:
+            gen, rec = m.gen, m.rec_w
+            if gen % 2 or rec is None or not rec.pending or rec.fault is not None or not self._alive:
+                return
+        hook = background.HOOK
+        key = m.key
+        w = m.module.weight
+
+        compactor = self._compactor
+
+        def alive():
+            return m.gen == gen and self._alive and not compactor.closed
+
+        try:
+            if hook is not None:
+                hook("start", key, None)
+            new = compact(rec, w, alive=alive, hook=None if hook is None else (lambda t: hook("block", key, t)))
+            if new is not None and hook is not None:
+                hook("install", key, None)
+        except BaseException as exc:
+            why = f"{type(exc).__name__}: {exc}"
+            with self._rec_lock:
+                rec.fault = why
+                self.stats["compaction_faults"] += 1
+                self._faults.append((key, why))
+            _log.warning("lora-ext: compacting the restore record of %s:%s failed (%s); its plain copy is kept",
+                         m.component, key[1], why)
+            return
+        with self._rec_lock:
+            if new is not None and m.gen == gen and m.rec_w is rec and self._alive:
+                m.rec_w = new
+                self.stats["compactions"] += 1
+                return
+            self.stats["compactions_dropped"] += 1
+
     def _refuse(self, m: _Mod, items: tuple) -> None:
         """Make the module's weight ``round(W0 + sum s*delta)`` over ``items`` (W0 if empty)."""
+        reserved: list = []
+        with self._rec_lock:
+            m.gen += 1  # odd: the weight is being moved; a compaction of it is stale from here on
+        try:
+            self._refuse_inner(m, items, self._keeper(reserved))
+        finally:
+            with self._rec_lock:
+                m.gen += 1
+                self._inflight -= sum(reserved)
+
+    def _refuse_inner(self, m: _Mod, items: tuple, keep) -> None:
         module = m.module
         w = module.weight
         if items and not w.is_floating_point():
@@ -287,12 +399,13 @@ class Transactions:
         # the weight: block by block where its bits change; undoes itself on failure
         scale = fp8.weight_scale(module, w)[0] if items and fp8.is_fp8(w.dtype) else None
         new_rec_w, changed = refuse(w, m.rec_w, items, f"{m.component}:{m.key[1]}.weight",
-                                    rounding=self._rounding(m, "weight"), scale=scale)
+                                    rounding=self._rounding(m, "weight"), scale=scale, keep=keep)
         if changed:
             self._bump("writes")
         if write_b:
             self._write(b, bf)
-        m.rec_w, m.rec_b = new_rec_w, new_rec_b
+        with self._rec_lock:
+            m.rec_w, m.rec_b = new_rec_w, new_rec_b
         m.fused = items
         self._bump("refused" if items else "restored")
 
