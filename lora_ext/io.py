@@ -357,6 +357,15 @@ class TensorFile:
             raise self._missing(key)
         return t.dtype
 
+    def dtype_str(self, key: str) -> str:
+        """``str(self.dtype(key))`` ("torch.float16"), without importing torch for safetensors."""
+        if self.format == "safetensors":
+            e = self._entries.get(key)
+            if e is None:
+                raise self._missing(key)
+            return DTYPE_STR[e.dtype_name]
+        return str(self.dtype(key))
+
     def _torch_dtype(self, key: str, name: str) -> torch.dtype:
         dt = getattr(torch, _ST_DTYPES[name][1], None)
         if not isinstance(dt, torch.dtype):

@@ -24,8 +24,6 @@ import tempfile
 from collections import Counter
 from typing import Optional
 
-import torch
-
 from .errors import LoraExtError, LoraFileError
 from .io import PICKLE_EXTENSIONS, SAFETENSORS_EXTENSIONS, open_tensors
 from .textsafe import printable
@@ -95,6 +93,8 @@ def _small_or_meta(tf, key: str):
     if n <= SMALL:
         READS["small"] += 1
         return tf.get(key)
+    import torch
+
     dtype = tf.dtype(key)
     t = _META.get((shape, dtype))
     if t is None:  # meta tensors hold no data: one per shape and dtype serves every group
@@ -106,33 +106,59 @@ _META: dict = {}
 
 
 def load_lora_shapes(path):
-    """``network.load_lora`` without reading big tensors: adapters are built on meta tensors
-    (shapes and dtypes from the header), alphas and other small tensors are real."""
+    """``network.load_lora`` without reading big tensors: adapters are built from shapes.
+
+    A safetensors file is read by ``fastpath`` (no torch: shapes from the header, small values
+    by struct; a ``FastLora``) where that reading is exact, else adapters are built on meta
+    tensors (shapes and dtypes from the header) with alphas and other small tensors real."""
+    path = os.fspath(path)
+    with open_tensors(path, kind="lora") as tf:
+        tf.check_complete()  # a truncated file is broken even where no tensor is read
+        signature = hashlib.sha256(repr(sorted(
+            (tf.dtype_str(k), tuple(tf.shape(k))) for k in tf.keys())).encode()).hexdigest()
+        sample = _sample(tf)
+        lora = None
+        if tf.format == "safetensors":
+            from .fastpath import load_fast
+
+            lora = load_fast(path, read_all=False, tf=tf)
+            if lora is not None:
+                READS["small"] += sum(1 for e in tf._entries.values() if _numel(e.shape) <= SMALL)
+        if lora is None:
+            lora = _load_meta(path, tf)
+    lora.shape_signature = signature
+    lora.sample_fingerprint = sample
+    return lora
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+def _load_meta(path: str, tf):
+    """The adapters built on meta tensors (torch) from an open file."""
     from . import plugins
     from .keys import group_keys
     from .metadata import checked_alpha
     from .network import (Group, Lora, _configure_peft, _inject_peft_alpha, _peft_config, _peft_lycoris_scale,
                           build_adapter)
 
-    path = os.fspath(path)
-    with open_tensors(path, kind="lora") as tf:
-        tf.check_complete()  # a truncated file is broken even where no tensor is read
-        metadata = dict(tf.metadata)
-        types = plugins.adapter_types()
-        names = {n for t in types for n in (t.required | t.optional)}
-        grouped = group_keys(tf.keys(), names)
-        groups = {}
-        for prefix, keys in grouped.items():
-            tensors = {name: _small_or_meta(tf, key) for name, key in keys.items()}
-            if "alpha" in tensors:
-                tensors["alpha"] = checked_alpha(path, keys["alpha"], tensors["alpha"])
-            if "lora_magnitude_vector" in keys.get("dora_scale", ""):
-                tensors["dora_scale"] = tensors["dora_scale"].reshape(-1)
-            groups[prefix] = Group(prefix, keys, tensors)
-        file_format = tf.format
-        signature = hashlib.sha256(repr(sorted(
-            (str(tf.dtype(k)), tuple(tf.shape(k))) for k in tf.keys())).encode()).hexdigest()
-        sample = _sample(tf)
+    metadata = dict(tf.metadata)
+    types = plugins.adapter_types()
+    names = {n for t in types for n in (t.required | t.optional)}
+    grouped = group_keys(tf.keys(), names)
+    groups = {}
+    for prefix, keys in grouped.items():
+        tensors = {name: _small_or_meta(tf, key) for name, key in keys.items()}
+        if "alpha" in tensors:
+            tensors["alpha"] = checked_alpha(path, keys["alpha"], tensors["alpha"])
+        if "lora_magnitude_vector" in keys.get("dora_scale", ""):
+            tensors["dora_scale"] = tensors["dora_scale"].reshape(-1)
+        groups[prefix] = Group(prefix, keys, tensors)
+    file_format = tf.format
     config = _peft_config(path, metadata)
     for group in groups.values():
         if config and "alpha" not in group.tensors and "lora_down.weight" in group.tensors:
@@ -148,10 +174,7 @@ def load_lora_shapes(path):
             _peft_lycoris_scale(group, config)
         if group.adapter is not None and hasattr(group.adapter, "configure_peft"):
             _configure_peft(group, config)
-    lora = Lora(path, metadata, groups, file_format)
-    lora.shape_signature = signature
-    lora.sample_fingerprint = sample
-    return lora
+    return Lora(path, metadata, groups, file_format)
 
 
 class _NeedsData(Exception):
@@ -174,6 +197,8 @@ def _read_at(tf, begin: int, n: int) -> bytes:
 
 
 def _tensor_bytes(t) -> bytes:
+    import torch
+
     t = t.detach().contiguous().reshape(-1)
     return t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
 
@@ -187,7 +212,7 @@ def _sample(tf) -> Optional[str]:
         if tf.format == "safetensors":
             for k, b, e in _spans(tf):
                 READS["sample"] += 1
-                items.append((str(tf.dtype(k)), tuple(tf.shape(k)), _read_at(tf, b, min(_SAMPLE_BYTES, e - b)).hex()))
+                items.append((tf.dtype_str(k), tuple(tf.shape(k)), _read_at(tf, b, min(_SAMPLE_BYTES, e - b)).hex()))
         else:
             for k in tf.keys():
                 READS["sample"] += 1
@@ -202,6 +227,8 @@ def _finite(t) -> bool:
     """Whether every value is finite: one fp32 sum (NaN and Inf survive it), the exact
     elementwise check only when the sum is not finite (an overflow of finite values)."""
     import math
+
+    import torch
 
     if not t.is_floating_point() or t.numel() == 0:
         return True
@@ -231,8 +258,10 @@ def full_read(path: str, check: bool = False) -> dict:
                     at = e
                 else:
                     addnet = None  # a gap: the data area is not the tensors back to back
-                items.append((str(tf.dtype(k)), tuple(tf.shape(k)), hashlib.sha256(data).hexdigest()))
+                items.append((tf.dtype_str(k), tuple(tf.shape(k)), hashlib.sha256(data).hexdigest()))
                 if check and problem is None and e > b:
+                    import torch
+
                     try:
                         if not _finite(torch.frombuffer(bytearray(data), dtype=tf.dtype(k))):
                             problem = f"tensor {k!r} contains NaN or Inf"
@@ -281,7 +310,16 @@ def scan_file(path: str, base=None, full: bool = False) -> dict:
             READS["full"] += 1
             lora = load_lora(path)
             sig = None
-        info = inspect_any(path, base, lora=lora, addnet=False)
+        from .fastpath import NeedsFullPath
+
+        try:
+            info = inspect_any(path, base, lora=lora, addnet=False)
+        except NeedsFullPath:  # a group for the structural auto-detector: adapters on meta tensors
+            with open_tensors(path, kind="lora") as tf:
+                meta = _load_meta(path, tf)
+            meta.shape_signature, meta.sample_fingerprint = lora.shape_signature, lora.sample_fingerprint
+            lora = meta
+            info = inspect_any(path, base, lora=lora, addnet=False)
     except LoraExtError as exc:
         problem = _err_text(exc, path)
         kind = "NaN/Inf" if (" NaN" in problem or " Inf" in problem) else "unreadable"
@@ -384,15 +422,24 @@ def _work(job):
 
 
 def _worker_init() -> None:
-    torch.set_num_threads(1)  # one process per core: torch's own threads would only contend
+    # one process per core: torch's own threads would only contend
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(1)
+    else:  # torch, if a pickle needs it, starts single-threaded
+        os.environ["OMP_NUM_THREADS"] = "1"
 
 
 def _warm_layouts() -> None:
-    from . import dit
+    """Build, before forking, the key maps every file is bound against (SD1.x/SD2.x/SDXL; the
+    DiT variants only for the files whose names need them): the workers share them."""
+    from .fastpath import MODELS, available
     from .layouts import SD_ARCHS, arch_keymap
 
-    for name in list(SD_ARCHS) + list(dit.VARIANTS):
-        arch_keymap(name)
+    for name in SD_ARCHS:
+        if available():
+            MODELS.keymap(name)
+        else:
+            arch_keymap(name)
 
 
 def scan_library(paths, *, base=None, full: bool = False, jobs: Optional[int] = None,
