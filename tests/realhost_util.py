@@ -425,7 +425,7 @@ class RunningHost:
 @contextlib.contextmanager
 def start_host(host: str, extra_args=(), env=None, boot_timeout: float = 900, log_path=None,
                checkout: str | None = None, python: str | None = None,
-               sdnext_pipeline: str = "Stable Diffusion"):
+               sdnext_pipeline: str = "Stable Diffusion", webui: bool = False):
     """Boot ``host`` headless on CPU, API only, on 127.0.0.1:<free port>; wait until
     /sdapi/v1/sd-models answers (bounded by ``boot_timeout``), yield a RunningHost, and kill
     its whole process group on exit. The console goes to ``log_path`` (a temp file if None)."""
@@ -434,6 +434,8 @@ def start_host(host: str, extra_args=(), env=None, boot_timeout: float = 900, lo
     if not d or not py:
         raise RuntimeError(f"host {host!r} not configured (LORA_EXT_{host.upper()}_DIR)")
     script, flags = HOST_LAUNCH[host]
+    if webui:  # the full UI (gradio) as well as the API: extension tabs are built
+        flags = [f for f in flags if f != "--nowebui"]
     port = free_port()
     cmd = [py, script, *flags, "--port", str(port), *extra_args]
     e = dict(os.environ)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import urllib.error
 import urllib.request
 
 import numpy as np
@@ -291,3 +292,67 @@ def test_inpainting_checkpoint_takes_a_lora(host):
         _use_model(host, CKPT)
         os.remove(os.path.join(folder, INPAINT))
         rh._post(url + "/sdapi/v1/refresh-checkpoints", {}, timeout=300)
+
+
+def _cli_inspect(*args) -> str:
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "lora_ext.cli", "inspect", *args], capture_output=True, text=True,
+                       timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip()
+
+
+def test_inspect_route_gives_the_cli_report(host):
+    """GET /lora-ext/v1/inspect in the real webui: the report ``lora-ext inspect`` prints for the
+    same file, against its detected base and against the checkpoint the webui has loaded."""
+    import urllib.parse
+
+    url = host.url
+    rh.txt2img(url, "a cat")  # the model lora-ext knows is the one of the last generation
+    lora = os.path.join(rh.host_dir(host.name), "models", "Lora", "lxt_a.safetensors")
+    got = _get(url + "/lora-ext/v1/inspect?name=lxt_a")
+    assert got["text"].strip() == _cli_inspect(lora), got["text"][:2000]
+    loaded = _get(url + "/lora-ext/v1/inspect?" + urllib.parse.urlencode({"name": "lxt_a", "against": "loaded"}))
+    assert loaded["base"] and os.path.basename(loaded["base"]) == CKPT, loaded.get("base")
+    assert loaded["report"]["unmatched"] == [], loaded["report"]["unmatched"][:5]
+    assert loaded["text"].strip() == _cli_inspect("--base", loaded["base"], lora)
+    try:
+        _get(url + "/lora-ext/v1/inspect?name=no_such_lora")
+        raise AssertionError("a missing LoRA must be an HTTP error")
+    except urllib.error.HTTPError as exc:
+        assert exc.code == 404 and "no_such_lora" in exc.read().decode()
+    print(f"{host.name}: inspect route OK ({len(got['text'].splitlines())} lines)")
+
+
+@pytest.mark.parametrize("name", [h for h in _configured() if h != "sdnext"] or [None])
+def test_inspect_tab_is_built_in_the_real_ui(name, tmp_path):
+    """The "lora-ext" tab in a real webui's gradio UI (booted with its UI, not --nowebui): the
+    tab and its widgets are in gradio's /config, and its Inspect button, called through
+    gradio's own API, returns the CLI's report."""
+    if name is None:
+        pytest.skip("no real A1111-family host given (set LORA_EXT_REFORGE_DIR / _FORGE_DIR / _FORGE_CLASSIC_DIR)")
+    d = rh.host_dir(name)
+    _write_models(d)
+    _install_extension(name, d)
+    with rh.start_host(name, log_path=str(tmp_path / "console.log"), webui=True) as h:
+        cfg = _get(h.url + "/config")
+        comps = {c.get("props", {}).get("elem_id"): c["id"] for c in cfg["components"]}
+        for elem in ("tab_lora_ext_inspect", "lora_ext_inspect_name", "lora_ext_inspect_run", "lora_ext_inspect_report"):
+            assert elem in comps, f"{elem} missing from the UI ({name})"
+        run_id = comps["lora_ext_inspect_run"]
+        fn = next(i for i, dep in enumerate(cfg["dependencies"])
+                  if run_id in [t if isinstance(t, int) else t[0] for t in dep.get("targets", [])])
+        out = None
+        for route in ("/run/predict", "/api/predict"):
+            try:
+                out = rh._post(h.url + route, {"fn_index": fn, "data": ["lxt_a", "the base model it was made for",
+                                                                        False], "session_hash": "lxt"}, timeout=600)
+                break
+            except urllib.error.HTTPError:
+                continue
+        assert out is not None, "gradio's predict route did not answer"
+        lora = os.path.join(d, "models", "Lora", "lxt_a.safetensors")
+        assert out["data"][0].strip() == _cli_inspect(lora)
+        print(f"{name}: the lora-ext tab is built and its Inspect button gives the CLI's report")
