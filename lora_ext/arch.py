@@ -56,8 +56,6 @@ import re
 from dataclasses import dataclass
 from typing import Iterator, Mapping
 
-import torch
-
 from .errors import LoraExtError
 
 __all__ = [
@@ -195,6 +193,7 @@ def build_meta(arch: str, component: str) -> torch.nn.Module:
     naming the package when it cannot be imported. Not cached: callers may wrap or alter the
     modules. ``module_table`` does not use it (shipped data).
     """
+    import torch
     _check(arch, component)
     config = load_config(arch, component)
     with torch.device("meta"):
@@ -234,6 +233,7 @@ KINDS = ("linear", "conv", "norm", "embedding")
 
 
 def _kind(module: torch.nn.Module) -> str:
+    import torch
     if isinstance(module, torch.nn.Linear):
         return "linear"
     if isinstance(module, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)):
@@ -466,6 +466,7 @@ def table_for_config(component: str, config: Mapping) -> dict[str, ModuleInfo]:
     :class:`MissingDependencyError` when they cannot be imported. The full-size SD families need
     neither (``module_table``).
     """
+    import torch
     config = dict(config)
     if component == "unet":
         fields, with_projection = config, False
@@ -492,6 +493,7 @@ def module_entries(model: torch.nn.Module) -> Iterator[tuple[str, str, tuple, tu
 def _build_table(component, entries, config, root, layout) -> Mapping[str, ModuleInfo]:
     """The table of one component from ``entries`` (``(name, kind, weight shape, bias shape)``,
     see :func:`module_entries`; a module is read through it)."""
+    import torch
     if isinstance(entries, torch.nn.Module):
         entries = module_entries(entries)
     prefixes = _unet_prefix_map(config) if component == "unet" else None
@@ -623,6 +625,7 @@ def ldm_to_diffusers(
     counterpart (VAE, SD2's 24th resblock, position_ids, logit_scale, EMA copies, ...).
     Shapes are not checked, so variants such as 9-channel inpainting UNets convert too.
     """
+    import torch
     index = _ldm_key_index(arch)
     aliases = _ldm_aliases(arch)
     out: dict[str, dict[str, torch.Tensor]] = {c: {} for c in components(arch)}
@@ -656,6 +659,7 @@ def diffusers_to_ldm(components: Mapping[str, Mapping[str, torch.Tensor]], arch:
     must be present) and ``text_projection`` is transposed. A key with no ldm counterpart is
     passed through under ``ldm_root(arch, component) + key`` rather than dropped.
     """
+    import torch
     _check(arch)
     out: dict[str, torch.Tensor] = {}
     fused: dict[str, dict[int, tuple[int, torch.Tensor]]] = {}  # ldm key -> start -> (stop, tensor)
