@@ -31,6 +31,8 @@ WAN = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, i
 LUMINA = dict(sample_size=8, patch_size=2, in_channels=4, hidden_size=48, num_layers=2, num_refiner_layers=1,
               num_attention_heads=3, num_kv_heads=1, multiple_of=16, cap_feat_dim=8, axes_dim_rope=(4, 6, 6),
               axes_lens=(8, 8, 8))
+ZIMAGE = dict(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=48, n_layers=2, n_refiner_layers=1,
+              n_heads=3, n_kv_heads=3, cap_feat_dim=8, axes_dims=[4, 6, 6], axes_lens=[256, 16, 16])
 QWEN = dict(patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=2,
             joint_attention_dim=24, axes_dims_rope=(4, 6, 6))
 
@@ -46,6 +48,7 @@ def tiny(family: str, seed: int = 0, **overrides):
         "hunyuan_video": (diffusers.HunyuanVideoTransformer3DModel, HV),
         "wan": (diffusers.WanTransformer3DModel, WAN),
         "lumina2": (diffusers.Lumina2Transformer2DModel, LUMINA),
+        "z_image": (diffusers.ZImageTransformer2DModel, ZIMAGE),
     }[family]
     torch.manual_seed(seed)
     model = cls(**dict(cfg, **overrides)).eval()
@@ -125,6 +128,10 @@ class OriginalTree(nn.Module):
             elif w is not None and w.dim() == 4:
                 mod = nn.Conv2d(w.shape[1], w.shape[0], w.shape[2:], stride=w.shape[2:], bias="bias" in params)
             else:
+                if not owner:  # top-level bare parameters (Z-Image's x_pad_token)
+                    for name, t in params.items():
+                        self.register_parameter(name, nn.Parameter(t.clone(), requires_grad=False))
+                    continue
                 mod = nn.Module()
                 for name, t in params.items():
                     mod.register_parameter(name, nn.Parameter(t.clone(), requires_grad=False))
@@ -185,10 +192,13 @@ def inputs(family: str, seed: int = 1):
     if family == "lumina2":
         return dict(hidden_states=r(1, 4, 8, 8), timestep=torch.tensor([0.5]), encoder_hidden_states=r(1, 5, 8),
                     encoder_attention_mask=torch.ones(1, 5, dtype=torch.bool))
+    if family == "z_image":  # lists: one (C, F, H, W) latent and one caption per sample
+        return dict(x=[r(4, 1, 8, 8)], t=torch.tensor([0.5]), cap_feats=[r(5, 8)])
     raise KeyError(family)
 
 
 @torch.no_grad()
 def forward(model, family: str, seed: int = 1) -> torch.Tensor:
     out = model(**inputs(family, seed), return_dict=False)
-    return out[0]
+    out = out[0]
+    return torch.stack(out) if isinstance(out, (list, tuple)) else out

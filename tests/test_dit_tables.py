@@ -30,6 +30,9 @@ TINY = {
     "Lumina2Transformer2DModel": dict(sample_size=8, patch_size=2, in_channels=4, hidden_size=48, num_layers=1,
                                       num_refiner_layers=1, num_attention_heads=3, num_kv_heads=1, multiple_of=16,
                                       cap_feat_dim=8, axes_dim_rope=(4, 6, 6), axes_lens=(8, 8, 8)),
+    "ZImageTransformer2DModel": dict(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=48, n_layers=2,
+                                     n_refiner_layers=1, n_heads=3, n_kv_heads=3, cap_feat_dim=8, axes_dims=[4, 6, 6],
+                                     axes_lens=[8, 8, 8]),
     "HiDreamImageTransformer2DModel": dict(patch_size=2, in_channels=4, out_channels=4, num_layers=2, num_single_layers=2,
                                            attention_head_dim=8, num_attention_heads=4, caption_channels=[8, 4],
                                            text_emb_dim=8, num_routed_experts=4, num_activated_experts=2,
@@ -57,6 +60,12 @@ FULL = {  # variant -> (class, config): the published models' configs
     "wan2.2-ti2v-5b": ("WanTransformer3DModel", dict(num_attention_heads=24, ffn_dim=14336, num_layers=30, in_channels=48,
                                                      out_channels=48)),
     "lumina-image-2": ("Lumina2Transformer2DModel", dict(cap_feat_dim=2304)),
+    # Tongyi-MAI/Z-Image-Turbo transformer/config.json (the class's defaults but axes_lens, which no weight has)
+    "z-image-turbo": ("ZImageTransformer2DModel", dict(all_patch_size=[2], all_f_patch_size=[1], in_channels=16, dim=3840,
+                                                       n_layers=30, n_refiner_layers=2, n_heads=30, n_kv_heads=30,
+                                                       norm_eps=1e-05, qk_norm=True, cap_feat_dim=2560, rope_theta=256.0,
+                                                       t_scale=1000.0, axes_dims=[32, 48, 48],
+                                                       axes_lens=[1536, 512, 512])),
     "hidream-i1": ("HiDreamImageTransformer2DModel", dict(patch_size=2, in_channels=16, out_channels=16,
                                                           caption_channels=[4096, 4096], llama_layers=list(range(48)))),
 }
@@ -96,3 +105,26 @@ def test_full_size_models_match_their_variant_tables(variant):
     with torch.device("meta"):
         model = getattr(diffusers, cls)(**cfg)
     assert _check(model) == variant
+
+
+def test_z_image_original_names_are_what_diffusers_converts():
+    """The Z-Image table's original layout (the ComfyUI / Tongyi single file: fused
+    ``attention.qkv``, ``x_embedder``, ``final_layer``) is what diffusers' own single-file
+    converter turns into ZImageTransformer2DModel's state dict, tensor for tensor; and the
+    original-layout shapes are read back as Z-Image, not as Lumina2 (the same namespace)."""
+    from diffusers.loaders.single_file_utils import convert_z_image_transformer_checkpoint_to_diffusers
+
+    from dit_models import dit_table, original_state, tiny
+
+    model = tiny("z_image")
+    table = dit_table(model)
+    orig = original_state(model, table)
+    assert "layers.0.attention.qkv.weight" in orig and "layers.0.attention.to_q.weight" not in orig
+    name, naming, orig_table = dit.table_for_shapes({k: tuple(v.shape) for k, v in orig.items()})
+    assert (name, naming) == ("z_image", "ldm")
+    assert {i.ldm_weight for i in orig_table.values()} == {i.ldm_weight for i in table.values()}
+    back = convert_z_image_transformer_checkpoint_to_diffusers({"model.diffusion_model." + k: v.clone()
+                                                               for k, v in orig.items()})
+    want = model.state_dict()
+    assert set(back) == set(want), (sorted(set(back) ^ set(want)))[:5]
+    assert all(torch.equal(back[k], want[k]) for k in want)

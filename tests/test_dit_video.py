@@ -1,8 +1,9 @@
-"""Video and newer DiT families (issue 12): HunyuanVideo, Wan 2.1 / 2.2, Lumina2.
+"""Video and newer DiT families (issue 12): HunyuanVideo, Wan 2.1 / 2.2, Lumina2, Z-Image.
 
 * Oracles: PEFT files on tiny diffusers HunyuanVideo / Wan (I2V, with the image branch) /
-  Lumina2 reproduce PEFT's forward within 1e-5; each also applied to the original-layout twin
-  (ComfyUI names: HunyuanVideo's Flux-style fused qkv and linear1, Lumina2's uneven GQA qkv)
+  Lumina2 / Z-Image reproduce PEFT's forward within 1e-5; each also applied to the original-layout twin
+  (ComfyUI names: HunyuanVideo's Flux-style fused qkv and linear1, Lumina2's uneven GQA qkv,
+  Z-Image's fused qkv and x_embedder / final_layer)
   gives the same merged weights and output (the fused-vs-split golden test).
 * Formats: musubi-tuner, diffusion-pipe, old musubi-converted, Tencent's I2V prefix, diffusers,
   ComfyUI generic, OneTrainer OMI (HunyuanVideo); musubi, Wan-Fun, native PEFT, Kijai /
@@ -32,6 +33,8 @@ TARGETS = {
     "wan": ["to_q", "to_k", "to_v", "to_out.0", "add_k_proj", "add_v_proj", "ffn.net.0.proj", "ffn.net.2", "time_proj",
             "proj_out", "linear_1", "linear_2"],
     "lumina2": ["to_q", "to_k", "to_v", "to_out.0", "linear_1", "linear_2", "linear_3", "norm1.linear", "x_embedder"],
+    "z_image": ["to_q", "to_k", "to_v", "to_out.0", "w1", "w2", "w3", "0.adaLN_modulation.0", "1.adaLN_modulation.0",
+                "all_x_embedder.2-1", "linear", "adaLN_modulation.1", "cap_embedder.1", "mlp.0", "mlp.2"],
 }
 
 
@@ -43,7 +46,7 @@ def _randomise(model, seed):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.2)
 
 
-@pytest.mark.parametrize("family", ["hunyuan_video", "wan", "lumina2"])
+@pytest.mark.parametrize("family", ["hunyuan_video", "wan", "lumina2", "z_image"])
 def test_peft_lora_on_both_layouts(tmp_path, family):
     base = tiny(family)
     pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=7, target_modules=TARGETS[family]))
@@ -230,6 +233,44 @@ def test_lumina2_formats():
         assert got["lora_unet_context_refiner_0_attention_out"].targets[0].module == "context_refiner.0.attn.to_out.0"
 
 
+
+def test_z_image_formats():
+    """Z-Image spellings on both layouts: ComfyUI / original (fused ``attention.qkv``,
+    ``attention.out``, ``x_embedder``, ``final_layer``), diffusers (``transformer.`` +
+    ``attention.to_q``, ``all_x_embedder.2-1``), musubi-tuner (``lora_unet_`` + the diffusers names,
+    networks/lora_zimage.py) and its ComfyUI conversion (``attention_qkv``, ``attention_out``;
+    networks/convert_z_image_lora_to_comfy.py)."""
+    base = tiny("z_image")
+    tree = OriginalTree(original_state(base, dit_table(base)))
+    shapes = {**lowrank("diffusion_model.layers.0.attention.qkv", 3 * 48, 48, "lora_A.weight", "lora_B.weight", False),
+              **lowrank("transformer.layers.1.attention.to_k", 48, 48, "lora_A.weight", "lora_B.weight", False),
+              **lowrank("transformer.all_x_embedder.2-1", 48, 16, "lora_A.weight", "lora_B.weight", False),
+              **lowrank("diffusion_model.final_layer.linear", 16, 48, "lora_A.weight", "lora_B.weight", False),
+              **lowrank("lora_unet_layers_1_attention_to_out_0", 48, 48),
+              **lowrank("lora_unet_layers_0_feed_forward_w2", 48, 128),
+              **lowrank("lora_unet_layers_1_attention_qkv", 3 * 48, 48),
+              **lowrank("lora_unet_layers_0_attention_out", 48, 48),
+              **lowrank("lora_unet_noise_refiner_0_adaLN_modulation_0", 4 * 48, 48),
+              **lowrank("lora_unet_context_refiner_0_feed_forward_w1", 128, 48)}
+    want = {"transformer.layers.1.attention.to_k": ["layers.1.attention.to_k"],
+            "transformer.all_x_embedder.2-1": ["all_x_embedder.2-1"],
+            "diffusion_model.final_layer.linear": ["all_final_layer.2-1.linear"],
+            "lora_unet_layers_1_attention_to_out_0": ["layers.1.attention.to_out.0"],
+            "lora_unet_layers_0_feed_forward_w2": ["layers.0.feed_forward.w2"],
+            "lora_unet_layers_1_attention_qkv": [f"layers.1.attention.to_{x}" for x in "qkv"],
+            "lora_unet_layers_0_attention_out": ["layers.0.attention.to_out.0"],
+            "lora_unet_noise_refiner_0_adaLN_modulation_0": ["noise_refiner.0.adaLN_modulation.0"],
+            "lora_unet_context_refiner_0_feed_forward_w1": ["context_refiner.0.feed_forward.w1"]}
+    for km in (bind(HostModel({"unet": base}, naming="diffusers")).keymap,
+               bind(HostModel({"unet": tree}, naming="ldm")).keymap):
+        got = {b.group.prefix: b for b in _resolved(shapes, km)}
+        qkv = got["diffusion_model.layers.0.attention.qkv"]
+        assert [t.module for t in qkv.targets] == [f"layers.0.attention.to_{x}" for x in "qkv"]
+        assert tuple(qkv.candidate.row_counts) == (48, 48, 48)
+        for prefix, modules in want.items():
+            assert [t.module for t in got[prefix].targets] == modules, prefix
+
+
 def _resolved(shapes, km):
     res = lora_of(shapes).resolve(km)
     assert res.unmatched == [], res.unmatched[:2]
@@ -253,14 +294,14 @@ def _full_lora(variant, spelling):
 
 
 @pytest.mark.parametrize("variant", ["hunyuan-video", "wan-14b-t2v", "wan2.1-i2v-14b", "wan2.2-i2v-a14b", "wan2.2-ti2v-5b",
-                                     "lumina-image-2"])
+                                     "lumina-image-2", "z-image-turbo"])
 @pytest.mark.parametrize("spelling", ["diffusers", "original"])
 def test_full_size_video_layouts_bind_completely(variant, spelling):
     lora = lora_of(_full_lora(variant, spelling), device="meta")
     assert lora.resolve(arch_keymap(variant)).unmatched == []
     base = detect_base_model(lora)
     assert base.supported and (base.name == variant or variant in base.evidence or base.label != ""), base.evidence
-    if variant in ("hunyuan-video", "wan2.1-i2v-14b", "wan2.2-ti2v-5b", "lumina-image-2"):
+    if variant in ("hunyuan-video", "wan2.1-i2v-14b", "wan2.2-ti2v-5b", "lumina-image-2", "z-image-turbo"):
         assert base.name == variant, base.evidence
 
 

@@ -1,4 +1,5 @@
-"""DiT families (Flux.1, Chroma, SD3/SD3.5, Qwen-Image): module tables and their sizes.
+"""DiT families (Flux.1, Chroma, SD3/SD3.5, Qwen-Image, HunyuanVideo, Wan, Lumina2, Z-Image,
+HiDream): module tables and their sizes.
 
 ``families`` holds the tables as data. This module finds, from the parameter shapes of a
 model or a checkpoint in either layout, which family it is and its dimensions
@@ -52,6 +53,9 @@ def dims_from_shapes(shapes: Mapping[str, tuple]) -> Optional[tuple]:
         return _hv_diffusers(s)
     if "blocks.0.self_attn.q.weight" in s or "blocks.0.attn1.to_q.weight" in s:
         return _wan(s)
+    if ("x_pad_token" in s or "cap_pad_token" in s or "layers.0.attention.to_q.weight" in s
+            or "layers.0.adaLN_modulation.0.weight" in s):
+        return _zimage(s)
     if "layers.0.attention.qkv.weight" in s or "layers.0.feed_forward.linear_1.weight" in s:
         return _lumina(s)
     if "double_stream_blocks.0.block.attn1.to_q.weight" in s or "single_stream_blocks.0.block.attn1.to_q.weight" in s:
@@ -216,6 +220,24 @@ def _lumina(s):
     dims = dict(h=h, q=q, kv=kv, d=d, m=m, t=t, ctx=ctx, c_in=c_in, c_out=c_out, depth=_count(s, r"layers\.(\d+)\."),
                 noise=noise, context=context)
     return "lumina2", dims, "ldm" if orig else "diffusers"
+
+
+def _zimage(s):
+    """Z-Image: Lumina2's ``layers.N.attention`` namespace, told apart by its pad tokens, its
+    ``adaLN_modulation.0`` (Lumina2: ``.1``) and, in diffusers, ``attention.to_q`` (Lumina2:
+    ``attn.to_q``)."""
+    orig = "layers.0.attention.qkv.weight" in s or "x_embedder.weight" in s
+    h = (_dim(s, "layers.0.attention.qkv.weight", 1) or _dim(s, "layers.0.attention.to_q.weight", 1)
+         or _dim(s, "x_pad_token", 1))
+    x_emb, final = ("x_embedder", "final_layer") if orig else ("all_x_embedder.2-1", "all_final_layer.2-1")
+    dims = dict(h=h, d=_dim(s, "layers.0.attention." + ("q_norm" if orig else "norm_q") + ".weight", 0, 128),
+                m=_dim(s, "layers.0.feed_forward.w1.weight", 0, int(h / 3 * 8)),
+                t=_dim(s, "layers.0.adaLN_modulation.0.weight", 1, min(h, 256)),
+                tm=_dim(s, "t_embedder.mlp.0.weight", 0, 1024), ctx=_dim(s, "cap_embedder.1.weight", 1, 2560),
+                c_in=_dim(s, x_emb + ".weight", 1, 64), c_out=_dim(s, final + ".linear.weight", 0, 64),
+                depth=_count(s, r"layers\.(\d+)\."), noise=_count(s, r"noise_refiner\.(\d+)\."),
+                context=_count(s, r"context_refiner\.(\d+)\."))
+    return "z_image", dims, "ldm" if orig else "diffusers"
 
 
 def _hidream(s):

@@ -271,6 +271,43 @@ _LUMINA_LAYER = (
 )
 
 
+# Z-Image (Tongyi-MAI Z-Image / Z-Image-Turbo; diffusers ZImageTransformer2DModel): Lumina2's
+# namespace with its own spellings. The original / ComfyUI single file fuses q|k|v into
+# ``attention.qkv`` (even thirds: diffusers' to_k / to_v are dim x dim whatever n_kv_heads says;
+# single_file_utils.convert_z_image_transformer_checkpoint_to_diffusers chunks it in three) and
+# keeps ``x_embedder`` / ``final_layer`` where diffusers has ``all_x_embedder.2-1`` /
+# ``all_final_layer.2-1`` (patch 2, frame patch 1). "t" = min(h, 256) the conditioning width,
+# "tm" the timestep MLP's 1024; the refiner and main layers are ``modulated`` (adaLN_modulation.0,
+# 4h rows), the context refiner is ``plain``; ``x_pad_token`` / ``cap_pad_token`` are bare (1, h)
+# parameters.
+_ZIMAGE_TOP = (
+    ("all_x_embedder.2-1", "x_embedder", "h", "c_in", None, ""),
+    ("all_final_layer.2-1.linear", "final_layer.linear", "c_out", "h", None, ""),
+    ("all_final_layer.2-1.adaLN_modulation.1", "final_layer.adaLN_modulation.1", "h", "t", None, ""),
+    ("t_embedder.mlp.0", "t_embedder.mlp.0", "tm", "256", None, ""),
+    ("t_embedder.mlp.2", "t_embedder.mlp.2", "t", "tm", None, ""),
+    ("cap_embedder.0", "cap_embedder.0", "ctx", None, None, ""),
+    ("cap_embedder.1", "cap_embedder.1", "h", "ctx", None, ""),
+    ("x_pad_token", "x_pad_token", "1,h", None, None, ""),
+    ("cap_pad_token", "cap_pad_token", "1,h", None, None, ""),
+)
+_ZIMAGE_LAYER = (
+    ("attention.to_q", "attention.qkv", "h", "h", "0", ""),
+    ("attention.to_k", "attention.qkv", "h", "h", "h", ""),
+    ("attention.to_v", "attention.qkv", "h", "h", "2*h", ""),
+    ("attention.to_out.0", "attention.out", "h", "h", None, ""),
+    ("attention.norm_q", "attention.q_norm", "d", None, None, ""),
+    ("attention.norm_k", "attention.k_norm", "d", None, None, ""),
+    ("feed_forward.w1", "feed_forward.w1", "m", "h", None, ""),
+    ("feed_forward.w2", "feed_forward.w2", "h", "m", None, ""),
+    ("feed_forward.w3", "feed_forward.w3", "m", "h", None, ""),
+    ("adaLN_modulation.0", "adaLN_modulation.0", "4*h", "t", None, "modulated"),
+    ("attention_norm1", "attention_norm1", "h", None, None, ""),
+    ("ffn_norm1", "ffn_norm1", "h", None, None, ""),
+    ("attention_norm2", "attention_norm2", "h", None, None, ""),
+    ("ffn_norm2", "ffn_norm2", "h", None, None, ""),
+)
+
 # HiDream-I1: the same names in diffusers and ComfyUI; a mixture-of-experts feed-forward
 # ("{e}" rows repeat for each routed expert) beside shared experts and a router gate
 _HIDREAM_TOP = (
@@ -466,6 +503,17 @@ FAMILIES = {
         {"lumina-image-2": ("Lumina-Image 2.0", dict(h=2304, q=2304, kv=768, d=96, m=9216, t=1024, ctx=2304,
                                                        c_in=64, c_out=64, depth=26, noise=2, context=2))},
     ),
+    "z_image": Family(
+        "z_image", "Z-Image", _ZIMAGE_TOP,
+        (BlockGroup("noise_refiner", "noise_refiner", "noise", "IN", _ZIMAGE_LAYER, "modulated"),
+         BlockGroup("context_refiner", "context_refiner", "context", "IN", _ZIMAGE_LAYER, "plain"),
+         BlockGroup("layers", "layers", "depth", "L", _ZIMAGE_LAYER, "modulated")),
+        _lumina_conditions,
+        # Tongyi-MAI/Z-Image-Turbo transformer/config.json: dim 3840, 30 heads (d 128), 30 layers,
+        # 2 + 2 refiner layers, cap_feat_dim 2560 (Qwen3-4B), in_channels 16, patch 2 x 2
+        {"z-image-turbo": ("Z-Image (Turbo)", dict(h=3840, d=128, m=10240, t=256, tm=1024, ctx=2560, c_in=64,
+                                                   c_out=64, depth=30, noise=2, context=2))},
+    ),
     "hidream": Family(
         "hidream", "HiDream-I1", _HIDREAM_TOP,
         (BlockGroup("double_stream_blocks", "double_stream_blocks", "double", "D", _HIDREAM_DOUBLE),
@@ -482,7 +530,8 @@ VARIANTS = {v: (fam.name, label, dims) for fam in FAMILIES.values() for v, (labe
 
 # Top-level modules: inputs and embedders are "IN", the output layers "OUT" (lbw's Flux ids).
 _OUT_TOP = ("proj_out", "norm_out.linear", "norm_out.linear_1", "norm_out.linear_2", "final_layer.linear",
-            "final_layer.adaLN_modulation.1", "scale_shift_table")
+            "final_layer.adaLN_modulation.1", "scale_shift_table", "all_final_layer.2-1.linear",
+            "all_final_layer.2-1.adaLN_modulation.1")
 
 
 _CODE: dict = {}
