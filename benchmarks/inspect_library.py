@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from lora_ext import library  # noqa: E402
+from lora_ext import fastpath, library  # noqa: E402
 from lora_ext.layouts import arch_layout  # noqa: E402
 
 
@@ -171,6 +171,12 @@ def floor(files) -> float:
     return time.perf_counter() - t
 
 
+def _cpu() -> float:
+    """CPU seconds of this process and its finished children (the worker processes)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--folder", default="/tmp/lora-ext-bench-library")
@@ -182,6 +188,7 @@ def main() -> None:
         t = time.perf_counter()
         make_library(args.folder, args.files)
         print(f"wrote {args.files} files in {time.perf_counter() - t:.1f} s")
+    load0 = f"{os.getloadavg()[0]:.2f}"
     kinds = {p: p.split(os.sep)[-3] for p in library.find_lora_files([args.folder])}
     files = library.find_lora_files([args.folder])
     size = sum(os.path.getsize(p) for p in files)
@@ -192,21 +199,26 @@ def main() -> None:
     cache = os.path.join(args.folder + "-cache.json")
     if os.path.exists(cache):
         os.remove(cache)
+    c0 = _cpu()
     t_floor = floor(files)
-    t = time.perf_counter()
+    c_floor = _cpu() - c0
+    t, c = time.perf_counter(), _cpu()
     cold = library.scan_library([args.folder], jobs=args.jobs, cache_path=cache, progress=False)
-    t_cold = time.perf_counter() - t
-    t = time.perf_counter()
+    t_cold, c_cold = time.perf_counter() - t, _cpu() - c
+    t, c = time.perf_counter(), _cpu()
     warm = library.scan_library([args.folder], jobs=args.jobs, cache_path=cache, progress=False)
-    t_warm = time.perf_counter() - t
+    t_warm, c_warm = time.perf_counter() - t, _cpu() - c
     t_floor2 = floor(files)
     fl = min(t_floor, t_floor2)
     assert warm["rows"] == cold["rows"]
     print(f"{len(files)} files, {size / 1e6:.0f} MB; jobs={args.jobs or os.cpu_count()}")
-    print(f"floor (safe_open + keys):      {fl:.3f} s")
-    print(f"cold (empty cache):            {t_cold:.3f} s  = {t_cold / fl:.1f}x the floor")
-    print(f"warm (unchanged library):      {t_warm:.3f} s  = {t_cold / t_warm:.0f}x faster than cold, "
-          f"{t_warm / fl:.1f}x the floor")
+    print(f"load average before/after: {load0} / {os.getloadavg()[0]:.2f}; "
+          f"torch-free path: {'yes' if fastpath.available() else 'NO (stale lora_ext/tables/fast_layouts.json.gz)'}")
+    print(f"floor (safe_open + keys):      {fl:.3f} s wall, {c_floor:.3f} s CPU")
+    print(f"cold (empty cache):            {t_cold:.3f} s wall = {t_cold / fl:.1f}x the floor; "
+          f"{c_cold:.3f} s CPU (this process and its workers) = {c_cold / c_floor:.1f}x the floor's CPU")
+    print(f"warm (unchanged library):      {t_warm:.3f} s wall = {t_cold / t_warm:.0f}x faster than cold, "
+          f"{t_warm / fl:.1f}x the floor; {c_warm:.3f} s CPU")
     print(library.summary_line(cold))
     bad = check_rows(cold["rows"], kinds)
     print(f"rows checked against what was written: {len(cold['rows']) - len(bad)} right, {len(bad)} wrong")

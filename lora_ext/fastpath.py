@@ -33,7 +33,8 @@ import sys
 from typing import Optional
 
 from .errors import LoraExtError
-from .keys import KeyMap, group_keys
+from .io import _ST_DTYPES
+from .keys import KeyMap, normalise_key, split_key
 
 COMMON_NAMES = frozenset({"alpha", "dora_scale"})
 MAX_ALPHA = None  # set from metadata on first use (kept in one place: metadata.MAX_ALPHA)
@@ -363,6 +364,73 @@ def _with_dora(inner: ShapeAdapter, scale: ShapeT) -> ShapeAdapter:
 
 
 # --- the file as groups ---------------------------------------------------------------------------
+def _leading_literal(pattern) -> str:
+    """The text every match of ``pattern`` starts with ("" when unknown)."""
+    try:
+        from re import _parser as sre_parse  # Python 3.11+
+    except ImportError:  # pragma: no cover
+        import sre_parse
+    from re import _constants as c
+
+    if pattern.flags & (re.IGNORECASE | re.VERBOSE):
+        return ""
+    out = []
+
+    def walk(items) -> bool:
+        for op, av in items:
+            if op is c.LITERAL:
+                out.append(chr(av))
+            elif op is c.SUBPATTERN:
+                if not walk(av[-1]):
+                    return False
+            else:
+                return False
+        return True
+
+    try:
+        walk(sre_parse.parse(pattern.pattern, pattern.flags))
+    except Exception:  # noqa: BLE001
+        return ""
+    return "".join(out)
+
+
+@functools.lru_cache(maxsize=8)
+def _grouper(names: tuple):
+    """(every tensor name, as a set, longest length, the texts one of which every key
+    ``normalise_key`` may rewrite contains, or None) for :func:`group_keys`."""
+    from . import keys
+
+    all_names = tuple(set(keys._BASE_NAMES) | set(names))
+    patterns = [keys._DIFF_M, keys._PROCESSOR, keys._XLABS] + [p for p, _ in keys._REWRITES]
+    lits = tuple({_leading_literal(p) for p in patterns})
+    if any(len(x) < 3 for x in lits):
+        lits = None  # no cheap test: every key goes through normalise_key
+    return all_names, frozenset(all_names), max(map(len, all_names)), lits
+
+
+def group_keys(keys, names) -> dict:
+    """``keys.group_keys`` (the same groups): a key runs through ``normalise_key``'s rules only
+    when it holds one of the texts they start with, and the tensor name is found by its suffix
+    instead of trying every name."""
+    all_names, nameset, maxlen, lits = _grouper(tuple(sorted(set(names))))
+    groups: dict = {}
+    for key in keys:
+        k = key if lits is not None and not any(x in key for x in lits) else normalise_key(key)
+        i = k.find(".", max(1, len(k) - maxlen - 1))
+        while i != -1 and k[i + 1:] not in nameset:
+            i = k.find(".", i + 1)
+        if i != -1:
+            prefix, name = k[:i], k[i + 1:]
+        else:
+            prefix, name = split_key(k, all_names)
+        g = groups.get(prefix)
+        if g is None:
+            g = groups[prefix] = {}
+        g[name] = key
+    return groups
+
+
+
 class Group:
     """``network.Group`` as shapes."""
 
@@ -476,18 +544,31 @@ def _checked_alpha(t: ShapeT) -> ShapeT:
     return t
 
 
+_CLAIMS: dict = {}
+
+
+def _claim(names: frozenset, types):
+    """(claimed, builder of the first type that claims ``names`` or None, a bias-diff split)."""
+    got = _CLAIMS.get((names, id(types)))
+    if got is None:
+        claimers = [(c, b) for c, b in types if c(names)]
+        split = False
+        if not claimers and "diff_b" in names and len(names - {"diff_b", "alpha", "dora_scale"}) > 0:
+            rest = names - {"diff_b"}
+            split = any(c(rest) for c, _ in types)
+        got = _CLAIMS[(names, id(types))] = (bool(claimers), claimers[0][1] if claimers else None, split)
+    return got
+
+
 def _build_adapter(group, types, metadata) -> None:
     names = group.names
-    claimers = [(c, b) for c, b in types if c(names)]
-    if not claimers:
-        if "diff_b" in names and len(names - {"diff_b", "alpha", "dora_scale"}) > 0:
-            rest = names - {"diff_b"}
-            if any(c(rest) for c, _ in types):
-                raise NeedsFullPath("an adapter with a bias diff")
+    claimed, build, split = _claim(names, types)
+    if not claimed:
+        if split:
+            raise NeedsFullPath("an adapter with a bias diff")
         if names <= {"alpha", "dora_scale"}:
             group.problem = f"incomplete adapter: only {', '.join(sorted(names))}"
         return
-    build = claimers[0][1]
     if build is None:
         raise NeedsFullPath("a type not read by shapes here")
     inner = {k: v for k, v in group.tensors.items() if k != "dora_scale"}
@@ -637,12 +718,13 @@ def _from_file(path, tf, data, types, read_all):
     fh = tf._fh
     values = {}
     # every tensor (or the small ones) in file order: what the full path would refuse
-    for key, e in sorted(entries.items(), key=lambda kv: kv[1].begin):
+    items = sorted(entries.items(), key=lambda kv: kv[1].begin) if read_all else entries.items()
+    for key, e in items:
         dt = e.dtype_name
         if dt == "C64":
             return None
         n = e.end - e.begin
-        small = math.prod(e.shape) <= SMALL
+        small = n <= SMALL * _ST_DTYPES[dt][0]  # at most SMALL values (io checked the sizes)
         if not (read_all or small) or n == 0:
             continue
         fh.seek(tf.data_start + e.begin)
@@ -696,6 +778,20 @@ def _with_dit_aliases(build):
             del sys.modules[name]
 
 
+def _no_gc(build):
+    """``build()`` with the cyclic collector paused: a key map is ~10^5 new objects, none of
+    them garbage, and every collection the allocations trigger would walk them all."""
+    import gc
+
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        return build()
+    finally:
+        if was:
+            gc.enable()
+
+
 class FastModels:
     """``detect.LiveModels`` from ``fastdata``: the same answers without torch."""
 
@@ -716,11 +812,29 @@ class FastModels:
             d = self.data
             entry = d["layouts"][name]
             layout = {comp: fastdata.table_rows(d, tid, comp) for comp, tid in entry["components"].items()}
-            km = self._keymaps[name] = _with_dit_aliases(lambda: KeyMap(layout, label=entry["label"]))
+            km = self._keymaps[name] = _no_gc(lambda: _with_dit_aliases(lambda: KeyMap(layout, label=entry["label"])))
         return km
 
     def fitting(self, lora, keymap) -> int:
-        return sum(1 for group in lora.groups.values() if bind_group(group, keymap)[0] is not None)
+        """How many groups ``bind_group`` would bind (``keymap.choose``: exactly one candidate
+        module that fits), without wording the reasons of those that do not."""
+        if not isinstance(lora, FastLora):  # adapters built by torch (the full path)
+            from .detect import _fitting
+
+            return _fitting(lora, keymap)
+        n = 0
+        for group in lora.groups.values():
+            a = group.adapter
+            cands = keymap.candidates(group.prefix)
+            if a is None:
+                if cands and not group.problem:
+                    raise NeedsFullPath("a group for the structural auto-detector")
+                continue
+            if cands:
+                fits = a.fits
+                if sum(1 for c in cands if fits(tuple(c.weight_shape))) == 1:
+                    n += 1
+        return n
 
     def variants(self) -> dict:
         if self._variants is None:

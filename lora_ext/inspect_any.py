@@ -82,7 +82,18 @@ def inspect_any(path, base: Optional[BaseModelRef] = None, *, lora=None, addnet:
 
             if fastdata.load() is None:
                 fastdata.refresh_user_cache()
-    return _inspect(path, base, lora, addnet, getattr(lora, "models", None))
+    return _inspect(path, base, lora, addnet, _models_for(lora))
+
+
+def _models_for(lora):
+    """The layouts to detect against: precomputed (``fastpath.MODELS``, the same key maps
+    without torch's start-up) when they are current, else the live tables."""
+    models = getattr(lora, "models", None)
+    if models is None:
+        from .fastpath import MODELS, available
+
+        models = MODELS if available() else None
+    return models
 
 
 def _inspect(path, base, lora, addnet: bool, models) -> dict:

@@ -114,8 +114,13 @@ def load_lora_shapes(path):
     path = os.fspath(path)
     with open_tensors(path, kind="lora") as tf:
         tf.check_complete()  # a truncated file is broken even where no tensor is read
-        signature = hashlib.sha256(repr(sorted(
-            (tf.dtype_str(k), tuple(tf.shape(k))) for k in tf.keys())).encode()).hexdigest()
+        if tf.format == "safetensors":
+            from .io import DTYPE_STR
+
+            shapes = [(DTYPE_STR[e.dtype_name], e.shape) for e in tf._entries.values()]
+        else:
+            shapes = [(tf.dtype_str(k), tuple(tf.shape(k))) for k in tf.keys()]
+        signature = hashlib.sha256(repr(sorted(shapes)).encode()).hexdigest()
         sample = _sample(tf)
         lora = None
         if tf.format == "safetensors":
@@ -210,9 +215,17 @@ def _sample(tf) -> Optional[str]:
     items = []
     try:
         if tf.format == "safetensors":
-            for k, b, e in _spans(tf):
-                READS["sample"] += 1
-                items.append((tf.dtype_str(k), tuple(tf.shape(k)), _read_at(tf, b, min(_SAMPLE_BYTES, e - b)).hex()))
+            from .io import DTYPE_STR
+
+            fd, start, entries = tf._fh.fileno(), tf.data_start, tf._entries
+            spans = _spans(tf)
+            READS["sample"] += len(spans)
+            for k, b, e in spans:
+                n = min(_SAMPLE_BYTES, e - b)
+                data = os.pread(fd, n, start + b)
+                if len(data) < n:
+                    raise LoraFileError(tf.path, f"truncated: the data ends before byte {start + b + n}")
+                items.append((DTYPE_STR[entries[k].dtype_name], entries[k].shape, data.hex()))
         else:
             for k in tf.keys():
                 READS["sample"] += 1
@@ -314,7 +327,7 @@ def scan_file(path: str, base=None, full: bool = False) -> dict:
 
         try:
             info = inspect_any(path, base, lora=lora, addnet=False)
-        except NeedsFullPath:  # a group for the structural auto-detector: adapters on meta tensors
+        except NeedsFullPath:  # noqa  # a group for the structural auto-detector: adapters on meta tensors
             with open_tensors(path, kind="lora") as tf:
                 meta = _load_meta(path, tf)
             meta.shape_signature, meta.sample_fingerprint = lora.shape_signature, lora.sample_fingerprint
@@ -446,6 +459,19 @@ def scan_library(paths, *, base=None, full: bool = False, jobs: Optional[int] = 
                  cache_path: Optional[str] = None, progress=None) -> dict:
     """Rows for every LoRA file under ``paths``, duplicates flagged. ``base``: a
     ``BaseModelRef`` every file is bound to. Returns {"rows": [...], "stats": {...}}."""
+    import gc
+
+    # each file leaves little cyclic garbage, while the key maps and tables are ~10^6 live
+    # objects that every full collection would walk again: collect less often meanwhile
+    old = gc.get_threshold()
+    gc.set_threshold(max(old[0], 100_000), *old[1:])
+    try:
+        return _scan_library(paths, base=base, full=full, jobs=jobs, cache_path=cache_path, progress=progress)
+    finally:
+        gc.set_threshold(*old)
+
+
+def _scan_library(paths, *, base, full, jobs, cache_path, progress) -> dict:
     files = find_lora_files(paths)
     cache = Cache(cache_path)
     bkey = _base_key(base) + ("|full" if full else "")
