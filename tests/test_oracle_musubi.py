@@ -1,12 +1,14 @@
 """musubi-tuner as an oracle (issue 12): files written by musubi-tuner's own network modules
-(``networks/lora.py`` for HunyuanVideo, ``lora_wan.py`` for Wan, ``lokr.py`` / ``loha.py``) on
-tiny models of musubi's own classes (``wan.modules.model.WanModel``,
-``hunyuan_model.models.HYVideoDiffusionTransformer``), applied by lora-ext, must give musubi's
+(``networks/lora.py`` for HunyuanVideo, ``lora_wan.py`` for Wan, ``lora_zimage.py`` for Z-Image,
+``lokr.py`` / ``loha.py``) on tiny models of musubi's own classes (``wan.modules.model.WanModel``,
+``hunyuan_model.models.HYVideoDiffusionTransformer``, ``zimage.zimage_model.ZImageTransformer2DModel``),
+applied by lora-ext, must give musubi's
 forward with the network attached (fp32, max relative error <= 1e-5; alpha != rank, so a reader
 that ignores the stored alpha fails). The same files after musubi's converter
 (``convert_lora.py --target other``: ``diffusion_model.*.lora_A/B`` with sqrt(alpha/rank) baked
-into both factors, no alpha) must give the same output; and a Wan file lands on the diffusers
-twin (``WanTransformer3DModel``) as on musubi's original-layout model.
+into both factors, no alpha) must give the same output, as must Z-Image files after musubi's
+ComfyUI converter (q|k|v joined into the fused ``attention.qkv``); and a Wan file lands on the
+diffusers twin (``WanTransformer3DModel``) as on musubi's original-layout model.
 
 musubi-tuner is read from a checkout at test time, never vendored: set ``LORA_EXT_MUSUBI_DIR``
 to it (the folder holding ``src/musubi_tuner``). It is not installed; these tests import its
@@ -64,12 +66,16 @@ def musubi():
     import musubi_tuner.networks.loha as loha
     import musubi_tuner.networks.lokr as lokr
     import musubi_tuner.networks.lora as lora
+    import musubi_tuner.networks.convert_z_image_lora_to_comfy as zimage_to_comfy
     import musubi_tuner.networks.lora_wan as lora_wan
+    import musubi_tuner.networks.lora_zimage as lora_zimage
     import musubi_tuner.wan.modules.model as wan
+    import musubi_tuner.zimage.zimage_model as zimage
 
     root.setLevel(level)
     root.handlers[:] = handlers
-    return types.SimpleNamespace(wan=wan, hv=hv, lora=lora, lora_wan=lora_wan, lokr=lokr, loha=loha, convert=convert)
+    return types.SimpleNamespace(wan=wan, hv=hv, lora=lora, lora_wan=lora_wan, lokr=lokr, loha=loha, convert=convert,
+                                 zimage=zimage, lora_zimage=lora_zimage, zimage_to_comfy=zimage_to_comfy)
 
 
 def _cu_seqlens_cpu(text_mask, img_len):
@@ -134,10 +140,11 @@ def _write(network_module, base, path, forward, seed=3, **kwargs):
     return want, len(net.unet_loras)
 
 
-def _ours(base, path):
-    """lora-ext fuses ``path`` into a copy of ``base`` (musubi's model: original names)."""
+def _ours(base, path, naming="ldm"):
+    """lora-ext fuses ``path`` into a copy of ``base`` (musubi's Wan / HunyuanVideo models have the
+    original names; its Z-Image model diffusers')."""
     model = copy.deepcopy(base)
-    bound = bind(HostModel({"unet": model}, naming="ldm"))
+    bound = bind(HostModel({"unet": model}, naming=naming))
     h = apply({"unet": bound.views["unet"]}, [path], "fuse", keymap=bound.keymap_for(["unet"]))
     return model, h
 
@@ -224,3 +231,51 @@ def test_musubi_hunyuan_video_files_apply_as_musubi_runs_them(musubi, tmp_path, 
         model2, h2 = _ours(base, str(tmp_path / "hv_other.safetensors"))
         assert h2.unmatched == []
         assert _max_rel(_hv_forward(model2), want) <= 1e-5
+
+
+def _zi(ms):
+    return _randomised(ms.zimage.ZImageTransformer2DModel(in_channels=4, dim=48, n_layers=2, n_refiner_layers=1, n_heads=3,
+                                                          n_kv_heads=3, cap_feat_dim=8, axes_dims=[4, 6, 6],
+                                                          axes_lens=[256, 16, 16]))
+
+
+def _zi_forward(model):
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        return model(torch.randn(1, 4, 1, 8, 8, generator=g), torch.tensor([0.5]), torch.randn(1, 5, 8, generator=g),
+                     torch.ones(1, 5, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("kind", ["lora", "loha"])
+def test_musubi_z_image_files_and_their_comfyui_conversion(musubi, tmp_path, kind):
+    """musubi's Z-Image network (networks/lora_zimage.py: ``lora_unet_layers_N_attention_to_q`` ...,
+    refiners and modulation excluded) on musubi's own Z-Image model; and the file after musubi's
+    ComfyUI converter (networks/convert_z_image_lora_to_comfy.py: q|k|v joined into
+    ``attention_qkv`` block-diagonally with rank and alpha x3, ``attention_out``) applied to the
+    original-layout twin (fused ``attention.qkv``) gives the same output."""
+    from dit_models import OriginalTree, diffusers_state, dit_table, original_state
+
+    ms = musubi
+    base = _zi(ms)
+    module = {"lora": ms.lora_zimage, "loha": ms.loha}[kind]
+    path = str(tmp_path / f"zi_{kind}.safetensors")
+    want, n = _write(module, base, path, _zi_forward)
+    assert n == 14  # 2 layers x (q, k, v, out, w1, w2, w3)
+    model, h = _ours(base, path, naming="diffusers")
+    assert h.unmatched == []
+    assert _max_rel(_zi_forward(model), want) <= 1e-5
+    assert _max_rel(_zi_forward(base), want) > 1e-3, "the adapter changes the output"
+    comfy = str(tmp_path / f"zi_{kind}_comfy.safetensors")
+    ms.zimage_to_comfy.main(types.SimpleNamespace(src_path=path, dst_path=comfy, reverse=False, lokr_rank=None))
+    keys = load_file(comfy)
+    assert any(k.startswith("lora_unet_layers_0_attention_qkv.") for k in keys)
+    assert any(k.startswith("lora_unet_layers_1_attention_out.") for k in keys)
+    assert not any("to_q" in k or "to_out" in k for k in keys)
+    table = dit_table(base)
+    tree = OriginalTree(original_state(base, table))
+    bound = bind(HostModel({"unet": tree}, naming="ldm"))
+    h2 = apply({"unet": bound.views["unet"]}, [comfy], "fuse", keymap=bound.keymap_for(["unet"]))
+    assert h2.unmatched == []
+    twin = copy.deepcopy(base)
+    twin.load_state_dict(diffusers_state(tree.state_dict(), table), strict=False)
+    assert _max_rel(_zi_forward(twin), want) <= 1e-5
