@@ -442,6 +442,25 @@ def _worker_init() -> None:
         os.environ["OMP_NUM_THREADS"] = "1"
 
 
+def _fast() -> bool:
+    from .fastpath import available
+
+    return available()
+
+
+def _fresh_fast_data(todo) -> None:
+    """Stale precomputed layouts (sources changed since ``python -m lora_ext.fastdata --write``):
+    write a current copy to the user cache once, so that this scan and later ones read
+    safetensors files without torch (the full path would give the same rows, slower)."""
+    if not todo or _fast() or os.environ.get("LORA_EXT_NO_FAST_INSPECT"):
+        return
+    from . import fastdata, fastpath
+
+    fastdata.refresh_user_cache()
+    fastdata.load.cache_clear()
+    fastpath._ready.cache_clear()
+
+
 def _warm_layouts() -> None:
     """Build, before forking, the key maps every file is bound against (SD1.x/SD2.x/SDXL; the
     DiT variants only for the files whose names need them): the workers share them."""
@@ -521,38 +540,57 @@ def _scan_library(paths, *, base, full, jobs, cache_path, progress) -> dict:
         cache.dirty = True
 
     _WORKER_STATE["base"] = base
+    _fresh_fast_data(todo)
+    pooled = False
     if todo and jobs > 1 and "fork" in __import__("multiprocessing").get_all_start_methods():
         import multiprocessing as mp
 
         _warm_layouts()  # built once, shared by the forked workers
+        if any(not p.lower().endswith(SAFETENSORS_EXTENSIONS) for p in todo) or not _fast():
+            import torch  # noqa: F401  (pickles or meta tensors need it: imported once, not per worker)
         with mp.get_context("fork").Pool(jobs, initializer=_worker_init) as pool:
             chunk = max(1, len(todo) // (jobs * 8))
             for p, res, reads in pool.imap_unordered(_work, [(p, full) for p in todo], chunksize=chunk):
                 take(p, res, reads)
                 done += 1
                 tick()
+            if show:
+                print(file=sys.stderr)
+            stats["scanned"] = len(todo)
+            _flag_duplicates(files, rows, entries, cache, stats, pool)
+            pooled = True
     else:
         for p in todo:
             _, res, _ = _work((p, full))
             take(p, res, None)
             done += 1
             tick()
-    if show:
-        print(file=sys.stderr)
-    stats["scanned"] = len(todo)
-    _flag_duplicates(files, rows, entries, cache, stats)
+    if not pooled:
+        if show:
+            print(file=sys.stderr)
+        stats["scanned"] = len(todo)
+        _flag_duplicates(files, rows, entries, cache, stats)
     cache.save()
     return {"rows": [rows[p] for p in files if p in rows], "stats": dict(stats)}
 
 
-def _flag_duplicates(files, rows, entries, cache, stats) -> None:
+def _full_one(path):
+    try:
+        return path, full_read(path)
+    except LoraExtError:
+        return path, None
+
+
+def _flag_duplicates(files, rows, entries, cache, stats, pool=None) -> None:
     """Files holding the same tensors (names, order and metadata aside): candidates by shape
-    signature, then by a 32-byte sample of every tensor, confirmed by hashing every tensor."""
+    signature, then by a 32-byte sample of every tensor, confirmed by hashing every tensor
+    (in ``pool``'s worker processes when given)."""
     by_sig: dict = {}
     for p in files:
         e = entries.get(p)
         if e and e.get("sig") and not any(x.startswith("unreadable") for x in rows[p].get("problems", [])):
             by_sig.setdefault(e["sig"], []).append(p)
+    groups = []
     for group in by_sig.values():
         if len(group) < 2:
             continue
@@ -561,32 +599,36 @@ def _flag_duplicates(files, rows, entries, cache, stats) -> None:
             e = entries[p]
             if e.get("sample"):
                 by_sample.setdefault(e["sample"], []).append(p)
-        for same in by_sample.values():
-            if len(same) < 2:
-                continue
-            by_content: dict = {}
-            for p in same:
-                e = entries[p]
-                if "content" not in e:
-                    try:
-                        e.update(full_read(p))
-                    except LoraExtError:
-                        continue
-                    cache.dirty = True
-                    stats["hashed"] += 1
-                if e.get("hash") and rows[p].get("hash_source") != "computed":
-                    rows[p]["hash"], rows[p]["hash_source"] = e["hash"][:12], "computed"
-                by_content.setdefault(e["content"], []).append(p)
-            for dup in by_content.values():
-                if len(dup) < 2:
+        groups += [same for same in by_sample.values() if len(same) >= 2]
+    need = [p for same in groups for p in same if "content" not in entries[p]]
+    if pool is not None and len(need) > 1:
+        read = dict(pool.imap_unordered(_full_one, need))
+    else:
+        read = dict(_full_one(p) for p in need)
+    for same in groups:
+        by_content: dict = {}
+        for p in same:
+            e = entries[p]
+            if "content" not in e:
+                got = read.get(p)
+                if got is None:
                     continue
-                first = dup[0]
-                for p in dup:
-                    others = [os.path.basename(q) for q in dup if q != p]
-                    rows[p]["duplicates"] = [q for q in dup if q != p]
-                    rows[p]["problems"] = list(rows[p].get("problems", [])) + [
-                        (f"duplicate of {os.path.basename(first)}" if p != first else
-                         f"same tensors as {', '.join(others[:3])}" + (" ..." if len(others) > 3 else ""))]
+                e.update(got)
+                cache.dirty = True
+                stats["hashed"] += 1
+            if e.get("hash") and rows[p].get("hash_source") != "computed":
+                rows[p]["hash"], rows[p]["hash_source"] = e["hash"][:12], "computed"
+            by_content.setdefault(e["content"], []).append(p)
+        for dup in by_content.values():
+            if len(dup) < 2:
+                continue
+            first = dup[0]
+            for p in dup:
+                others = [os.path.basename(q) for q in dup if q != p]
+                rows[p]["duplicates"] = [q for q in dup if q != p]
+                rows[p]["problems"] = list(rows[p].get("problems", [])) + [
+                    (f"duplicate of {os.path.basename(first)}" if p != first else
+                     f"same tensors as {', '.join(others[:3])}" + (" ..." if len(others) > 3 else ""))]
     # the cached rows keep no duplicate notes (they depend on the other files): recomputed each run
 
 
