@@ -43,7 +43,7 @@ def report(shim, name: str, against: str = "detected", *, keys: bool = False) ->
 
     if against not in AGAINST:
         raise LoraExtError(f"against must be one of {', '.join(AGAINST)}, not {against!r}")
-    path = shim.library().resolve(str(name))
+    path = os.path.abspath(shim.library().resolve(str(name)))  # SD.Next's folders are relative to its cwd
     base = None
     if against == "loaded":
         base = loaded_checkpoint(shim)
