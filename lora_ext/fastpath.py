@@ -402,20 +402,20 @@ def _grouper(names: tuple):
 
     all_names = tuple(set(keys._BASE_NAMES) | set(names))
     patterns = [keys._DIFF_M, keys._PROCESSOR, keys._XLABS] + [p for p, _ in keys._REWRITES]
-    lits = tuple({_leading_literal(p) for p in patterns})
-    if any(len(x) < 3 for x in lits):
-        lits = None  # no cheap test: every key goes through normalise_key
-    return all_names, frozenset(all_names), max(map(len, all_names)), lits
+    lits = sorted({_leading_literal(p) for p in patterns})
+    # no cheap test when a rule starts with no text: every key goes through normalise_key
+    find = None if any(len(x) < 3 for x in lits) else re.compile("|".join(map(re.escape, lits))).search
+    return all_names, frozenset(all_names), max(map(len, all_names)), find
 
 
 def group_keys(keys, names) -> dict:
     """``keys.group_keys`` (the same groups): a key runs through ``normalise_key``'s rules only
     when it holds one of the texts they start with, and the tensor name is found by its suffix
     instead of trying every name."""
-    all_names, nameset, maxlen, lits = _grouper(tuple(sorted(set(names))))
+    all_names, nameset, maxlen, find = _grouper(tuple(sorted(set(names))))
     groups: dict = {}
     for key in keys:
-        k = key if lits is not None and not any(x in key for x in lits) else normalise_key(key)
+        k = key if find is not None and find(key) is None else normalise_key(key)
         i = k.find(".", max(1, len(k) - maxlen - 1))
         while i != -1 and k[i + 1:] not in nameset:
             i = k.find(".", i + 1)

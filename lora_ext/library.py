@@ -217,15 +217,15 @@ def _sample(tf) -> Optional[str]:
         if tf.format == "safetensors":
             from .io import DTYPE_STR
 
-            fd, start, entries = tf._fh.fileno(), tf.data_start, tf._entries
-            spans = _spans(tf)
-            READS["sample"] += len(spans)
-            for k, b, e in spans:
-                n = min(_SAMPLE_BYTES, e - b)
-                data = os.pread(fd, n, start + b)
+            fd, start, pread = tf._fh.fileno(), tf.data_start, os.pread
+            entries = sorted(tf._entries.values(), key=lambda e: e.begin)
+            READS["sample"] += len(entries)
+            for e in entries:
+                n = min(_SAMPLE_BYTES, e.end - e.begin)
+                data = pread(fd, n, start + e.begin)
                 if len(data) < n:
-                    raise LoraFileError(tf.path, f"truncated: the data ends before byte {start + b + n}")
-                items.append((DTYPE_STR[entries[k].dtype_name], entries[k].shape, data.hex()))
+                    raise LoraFileError(tf.path, f"truncated: the data ends before byte {start + e.begin + n}")
+                items.append((DTYPE_STR[e.dtype_name], e.shape, data.hex()))
         else:
             for k in tf.keys():
                 READS["sample"] += 1
@@ -253,34 +253,70 @@ def _finite(t) -> bool:
     return bool(torch.isfinite(t.float()).all())
 
 
-def full_read(path: str, check: bool = False) -> dict:
+_CHUNK = 64 << 20
+
+
+def _chunked(tf):
+    """(key, begin, end, bytes) of every tensor in file order, read a run of back-to-back
+    tensors (up to 64 MB, or one bigger tensor) at a time: one read instead of one per tensor.
+    A file too short raises as ``_read_at`` does, at the first tensor it cuts."""
+    spans = _spans(tf)
+    i = 0
+    while i < len(spans):
+        lo, hi, j = spans[i][1], spans[i][2], i
+        while j + 1 < len(spans) and spans[j + 1][1] == hi and spans[j + 1][2] - lo <= _CHUNK:
+            j += 1
+            hi = spans[j][2]
+        fh = tf._fh
+        fh.seek(tf.data_start + lo)
+        buf = fh.read(hi - lo)
+        view = memoryview(buf)
+        for k, b, e in spans[i:j + 1]:
+            if e - lo > len(buf):
+                raise LoraFileError(tf.path, f"truncated: the data ends before byte {tf.data_start + e}")
+            yield k, b, e, view[b - lo:e - lo]
+        i = j + 1
+
+
+def full_read(path: str, check: bool = False, content: bool = True) -> dict:
     """Read every tensor: content fingerprint (names and order left out), A1111's hash (addnet
-    for safetensors, sha256 of the file for pickles) and, with ``check``, NaN/Inf in any tensor."""
+    for safetensors, sha256 of the file for pickles) and, with ``check``, NaN/Inf in any tensor.
+
+    ``content=False`` (safetensors): A1111's hash and the data-order layout (``order``: dtypes
+    and shapes in file order) only, one hash pass: files with the same ``order`` and hash hold
+    the same tensors, so the per-tensor fingerprint is needed only to compare files whose
+    tensors lie in another order (other key names)."""
     from .io import file_sha256
 
-    items, problem = [], None
+    items, problem, order = [], None, []
     with open_tensors(path, kind="lora") as tf:
         if tf.format == "safetensors":
             addnet = hashlib.sha256()
             at = 0
-            for k, b, e in _spans(tf):
+            for k, b, e, data in _chunked(tf):
                 READS["full"] += 1
-                data = _read_at(tf, b, e - b)
                 if addnet is not None and b == at:
                     addnet.update(data)
                     at = e
                 else:
                     addnet = None  # a gap: the data area is not the tensors back to back
+                if not content:
+                    order.append((tf.dtype_str(k), tuple(tf.shape(k))))
+                    continue
                 items.append((tf.dtype_str(k), tuple(tf.shape(k)), hashlib.sha256(data).hexdigest()))
                 if check and problem is None and e > b:
                     import torch
 
                     try:
-                        if not _finite(torch.frombuffer(bytearray(data), dtype=tf.dtype(k))):
+                        if not _finite(torch.frombuffer(bytearray(data), dtype=tf.dtype(k))):  # a copy: writable
                             problem = f"tensor {k!r} contains NaN or Inf"
                     except (RuntimeError, TypeError, ValueError, LoraExtError):
                         pass
             a1111 = addnet.hexdigest() if addnet is not None and at == tf.file_size - tf.data_start else None
+            if not content:
+                if a1111 is None:  # not the tensors back to back: only the fingerprint tells
+                    return full_read(path, check)
+                return {"hash": a1111, "order": hashlib.sha256(repr(order).encode()).hexdigest()}
         else:
             for k in tf.keys():
                 READS["full"] += 1
@@ -532,7 +568,7 @@ def _scan_library(paths, *, base, full, jobs, cache_path, progress) -> dict:
         e["rows"][bkey] = res["row"]
         e["sig"] = res.get("sig")
         e["sample"] = res.get("sample")
-        for k in ("content", "hash", "nan"):
+        for k in ("content", "hash", "nan", "order"):
             if k in res:
                 e[k] = res[k]
         rows[p] = dict(res["row"])
@@ -576,15 +612,16 @@ def _scan_library(paths, *, base, full, jobs, cache_path, progress) -> dict:
 
 def _full_one(path):
     try:
-        return path, full_read(path)
+        return path, full_read(path, content=False)
     except LoraExtError:
         return path, None
 
 
 def _flag_duplicates(files, rows, entries, cache, stats, pool=None) -> None:
     """Files holding the same tensors (names, order and metadata aside): candidates by shape
-    signature, then by a 32-byte sample of every tensor, confirmed by hashing every tensor
-    (in ``pool``'s worker processes when given)."""
+    signature, then by a 32-byte sample of every tensor, confirmed by hashing the data (in
+    ``pool``'s worker processes when given): files whose tensors lie in the same order need one
+    hash of their data area (A1111's); files in other orders, a hash of every tensor."""
     by_sig: dict = {}
     for p in files:
         e = entries.get(p)
@@ -600,25 +637,44 @@ def _flag_duplicates(files, rows, entries, cache, stats, pool=None) -> None:
             if e.get("sample"):
                 by_sample.setdefault(e["sample"], []).append(p)
         groups += [same for same in by_sample.values() if len(same) >= 2]
-    need = [p for same in groups for p in same if "content" not in entries[p]]
+    need = [p for same in groups for p in same if "content" not in entries[p] and "order" not in entries[p]]
     if pool is not None and len(need) > 1:
         read = dict(pool.imap_unordered(_full_one, need))
     else:
         read = dict(_full_one(p) for p in need)
+    hashed = set()
+    for p, got in read.items():
+        if got is not None:
+            entries[p].update(got)
+            cache.dirty = True
+            hashed.add(p)
     for same in groups:
+        same = [p for p in same if "content" in entries[p] or "order" in entries[p]]
+
+        def key(p):
+            e = entries[p]
+            return ("c", e["content"]) if "content" in e else ("o", e["order"], e["hash"])
+
+        subsets: dict = {}
+        for p in same:
+            subsets.setdefault(key(p), []).append(p)
+        if len(subsets) > 1:  # tensors in other orders (or other data): compare every tensor
+            for k, members in subsets.items():
+                if k[0] == "o":
+                    try:
+                        got = full_read(members[0])
+                    except LoraExtError:
+                        continue
+                    hashed.add(members[0])
+                    for p in members:
+                        entries[p]["content"] = got["content"]
+                    cache.dirty = True
         by_content: dict = {}
         for p in same:
             e = entries[p]
-            if "content" not in e:
-                got = read.get(p)
-                if got is None:
-                    continue
-                e.update(got)
-                cache.dirty = True
-                stats["hashed"] += 1
             if e.get("hash") and rows[p].get("hash_source") != "computed":
                 rows[p]["hash"], rows[p]["hash_source"] = e["hash"][:12], "computed"
-            by_content.setdefault(e["content"], []).append(p)
+            by_content.setdefault(("c", e["content"]) if "content" in e else key(p), []).append(p)
         for dup in by_content.values():
             if len(dup) < 2:
                 continue
@@ -629,6 +685,7 @@ def _flag_duplicates(files, rows, entries, cache, stats, pool=None) -> None:
                 rows[p]["problems"] = list(rows[p].get("problems", [])) + [
                     (f"duplicate of {os.path.basename(first)}" if p != first else
                      f"same tensors as {', '.join(others[:3])}" + (" ..." if len(others) > 3 else ""))]
+    stats["hashed"] += len(hashed)
     # the cached rows keep no duplicate notes (they depend on the other files): recomputed each run
 
 
