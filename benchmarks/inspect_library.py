@@ -33,7 +33,12 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from lora_ext import fastpath, library  # noqa: E402
+from lora_ext import library  # noqa: E402
+
+# an older checkout (for before/after figures) has no torch-free path
+fastpath = None
+if os.path.exists(os.path.join(os.path.dirname(library.__file__), "fastpath.py")):
+    from lora_ext import fastpath  # noqa: E402
 from lora_ext.layouts import arch_layout  # noqa: E402
 
 
@@ -213,7 +218,7 @@ def main() -> None:
     assert warm["rows"] == cold["rows"]
     print(f"{len(files)} files, {size / 1e6:.0f} MB; jobs={args.jobs or os.cpu_count()}")
     print(f"load average before/after: {load0} / {os.getloadavg()[0]:.2f}; "
-          f"torch-free path: {'yes' if fastpath.available() else 'NO (stale lora_ext/tables/fast_layouts.json.gz)'}")
+          f"torch-free path: {'yes' if fastpath and fastpath.available() else 'no'}")
     print(f"floor (safe_open + keys):      {fl:.3f} s wall, {c_floor:.3f} s CPU")
     print(f"cold (empty cache):            {t_cold:.3f} s wall = {t_cold / fl:.1f}x the floor; "
           f"{c_cold:.3f} s CPU (this process and its workers) = {c_cold / c_floor:.1f}x the floor's CPU")
