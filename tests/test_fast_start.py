@@ -238,11 +238,16 @@ def test_inspect_of_a_safetensors_file_imports_no_torch(files):
 
 
 def test_shipped_fast_data_is_current():
-    """The precomputed layouts stand for the current sources (else inspect still works, through
-    the full path, and writes a fresh copy to the user cache)."""
-    data = fastdata._read(fastdata.DATA_PATH)
-    assert data is not None and data["fingerprint"] == fastdata.fingerprint(), \
-        "stale: run python -m lora_ext.fastdata --write"
+    """The precomputed layouts hold what the live tables give now (a change to them needs
+    ``python -m lora_ext.fastdata --write``; until then inspect stays right, through the full
+    path, and writes a fresh copy to the user cache). The fingerprint itself may differ: any
+    edit of the sources it covers changes it, and the runtime checks it."""
+    shipped = fastdata._read(fastdata.DATA_PATH)
+    assert shipped is not None
+    now = fastdata.generate()
+    for k in ("fingerprint", "python"):
+        shipped.pop(k), now.pop(k)
+    assert shipped == json.loads(json.dumps(now)), "stale: run python -m lora_ext.fastdata --write"
 
 
 def test_fast_data_matches_the_live_tables():
