@@ -364,58 +364,77 @@ def _with_dora(inner: ShapeAdapter, scale: ShapeT) -> ShapeAdapter:
 
 
 # --- the file as groups ---------------------------------------------------------------------------
-def _leading_literal(pattern) -> str:
-    """The text every match of ``pattern`` starts with ("" when unknown)."""
+def _literals(pattern) -> tuple:
+    """(text every match starts with, text every match ends with when the pattern ends at the
+    end of the string, else ""): a key holding the first and ending with the second may match."""
     try:
         from re import _parser as sre_parse  # Python 3.11+
     except ImportError:  # pragma: no cover
         import sre_parse
     from re import _constants as c
 
-    if pattern.flags & (re.IGNORECASE | re.VERBOSE):
-        return ""
-    out = []
+    if pattern.flags & (re.IGNORECASE | re.VERBOSE | re.MULTILINE):
+        return "", ""
 
-    def walk(items) -> bool:
+    def lead(items, out) -> bool:
         for op, av in items:
             if op is c.LITERAL:
                 out.append(chr(av))
             elif op is c.SUBPATTERN:
-                if not walk(av[-1]):
+                if not lead(av[-1], out):
+                    return False
+            else:
+                return False
+        return True
+
+    def tail(items, out) -> bool:
+        for op, av in reversed(list(items)):
+            if op is c.LITERAL:
+                out.append(chr(av))
+            elif op is c.SUBPATTERN:
+                if not tail(av[-1], out):
                     return False
             else:
                 return False
         return True
 
     try:
-        walk(sre_parse.parse(pattern.pattern, pattern.flags))
+        items = list(sre_parse.parse(pattern.pattern, pattern.flags))
     except Exception:  # noqa: BLE001
-        return ""
-    return "".join(out)
+        return "", ""
+    first, last = [], []
+    lead(items, first)
+    if items and items[-1][0] is c.AT and items[-1][1] is c.AT_END:
+        tail(items[:-1], last)
+    return "".join(first), "".join(reversed(last))
 
 
 @functools.lru_cache(maxsize=8)
 def _grouper(names: tuple):
-    """(every tensor name, as a set, longest length, the texts one of which every key
-    ``normalise_key`` may rewrite contains, or None) for :func:`group_keys`."""
+    """(every tensor name, as a set, longest length, the (start, end) texts of ``normalise_key``'s
+    rules: a key that holds no rule's start text and ends with its end text is left as it is;
+    None when a rule has no start text)."""
     from . import keys
 
     all_names = tuple(set(keys._BASE_NAMES) | set(names))
     patterns = [keys._DIFF_M, keys._PROCESSOR, keys._XLABS] + [p for p, _ in keys._REWRITES]
-    lits = sorted({_leading_literal(p) for p in patterns})
-    # no cheap test when a rule starts with no text: every key goes through normalise_key
-    find = None if any(len(x) < 3 for x in lits) else re.compile("|".join(map(re.escape, lits))).search
-    return all_names, frozenset(all_names), max(map(len, all_names)), find
+    pairs = tuple(sorted({_literals(p) for p in patterns}))
+    if any(len(first) < 3 for first, _ in pairs):
+        pairs = None  # no cheap test: every key goes through normalise_key
+    return all_names, frozenset(all_names), max(map(len, all_names)), pairs
 
 
 def group_keys(keys, names) -> dict:
     """``keys.group_keys`` (the same groups): a key runs through ``normalise_key``'s rules only
     when it holds one of the texts they start with, and the tensor name is found by its suffix
     instead of trying every name."""
-    all_names, nameset, maxlen, find = _grouper(tuple(sorted(set(names))))
+    all_names, nameset, maxlen, pairs = _grouper(tuple(sorted(set(names))))
     groups: dict = {}
     for key in keys:
-        k = key if find is not None and find(key) is None else normalise_key(key)
+        if pairs is None or any(first in key and key.endswith(last) for first, last in pairs):
+            k = normalise_key(key)
+        else:
+            k = key
         i = k.find(".", max(1, len(k) - maxlen - 1))
         while i != -1 and k[i + 1:] not in nameset:
             i = k.find(".", i + 1)
@@ -528,6 +547,7 @@ def _type_list(data):
     return out
 
 
+@functools.lru_cache(maxsize=1)
 def _max_alpha() -> float:
     from .metadata import MAX_ALPHA as m
 
