@@ -684,11 +684,6 @@ def _ready():
 
     if sys.byteorder != "little":
         return None
-    if "lora_ext.plugins" in sys.modules:
-        from . import plugins
-
-        if any(not name.startswith("lora_ext.") for name, _ in plugins.plugin_manager().list_name_plugin()):
-            return None  # a plugin registered at run time (tests, hosts)
     data = fastdata.load()
     if data is None or _third_party_plugins():
         return None
@@ -696,6 +691,15 @@ def _ready():
     if types is None:
         return None
     return data, types
+
+
+def _runtime_plugins() -> bool:
+    """Whether a plugin was registered at run time (tests, hosts): its types are not mirrored."""
+    if "lora_ext.plugins" not in sys.modules:
+        return False
+    from . import plugins
+
+    return any(not str(name).startswith("lora_ext.") for name, _ in plugins.plugin_manager().list_name_plugin())
 
 
 def available() -> bool:
@@ -710,7 +714,7 @@ def load_fast(path, *, read_all: bool = True, tf=None):
     like ``library.load_lora_shapes``, which also checks the file is long enough).
     ``tf``: an already opened ``io.TensorFile`` (safetensors)."""
     ready = _ready()
-    if ready is None:
+    if ready is None or _runtime_plugins():
         return None
     data, types = ready
     spath = os.fspath(path)
