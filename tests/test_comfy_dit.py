@@ -212,3 +212,25 @@ def test_two_halves_without_the_whole_schedule_would_restart_the_schedule(wan_co
     seen = _run_two_halves(ns, high, low, 6, 3)
     with pytest.raises(AssertionError):
         _check_schedule(ns, seen, 6, 3, want)
+
+
+def test_prompt_tag_node_applies_the_pairs_file_of_its_expert(wan_comfy):
+    """LoRA Tags from Prompt with ``expert`` high / low: a tag naming the HIGH/LOW pair applies
+    that expert's file, at its own ``low=`` strength; without an expert, the HIGH file (as a host
+    that knows no experts loads it)."""
+    ns = wan_comfy
+    tags = ns.nodes["LoraExtPromptLoader"]()
+    ksampler = ns.host_nodes.NODE_CLASS_MAPPINGS["KSampler"]()
+    x = {mod: torch.randn(3, cols, generator=torch.Generator().manual_seed(5)) for mod, (_, cols) in PAIR_MODULES.items()}
+    for expert, file_of, want in (("high", "high", 0.8), ("low", "low", 0.3), ("none", "high", 0.8)):
+        ex = ns.experts["low" if expert == "low" else "high"]
+        m, _, text = tags.load(ex.patcher, None, "a fox <lora:wanpair_fp16:0.8:low=0.3>", expert=expert)
+        assert text == "a fox"
+        ksampler.sample(m, 1, 2, 1.0, "euler", "simple", None, None, {"samples": torch.zeros(1, 4, 1, 4, 4)})
+        with torch.no_grad():  # the loaded clone's weight patches are on the shared weights
+            for mod, xi in x.items():
+                w0 = ex.pristine[f"{mod}.weight"]
+                got = torch.nn.functional.linear(xi, ex.tree.get_submodule(mod).weight - w0)
+                s, resid = _strength_seen(got, ns.deltas[file_of][mod], xi)
+                assert abs(s - want) < 1e-5 and resid < 1e-5, (expert, mod, s, resid)
+        ns.comfy.model_management.unload_all_models()

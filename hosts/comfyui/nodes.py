@@ -7,7 +7,12 @@ read when the node list is built, as every loader node does).
   keyframes (``w@pos,...``, multiplying the model strength over the run).
 * **LoRA Loader, model only (lora-ext)**: the same without CLIP (returns MODEL only).
 * **LoRA Tags from Prompt (lora-ext)**: reads ``<lora:...>`` tags (the full grammar) from a
-  text, applies them, returns the text without them.
+  text, applies them, returns the text without them. ``expert`` (high / low) says which expert
+  of a two-expert model (Wan 2.2 A14B) the MODEL is: a tag naming a HIGH/LOW pair applies that
+  expert's file (``high=`` / ``low=`` strengths).
+* **LoRA Loader, two experts (lora-ext)**: a HIGH/LOW LoRA pair on the two MODELs of a Wan 2.2
+  A14B workflow, one strength and schedule (across both KSamplerAdvanced halves) or the low
+  expert's own strength.
 * **LoRA Inspector (lora-ext)**: what a file is: adapter types, base model, keys that would
   not apply and why; shown on the node (web/lora_ext.js) and given as a STRING output (wire it
   to ComfyUI's *Preview Any* to show it there too).
@@ -202,7 +207,14 @@ class LoraExtPromptLoader:
                 "model": ("MODEL",),
                 "text": ("STRING", {"multiline": True, "tooltip": "A prompt with <lora:name:weight...> tags."}),
             },
-            "optional": {"clip": ("CLIP", {"tooltip": "Optional: without it only the MODEL takes the LoRAs."})},
+            "optional": {
+                "clip": ("CLIP", {"tooltip": "Optional: without it only the MODEL takes the LoRAs."}),
+                "expert": (["none", "high", "low"], {
+                    "default": "none",
+                    "tooltip": "Which expert of a two-expert model (Wan 2.2 A14B) this MODEL is: a tag naming a "
+                               "HIGH/LOW pair then applies that expert's file, with its own high= / low= strength. "
+                               "none: a pair's HIGH file."}),
+            },
         }
 
     RETURN_TYPES = ("MODEL", "CLIP", "STRING")
@@ -211,7 +223,8 @@ class LoraExtPromptLoader:
     CATEGORY = CATEGORY
     DESCRIPTION = "Applies the <lora:...> tags of a text (lora-ext's grammar) and returns the text without them."
 
-    def load(self, model, clip=None, text=""):
+    def load(self, model, clip=None, text="", expert="none"):
+        from lora_ext.experts import for_expert
         from lora_ext.prompt import parse_prompt
         from lora_ext.resolve import resolve_specs
 
@@ -221,7 +234,10 @@ class LoraExtPromptLoader:
         if not parsed.specs:
             return (model, clip, parsed.prompt)
         resolve_specs(parsed.specs, _library())
-        new_model, new_clip, _ = apply(model, clip, parsed.specs)
+        specs = parsed.specs
+        if expert in ("high", "low"):  # a pair's file and strength for this expert; other LoRAs as they are
+            specs = [for_expert(spec, expert) for spec in specs]
+        new_model, new_clip, _ = apply(model, clip, specs)
         return (new_model, new_clip, parsed.prompt)
 
 
