@@ -148,7 +148,9 @@ out["wan_config_class"] = type(experts["high"][0].model.model_config).__name__
 probes = {mod: torch.randn(3, cols, generator=torch.Generator().manual_seed(5)) for mod, (_, cols) in MODS.items()}
 
 
-def wan_run(steps, split, sampler, scheduler, keyframes, strength=0.8):
+def wan_run(steps, split, sampler, scheduler, keyframes, strength=0.8, tags=None):
+    """``tags``: the prompt tag node on each expert (its ``expert`` input set) instead of the
+    two-experts loader."""
     seen = []
 
     def observer(expert):
@@ -170,8 +172,13 @@ def wan_run(steps, split, sampler, scheduler, keyframes, strength=0.8):
 
         return observe
 
-    high, low = ext_nodes.LoraExtExpertLoader().load(experts["high"][0], experts["low"][0],
-                                                     "wanpair_HIGH_fp16.safetensors", strength, keyframes=keyframes)
+    if tags is None:
+        high, low = ext_nodes.LoraExtExpertLoader().load(experts["high"][0], experts["low"][0],
+                                                         "wanpair_HIGH_fp16.safetensors", strength, keyframes=keyframes)
+    else:
+        node = ext_nodes.LoraExtPromptLoader()
+        high = node.load(experts["high"][0], None, tags, expert="high")[0]
+        low = node.load(experts["low"][0], None, tags, expert="low")[0]
     high, low = high.clone(), low.clone()
     high.add_callback_with_key(CallbacksMP.ON_PREPARE_STATE, "test-observer", observer("high"))
     low.add_callback_with_key(CallbacksMP.ON_PREPARE_STATE, "test-observer", observer("low"))
@@ -184,10 +191,16 @@ def wan_run(steps, split, sampler, scheduler, keyframes, strength=0.8):
     return seen, end["samples"]
 
 
-for sampler in ("euler", "dpm_2"):
+RUNS = {  # name -> (sampler, wan_run keyword arguments, strength at each global step)
+    "euler": ("euler", {}, [0.8 * v for v in (0.2, 0.2 + 0.8 / 3, 0.2 + 1.6 / 3, 1.0, 0.7, 0.4)]),  # 0.2@0,1@3,0.4@5 x 0.8
+    "dpm_2": ("dpm_2", {}, [0.8 * v for v in (0.2, 0.2 + 0.8 / 3, 0.2 + 1.6 / 3, 1.0, 0.7, 0.4)]),
+    # the prompt tag node on each expert: unet= keyframes for both, the low expert's own low= keyframes
+    "tags": ("euler", {"tags": "a fox <lora:wanpair_fp16:1:unet=0@0,1@5:low=1@0,0@5>"},
+             [i / 5 for i in range(3)] + [1 - i / 5 for i in range(3, 6)]),
+}
+for run, (sampler, kw, want) in RUNS.items():
     steps, split = 6, 3
-    want = [0.8 * v for v in (0.2, 0.2 + 0.8 / 3, 0.2 + 1.6 / 3, 1.0, 0.7, 0.4)]  # 0.2@0,1@3,0.4@5 x 0.8
-    seen, final = wan_run(steps, split, sampler, "simple", "0.2@0,1@3,0.4@5")
+    seen, final = wan_run(steps, split, sampler, "simple", "0.2@0,1@3,0.4@5", **kw)
     per = 2 if sampler == "dpm_2" else 1
     rows = []
     worst_strength, worst_resid = 0.0, 0.0
@@ -198,7 +211,7 @@ for sampler in ("euler", "dpm_2"):
             worst_resid = max(worst_resid, resid)
         rows.append([r["expert"], step, round(r["sigma"], 5), round(next(iter(r["mods"].values()))[0], 6),
                      round(want[step], 6)])
-    out[f"wan_{sampler}"] = {"evaluations": rows, "max_strength_error": worst_strength,
+    out[f"wan_{run}"] = {"evaluations": rows, "max_strength_error": worst_strength,
                              "max_other_residual": worst_resid, "final_finite": bool(torch.isfinite(final).all()),
                              "weights_pristine": all(torch.equal(v, experts[e][2][k]) for e in experts
                                                      for k, v in experts[e][1].state_dict().items()),

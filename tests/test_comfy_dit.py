@@ -36,9 +36,11 @@ def test_comfy_dit_patches_and_two_expert_schedule_in_real_comfyui(tmp_path):
     assert res["diffusers_changed"] == 4 and res["diffusers_max_diff"] == 0.0, res
     # Wan 2.2 A14B: ComfyUI built both experts as WAN21 / WAN21_T2V from their keys; through its own
     # KSamplerAdvanced halves (6 steps split at 3) every evaluation carried the schedule's strength
-    # at its global step, only its own expert's file, and left no hook nor changed weight
+    # at its global step, only its own expert's file, and left no hook nor changed weight; with
+    # the two-experts loader (euler, dpm_2) and with the prompt tag node on each expert ("tags":
+    # unet= keyframes on the high expert, the low expert's own low= keyframes)
     assert (res["wan_model_class"], res["wan_config_class"]) == ("WAN21", "WAN21_T2V"), res
-    for sampler, evals in (("euler", 6), ("dpm_2", 11)):
+    for sampler, evals in (("euler", 6), ("dpm_2", 11), ("tags", 6)):
         r = res[f"wan_{sampler}"]
         assert len(r["evaluations"]) == evals, r
         assert r["max_strength_error"] < 1e-5 and r["max_other_residual"] < 1e-5, r
