@@ -1,35 +1,42 @@
-"""Benchmark: lora-ext's apply engine vs diffusers' own LoRA path, on a full-size SD1.5 UNet.
+"""Benchmark: lora-ext's apply engine vs diffusers' own LoRA path, on a full-size SD1.5 (or SDXL) UNet.
 
-Not a test: run it by hand (CPU, 3-5 minutes on 2 quiet cores, ~8 GB of RAM)::
+Not a test: run it by hand (CPU; SD1.5, fp16 and bf16, 1 and 2 threads, 5 rounds: ~10-15
+minutes on 2 shared cores, ~6 GB of RAM; SDXL: ~3x the time, ~16 GB)::
 
-    python benchmarks/apply.py [--dtype fp16|bf16|fp32] [--threads N] [--rounds 2] [--steps 4]
-                               [--latent 16] [--rank 32] [--skip-diffusers] [--skip-steps]
+    python benchmarks/apply.py [--model sd15|sdxl] [--dtype fp16 bf16 ...] [--threads 1 2]
+                               [--rounds 5] [--rank 32] [--skip-diffusers] [--steps 4] [--skip-steps]
+                               [--profile]
 
 What it does, all in one process on the same UNet:
 
-1. Builds the SD1.5 UNet from ``lora_ext/configs/sd1_unet.json`` with random weights (std
-   0.5/sqrt(fan_in)) in ``--dtype`` (default fp16, the usual checkpoint dtype) and writes two
-   rank-32 kohya LoRA files (fp16 factors, alpha 16) on every attention / feed-forward linear
-   and proj_in / proj_out of the transformer blocks (the modules kohya's default LoRA trains),
-   sized so that the weight change is ~5% of the weight.
-2. lora-ext (``method="fuse"``): apply LoRA A, switch to B (``set``), remove; checks the
-   restore is bit-exact and reports the restore record as a fraction of the patched bytes.
-   Phases 2 and 3 alternate for ``--rounds`` rounds; the best round of each is compared.
-3. diffusers 0.42 on the same UNet: there is no pipeline (a bare UNet), so a minimal object
-   with ``StableDiffusionLoraLoaderMixin`` holds it; that is exactly diffusers' own code path
-   for a kohya file: ``load_lora_weights`` (kohya -> diffusers key conversion, PEFT layers
-   injected into the UNet) + ``fuse_lora``; switch = ``unfuse_lora`` + ``unload_lora_weights``
-   + ``load_lora_weights(B)`` + ``fuse_lora``; remove = ``unfuse_lora`` + ``unload_lora_weights``.
-   Reports how far diffusers' restore (by subtraction) is from the original weights.
-4. Per-step cost of a scheduled LoRA vs a constant one (the UNet in fp32, since CPU fp16
-   convolutions are not representative): ``--steps`` forward passes at a small latent size
-   (batch 2, 77 text tokens), ``update(step, total)`` before each, ``method="auto"``:
-   the constant LoRA is fused; the scheduled one (a keyframe ramp, a new strength every step)
-   goes where the auto rule puts it. The configurations are interleaved per round.
+1. Builds the UNet from ``lora_ext/configs/{sd1,sdxl}_unet.json`` with random weights (std
+   0.5/sqrt(fan_in)) in each ``--dtype`` and writes two rank-32 kohya LoRA files (fp16
+   factors, alpha 16) on every attention / feed-forward linear and proj_in / proj_out of the
+   transformer blocks (the modules kohya's default LoRA trains: 192 on SD1.5), sized so that
+   the weight change is ~5% of the weight.
+2. lora-ext (``method="fuse"``, default settings): apply LoRA A (timed until ``apply``
+   returns; then until the background worker has compacted the restore record,
+   ``wait_records()``), switch to B (``set``, from the steady state: compact records;
+   timed the same two ways), remove (bit-exactness checked every round). Reported: the
+   steady-state record as a share of the patched bytes, the transient peak memory above
+   the model in units of the patched bytes (peak RSS above the RSS before the phase, over
+   apply + compaction; and the engine's own count of plain-copy bytes), records built
+   synchronously because the bound was reached.
+3. diffusers 0.42 on the same UNet, rounds interleaved with lora-ext's: there is no pipeline
+   (a bare UNet), so a minimal object with ``StableDiffusion(XL)LoraLoaderMixin`` holds it;
+   that is diffusers' own code path for a kohya file: ``load_lora_weights`` (kohya -> diffusers
+   key conversion, PEFT layers injected) + ``fuse_lora``; switch = ``unfuse_lora`` +
+   ``unload_lora_weights`` + ``load_lora_weights(B)`` + ``fuse_lora``; remove = ``unfuse_lora`` +
+   ``unload_lora_weights``. Reports how far diffusers' restore (by subtraction) is from the
+   original weights.
+4. Medians (and all rounds) for each dtype and thread count, speed-ups = diffusers' median /
+   lora-ext's median, wall and CPU time, with the load average before and after.
+5. ``--steps``: per-step cost of a scheduled LoRA vs a constant one (fp32 UNet, small latent),
+   as before; ``--skip-steps`` leaves it out. ``--profile``: cProfile of one apply and one
+   switch (where the time goes).
 
 Peak memory is the process's peak RSS above its RSS before each phase (``/proc`` on Linux).
-Times are wall clock and CPU time of the process (on a machine shared with other work, CPU
-time with ``--threads 1`` is the steadier comparison).
+Times are wall clock and CPU time of the process (which includes the background worker's).
 """
 from __future__ import annotations
 
@@ -64,41 +71,16 @@ def _status(field: str) -> int:
     return 0
 
 
-class Phase:
-    """Wall time and peak RSS above the starting RSS of a block of code."""
-
-    def __init__(self, name: str):
-        self.name = name
-
-    def __enter__(self):
-        gc.collect()
-        try:
-            with open("/proc/self/clear_refs", "w") as fh:
-                fh.write("5")  # reset the peak-RSS counter to the current RSS
-            self.can_peak = True
-        except OSError:
-            self.can_peak = False
-        self.rss0 = _status("VmRSS")
-        self.t0 = time.perf_counter()
-        self.c0 = time.process_time()
-        return self
-
-    def __exit__(self, *exc):
-        self.seconds = time.perf_counter() - self.t0
-        self.cpu = time.process_time() - self.c0
-        self.peak = max(0, _status("VmHWM") - self.rss0) if self.can_peak else float("nan")
-        return False
-
-
 def mb(n) -> str:
     return "n/a" if isinstance(n, float) and math.isnan(n) else f"{n / 2**20:,.0f} MB"
 
 
 # --- model and LoRA files ------------------------------------------------------------------------
-def build_unet(dtype: torch.dtype):
+def build_unet(dtype: torch.dtype, model: str = "sd15"):
     from diffusers import UNet2DConditionModel
 
-    with open(os.path.join(os.path.dirname(lora_ext.__file__), "configs", "sd1_unet.json")) as fh:
+    cfg = {"sd15": "sd1_unet.json", "sdxl": "sdxl_unet.json"}[model]
+    with open(os.path.join(os.path.dirname(lora_ext.__file__), "configs", cfg)) as fh:
         config = json.load(fh)
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(config)
@@ -167,18 +149,21 @@ def compare(unet, snap):
 
 
 # --- diffusers -----------------------------------------------------------------------------------
-def diffusers_holder(unet):
-    from diffusers.loaders import StableDiffusionLoraLoaderMixin
+def diffusers_holder(unet, model="sd15"):
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin, StableDiffusionXLLoraLoaderMixin
 
-    class UNetOnly(StableDiffusionLoraLoaderMixin):
+    base = StableDiffusionXLLoraLoaderMixin if model == "sdxl" else StableDiffusionLoraLoaderMixin
+
+    class UNetOnly(base):
         """What a StableDiffusionPipeline contributes to its LoRA mixin, for a bare UNet."""
 
-        _lora_loadable_modules = ["unet", "text_encoder"]
+        _lora_loadable_modules = ["unet", "text_encoder"] + (["text_encoder_2"] if model == "sdxl" else [])
         hf_device_map = None
 
         def __init__(self, unet):
             self.unet = unet
             self.text_encoder = None
+            self.text_encoder_2 = None
 
         @property
         def components(self):
@@ -197,128 +182,257 @@ def quiet_diffusers():
 
 
 # --- main ----------------------------------------------------------------------------------------
+class Clock:
+    """Wall and CPU time and peak RSS from a start point, read at several marks."""
+
+    def __init__(self):
+        gc.collect()
+        try:
+            with open("/proc/self/clear_refs", "w") as fh:
+                fh.write("5")  # reset the peak-RSS counter to the current RSS
+            self.can_peak = True
+        except OSError:
+            self.can_peak = False
+        self.rss0 = _status("VmRSS")
+        self.t0 = time.perf_counter()
+        self.c0 = time.process_time()
+
+    def mark(self) -> tuple:
+        """(seconds, CPU seconds, peak RSS above the start)."""
+        peak = max(0, _status("VmHWM") - self.rss0) if self.can_peak else float("nan")
+        return time.perf_counter() - self.t0, time.process_time() - self.c0, peak
+
+
+def median(xs):
+    xs = sorted(xs)
+    n = len(xs)
+    return xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2])
+
+
+def load() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:  # pragma: no cover
+        return "n/a"
+
+
+def ours_round(unet, path_a, path_b, snap, patched_bytes_expected):
+    r = {}
+    c = Clock()
+    h = lora_ext.apply(unet, [(path_a, 1.0)], method="fuse")
+    r["apply"], r["apply cpu"], _ = c.mark()
+    assert not h.unmatched, h.unmatched[:3]
+    assert h.patched_bytes == patched_bytes_expected, (h.patched_bytes, patched_bytes_expected)
+    mem = h.record_memory()
+    h.wait_records()
+    r["apply+record"], r["apply+record cpu"], r["apply peak"] = c.mark()
+    mem2 = h.record_memory()
+    assert not mem2["faults"], mem2["faults"]
+    r["engine peak apply"] = mem2["peak_plain_bytes"] + 0.0
+    r["sync records apply"] = mem2["records_sync"]
+    r["plain after apply"] = mem["plain_bytes"]
+    r["frac apply"] = h.restore_record_bytes / h.patched_bytes
+    r["schemes"] = dict(h.record_schemes)
+    c = Clock()
+    h.set([(path_b, 1.0)])
+    r["switch"], r["switch cpu"], _ = c.mark()
+    h.wait_records()
+    r["switch+record"], r["switch+record cpu"], r["switch peak"] = c.mark()
+    r["frac switch"] = h.restore_record_bytes / h.patched_bytes
+    r["engine peak switch"] = h.record_memory()["peak_plain_bytes"] + 0.0
+    c = Clock()
+    h.remove()
+    r["remove"], r["remove cpu"], r["remove peak"] = c.mark()
+    r["diff"] = compare(unet, snap)
+    assert r["diff"][0] == 0, "lora-ext's restore was not bit-exact"
+    return r
+
+
+def diffusers_round(holder, unet, path_a, path_b, snap, rnd):
+    r = {}
+    c = Clock()
+    holder.load_lora_weights(path_a, adapter_name=f"a{rnd}")
+    holder.fuse_lora(components=["unet"], lora_scale=1.0)
+    r["apply"], r["apply cpu"], r["apply peak"] = c.mark()
+    c = Clock()
+    holder.unfuse_lora(components=["unet"])
+    holder.unload_lora_weights()
+    holder.load_lora_weights(path_b, adapter_name=f"b{rnd}")
+    holder.fuse_lora(components=["unet"], lora_scale=1.0)
+    r["switch"], r["switch cpu"], r["switch peak"] = c.mark()
+    c = Clock()
+    holder.unfuse_lora(components=["unet"])
+    holder.unload_lora_weights()
+    r["remove"], r["remove cpu"], r["remove peak"] = c.mark()
+    r["diff"] = compare(unet, snap)
+    with torch.no_grad():  # diffusers' restore drifted: put the originals back for the next round
+        for n, w0 in snap.items():
+            unet.get_submodule(n).weight.copy_(w0)
+    return r
+
+
+def profile_once(unet, path_a, path_b):
+    """cProfile of one apply, one switch (from compact records) and one remove, main thread only."""
+    import cProfile
+    import pstats
+
+    def prof(what, fn):
+        pr = cProfile.Profile()
+        pr.enable()
+        out = fn()
+        pr.disable()
+        print(f"\n--- profile: lora-ext {what} (the caller's thread; the background worker not included) ---")
+        pstats.Stats(pr).sort_stats("tottime").print_stats(14)
+        return out
+
+    h = prof("apply", lambda: lora_ext.apply(unet, [(path_a, 1.0)], method="fuse"))
+    h.wait_records()
+    prof("switch", lambda: h.set([(path_b, 1.0)]))
+    h.wait_records()
+    prof("remove", h.remove)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp16", help="UNet dtype for apply/switch/remove")
+    ap.add_argument("--model", choices=("sd15", "sdxl"), default="sd15")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), nargs="+", default=["fp16", "bf16"],
+                    help="UNet dtypes for apply/switch/remove")
     ap.add_argument("--rank", type=int, default=32)
     ap.add_argument("--steps", type=int, default=4, help="timed forward passes per per-step configuration")
     ap.add_argument("--latent", type=int, default=16, help="latent size of the per-step forwards (16 = 128 px)")
-    ap.add_argument("--rounds", type=int, default=2, help="apply/switch/remove rounds per engine (best is shown)")
-    ap.add_argument("--threads", type=int, default=0,
-                    help="torch intra-op threads (0: torch's default; 1 gives steadier numbers on a busy machine)")
+    ap.add_argument("--rounds", type=int, default=5, help="apply/switch/remove rounds per engine (median shown)")
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch intra-op thread counts to run")
     ap.add_argument("--skip-diffusers", action="store_true")
     ap.add_argument("--all-methods", action="store_true", help="also time a forced re-fuse on every step")
     ap.add_argument("--skip-steps", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="cProfile one apply and one switch")
     args = ap.parse_args(argv)
     quiet_diffusers()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    dtype = DTYPES[args.dtype]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; UNet dtype {args.dtype}")
-
-    t = time.perf_counter()
-    unet = build_unet(dtype)
-    mods = lora_modules(unet)
-    n_params = sum(p.numel() for p in unet.parameters())
-    patched = sum(unet.get_submodule(n).weight.numel() for n in mods)
-    print(f"SD1.5 UNet: {n_params / 1e6:.0f}M parameters, built in {time.perf_counter() - t:.1f}s; "
-          f"LoRA on {len(mods)} modules ({patched / 1e6:.0f}M weights)")
+    print(f"torch {torch.__version__}; {os.cpu_count()} CPUs; load average {load()}; "
+          f"{args.model} UNet, dtypes {args.dtype}, threads {args.threads}, {args.rounds} rounds")
+    summary = []
     tmp = tempfile.mkdtemp(prefix="lora_ext_bench_")
-    path_a = write_kohya_lora(os.path.join(tmp, "a.safetensors"), unet, mods, rank=args.rank, seed=1)
-    path_b = write_kohya_lora(os.path.join(tmp, "b.safetensors"), unet, mods, rank=args.rank, seed=2)
-    print(f"LoRA files: rank {args.rank}, {os.path.getsize(path_a) / 2**20:.0f} MB each (fp16)")
-    snap = snapshot(unet, mods)
+    unet = None
+    for dname in args.dtype:
+        dtype = DTYPES[dname]
+        unet = None
+        gc.collect()
+        t = time.perf_counter()
+        unet = build_unet(dtype, args.model)
+        mods = lora_modules(unet)
+        n_params = sum(p.numel() for p in unet.parameters())
+        patched = sum(unet.get_submodule(n).weight.numel() for n in mods)
+        patched_bytes = sum(unet.get_submodule(n).weight.numel() * unet.get_submodule(n).weight.element_size()
+                            for n in mods)
+        print(f"\n=== {args.model} UNet {dname}: {n_params / 1e6:.0f}M parameters, built in "
+              f"{time.perf_counter() - t:.1f}s; LoRA on {len(mods)} modules ({patched / 1e6:.0f}M weights, "
+              f"{mb(patched_bytes)} patched)")
+        path_a = os.path.join(tmp, f"a_{args.model}.safetensors")
+        path_b = os.path.join(tmp, f"b_{args.model}.safetensors")
+        if not os.path.exists(path_a):
+            write_kohya_lora(path_a, unet, mods, rank=args.rank, seed=1)
+            write_kohya_lora(path_b, unet, mods, rank=args.rank, seed=2)
+            print(f"LoRA files: rank {args.rank}, {os.path.getsize(path_a) / 2**20:.0f} MB each (fp16)")
+        snap = snapshot(unet, mods)
+        if args.profile:
+            torch.set_num_threads(args.threads[0])
+            profile_once(unet, path_a, path_b)
+        holder = None if args.skip_diffusers else diffusers_holder(unet, args.model)
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            load0 = load()
+            ours, theirs = [], []
+            for rnd in range(args.rounds):  # interleaved, so a busy machine hits both alike
+                ours.append(ours_round(unet, path_a, path_b, snap, patched_bytes))
+                if holder is not None:
+                    theirs.append(diffusers_round(holder, unet, path_a, path_b, snap, f"{dname}{threads}{rnd}"))
+            load1 = load()
 
-    # --- apply / switch / remove: both engines, interleaved, best of --rounds ---------------------
-    res = {}  # "ours apply" -> [Phase, ...]
-    holder = None if args.skip_diffusers else diffusers_holder(unet)
-    for rnd in range(args.rounds):
-        with Phase("apply") as ph:
-            h = lora_ext.apply(unet, [(path_a, 1.0)], method="fuse")
-        res.setdefault("ours apply", []).append(ph)
-        assert not h.unmatched, h.unmatched[:3]
-        frac_a, schemes = h.restore_record_bytes / h.patched_bytes, dict(h.record_schemes)
-        patched_bytes = h.patched_bytes
-        with Phase("switch") as ph:
-            h.set([(path_b, 1.0)])
-        res.setdefault("ours switch", []).append(ph)
-        frac_b = h.restore_record_bytes / h.patched_bytes
-        with Phase("remove") as ph:
-            h.remove()
-        res.setdefault("ours remove", []).append(ph)
-        ours_diff = compare(unet, snap)
-        assert ours_diff[0] == 0, "lora-ext's restore was not bit-exact"
-        del h  # the next round reads and parses the files again, as diffusers does
-        if holder is None:
-            continue
-        with Phase("apply") as ph:
-            holder.load_lora_weights(path_a, adapter_name=f"a{rnd}")
-            holder.fuse_lora(components=["unet"], lora_scale=1.0)
-        res.setdefault("diffusers apply", []).append(ph)
-        with Phase("switch") as ph:
-            holder.unfuse_lora(components=["unet"])
-            holder.unload_lora_weights()
-            holder.load_lora_weights(path_b, adapter_name=f"b{rnd}")
-            holder.fuse_lora(components=["unet"], lora_scale=1.0)
-        res.setdefault("diffusers switch", []).append(ph)
-        with Phase("remove") as ph:
-            holder.unfuse_lora(components=["unet"])
-            holder.unload_lora_weights()
-        res.setdefault("diffusers remove", []).append(ph)
-        diff_diff = compare(unet, snap)
-        with torch.no_grad():  # diffusers' restore drifted: put the originals back for the next round
-            for n, w0 in snap.items():
-                unet.get_submodule(n).weight.copy_(w0)
+            def col(rs, key):
+                return [x[key] for x in rs]
 
-    def best(key):
-        return min(p.seconds for p in res[key])
+            def med(rs, key):
+                return median(col(rs, key))
 
-    def best_cpu(key):
-        return min(p.cpu for p in res[key])
+            def all_(rs, key):
+                return ", ".join(f"{v:.2f}" for v in col(rs, key))
 
-    def peak(key):
-        return max(p.peak for p in res[key])
+            print(f"\n--- {dname}, {threads} thread{'s' if threads > 1 else ''}, {args.rounds} rounds; load average "
+                  f"before {load0}, after {load1} ---")
+            print(f"lora-ext (fuse): median apply {med(ours, 'apply'):.2f}s (record complete after "
+                  f"{med(ours, 'apply+record'):.2f}s), switch {med(ours, 'switch'):.2f}s (record complete after "
+                  f"{med(ours, 'switch+record'):.2f}s), remove {med(ours, 'remove'):.2f}s")
+            for key in ("apply", "apply+record", "switch", "switch+record", "remove"):
+                print(f"  {key:14s} [{all_(ours, key)}] s   CPU [{all_(ours, key + ' cpu')}] s")
+            r0 = ours[-1]
+            print(f"  steady-state restore record: {r0['frac apply']:.1%} of the patched bytes after apply, "
+                  f"{r0['frac switch']:.1%} after the switch; schemes {r0['schemes']}")
+            print(f"  transient peak above the model (RSS, apply + compaction): median "
+                  f"{med(ours, 'apply peak') / patched_bytes:.2f}x the patched bytes, max "
+                  f"{max(col(ours, 'apply peak')) / patched_bytes:.2f}x; switch + compaction median "
+                  f"{med(ours, 'switch peak') / patched_bytes:.2f}x; remove {med(ours, 'remove peak') / patched_bytes:.2f}x")
+            print(f"  plain copies held at most (engine's count): {max(col(ours, 'engine peak apply')) / patched_bytes:.2f}x "
+                  f"the patched bytes; records built synchronously (bound reached): "
+                  f"{max(col(ours, 'sync records apply'))}")
+            print(f"  after remove: bit-identical in all {len(ours)} rounds")
+            row = {"dtype": dname, "threads": threads, "load": (load0, load1)}
+            for k in ("apply", "switch", "remove", "apply+record", "switch+record"):
+                row["ours " + k] = med(ours, k)
+                row["ours cpu " + k] = med(ours, k + " cpu")
+            row["frac"] = r0["frac switch"]
+            row["peak"] = max(col(ours, "apply peak")) / patched_bytes
+            if holder is not None:
+                print(f"diffusers (load_lora_weights + fuse_lora): median apply {med(theirs, 'apply'):.2f}s, "
+                      f"switch {med(theirs, 'switch'):.2f}s, remove {med(theirs, 'remove'):.2f}s")
+                for key in ("apply", "switch", "remove"):
+                    print(f"  {key:14s} [{all_(theirs, key)}] s   CPU [{all_(theirs, key + ' cpu')}] s")
+                d = theirs[-1]["diff"]
+                drift = [x["diff"][1] for x in theirs]
+                print(f"  after remove: {d[0]} tensors / {min(drift)}-{max(drift)} elements differ from the original, "
+                      f"max |diff| {d[2]:.3g} (restore by subtraction)")
+                print(f"  peak RSS above start: apply median {med(theirs, 'apply peak') / patched_bytes:.2f}x the "
+                      f"patched bytes ({mb(med(theirs, 'apply peak'))}), switch {mb(med(theirs, 'switch peak'))}")
+                print("speed-up of lora-ext over diffusers, medians (target >= 2x for apply and switch):")
+                for what in ("apply", "switch", "remove"):
+                    a_, b_ = med(ours, what), med(theirs, what)
+                    ac, bc = med(ours, what + " cpu"), med(theirs, what + " cpu")
+                    row["x " + what] = b_ / a_
+                    row["xcpu " + what] = bc / ac
+                    print(f"  {what:7s} wall {b_ / a_:5.2f}x ({a_:.2f}s vs {b_:.2f}s)   "
+                          f"CPU time {bc / ac:5.2f}x ({ac:.2f}s vs {bc:.2f}s)")
+                for what in ("apply", "switch"):
+                    a_, b_ = med(ours, what + "+record"), med(theirs, what)
+                    print(f"  {what} until the compact record is complete: {b_ / a_:5.2f}x ({a_:.2f}s vs {b_:.2f}s)")
+                row["theirs peak"] = med(theirs, "apply peak") / patched_bytes
+            summary.append(row)
+        del holder, snap
+        gc.collect()
 
-    def times(key):
-        return ", ".join(f"{p.seconds:.2f}" for p in res[key])
-
-    print(f"\nlora-ext (fuse), best of {args.rounds}: apply {best('ours apply'):.2f}s, "
-          f"switch {best('ours switch'):.2f}s, remove {best('ours remove'):.2f}s")
-    print(f"  all rounds: apply [{times('ours apply')}], switch [{times('ours switch')}], "
-          f"remove [{times('ours remove')}]")
-    print(f"  restore record: {frac_a:.1%} of the patched weights' bytes after apply, {frac_b:.1%} after the "
-          f"switch ({mb(patched_bytes)} patched); schemes {schemes}")
-    print(f"  after remove: {ours_diff[0]} tensors / {ours_diff[1]} elements differ from the original (bit-exact)")
-    print(f"  peak RSS above start: apply {mb(peak('ours apply'))}, switch {mb(peak('ours switch'))}, "
-          f"remove {mb(peak('ours remove'))}")
-    if holder is not None:
-        print(f"\ndiffusers (load_lora_weights + fuse_lora), best of {args.rounds}: apply "
-              f"{best('diffusers apply'):.2f}s, switch {best('diffusers switch'):.2f}s, "
-              f"remove {best('diffusers remove'):.2f}s")
-        print(f"  all rounds: apply [{times('diffusers apply')}], switch [{times('diffusers switch')}], "
-              f"remove [{times('diffusers remove')}]")
-        print(f"  after remove: {diff_diff[0]} tensors / {diff_diff[1]} elements differ from the original, "
-              f"max |diff| {diff_diff[2]:.3g} (restore by subtraction)")
-        print(f"  peak RSS above start: apply {mb(peak('diffusers apply'))}, "
-              f"switch {mb(peak('diffusers switch'))}, remove {mb(peak('diffusers remove'))}")
-        print("\nspeed-up of lora-ext over diffusers, best times (target >= 2x for apply and switch):")
-        for what in ("apply", "switch", "remove"):
-            a_, b_ = best(f"ours {what}"), best(f"diffusers {what}")
-            ac, bc = best_cpu(f"ours {what}"), best_cpu(f"diffusers {what}")
-            print(f"  {what:7s} wall {b_ / a_:5.2f}x ({a_:.2f}s vs {b_:.2f}s)   "
-                  f"CPU time {bc / ac:5.2f}x ({ac:.2f}s vs {bc:.2f}s)")
-        del holder
-    del snap
-    gc.collect()
+    if summary and "x apply" in summary[0]:
+        print(f"\n=== summary ({args.model}, medians of {args.rounds}; ratios = diffusers / lora-ext) ===")
+        print("| dtype | threads | apply | switch | remove | apply (s) | record done (s) | switch (s) | "
+              "record done (s) | record | peak above model | load avg |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for r in summary:
+            print(f"| {r['dtype']} | {r['threads']} | {r['x apply']:.2f}x | {r['x switch']:.2f}x | {r['x remove']:.2f}x | "
+                  f"{r['ours apply']:.2f} | {r['ours apply+record']:.2f} | {r['ours switch']:.2f} | "
+                  f"{r['ours switch+record']:.2f} | {r['frac']:.1%} | {r['peak']:.2f}x | {r['load'][0].split()[0]}-"
+                  f"{r['load'][1].split()[0]} |")
 
     # --- per-step cost of a scheduled LoRA vs a constant one ---------------------------------
-    if not args.skip_steps:
+    if not args.skip_steps and unet is not None:
+        path_a = os.path.join(tmp, f"a_{args.model}.safetensors")
+        torch.set_num_threads(args.threads[0])
         unet = unet.float()
         g = torch.Generator().manual_seed(3)
         lat = args.latent
         sample = torch.randn(2, 4, lat, lat, generator=g)
-        ctx = torch.randn(2, 77, 768, generator=g)
+        ctx = torch.randn(2, 77, unet.config.cross_attention_dim, generator=g)
         n = args.steps
+        added = {}
+        if args.model == "sdxl":
+            added = {"added_cond_kwargs": {"text_embeds": torch.randn(2, 1280, generator=g),
+                                           "time_ids": torch.randn(2, 6, generator=g)}}
 
         def run(specs, method="auto"):
             handle = lora_ext.apply(unet, specs, method=method) if specs else None
@@ -328,7 +442,7 @@ def main(argv=None) -> int:
                     t0 = time.perf_counter()
                     if handle is not None:
                         handle.update(step, n + 1)
-                    unet(sample, torch.tensor([999 - step * 50] * 2), encoder_hidden_states=ctx)
+                    unet(sample, torch.tensor([999 - step * 50] * 2), encoder_hidden_states=ctx, **added)
                     if step:
                         times.append(time.perf_counter() - t0)
             placement = dict(handle.placement) if handle else {}
@@ -345,13 +459,13 @@ def main(argv=None) -> int:
             configs.append(("scheduled LoRA, re-fuse forced", [ramp], "fuse"))
         runs = {name: [] for name, _, _ in configs}
         info = {}
-        for _ in range(args.rounds):  # configurations interleaved, so a busy machine hits them alike
+        for _ in range(min(args.rounds, 3)):  # configurations interleaved
             for name, specs, method in configs:
                 sec, placement, reasons = run(specs, method)
                 runs[name].append(sec)
                 info[name] = (placement, reasons)
         print(f"\nper step (fp32 UNet, latent {lat}x{lat}, batch 2, 77 tokens, {n} steps after a warm-up, "
-              f"update() before every forward; best of {args.rounds} interleaved rounds):")
+              f"update() before every forward; {args.threads[0]} thread(s); best of {min(args.rounds, 3)} rounds):")
         for name, _, _ in configs:
             placement, reasons = info[name]
             where = f" -> {', '.join(f'{k}: {v}' for k, v in placement.items())}" if placement else ""
@@ -361,6 +475,7 @@ def main(argv=None) -> int:
         print(f"  auto's reason for the scheduled LoRA: {why}")
         ratio = min(runs["scheduled LoRA, auto"]) / min(runs["constant LoRA, auto"])
         print(f"  scheduled / constant = {ratio:.3f}x (target <= 1.15x)")
+    print(f"\nload average at the end: {load()}")
     return 0
 
 

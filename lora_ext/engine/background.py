@@ -82,7 +82,7 @@ def _stop_all() -> None:
     global _STOPPING
     _STOPPING = True
     for c in list(_LIVE):
-        c.close(timeout=5.0)
+        c.close(join=5.0)
 
 
 if hasattr(threading, "_register_atexit"):  # Python >= 3.9
@@ -134,15 +134,17 @@ class Compactor:
         with self._cv:
             return self._cv.wait_for(lambda: self._thread is None, timeout)
 
-    def close(self, timeout: Optional[float] = None) -> None:
-        """Drop the queue and let the worker stop (it stops at its next row block)."""
+    def close(self, join: Optional[float] = 0.0) -> None:
+        """Drop the queue and let the worker stop (it gives up at its next row block: nothing it
+        does can matter once the handle is closed). ``join``: seconds to wait for it (None:
+        for as long as it takes; 0: not at all)."""
         with self._cv:
             self._closed = True
             self._queue.clear()
             self._queued.clear()
             t = self._thread
-        if t is not None and t is not threading.current_thread():
-            t.join(timeout)
+        if t is not None and t is not threading.current_thread() and (join is None or join > 0):
+            t.join(join)
 
     def _run(self) -> None:
         torch.set_num_threads(1)  # per thread: the host's own thread count is untouched

@@ -113,8 +113,7 @@ def _block_estimate(wf_blk: Tensor, d: Tensor, out: Optional[Tensor] = None, buf
         return est if out is None else out.copy_(est)
     if out is None:
         return wf_blk.float().sub_(d)
-    buf.copy_(wf_blk)
-    buf.sub_(d)
+    torch.sub(wf_blk, d, out=buf)  # float(wf) - d in one pass (the same values as upcast, then subtract)
     return out.copy_(buf)
 
 
@@ -124,8 +123,7 @@ def _block_fuse(w0_blk: Tensor, d: Tensor, out: Optional[Tensor] = None, buf: Op
         return torch.add(w0_blk, d) if out is None else torch.add(w0_blk, d, out=out)
     if out is None:
         return w0_blk.float().add_(d).to(w0_blk.dtype)
-    buf.copy_(w0_blk)
-    buf.add_(d)
+    torch.add(w0_blk, d, out=buf)  # float(W0) + d in one pass
     return out.copy_(buf)
 
 
@@ -273,7 +271,7 @@ def _lowrank_estimate(plan, wf: Tensor) -> Tensor:
 
 # --- the deferred-record path (background compaction) ---------------------------------------
 def _plain_pass(dst: Tensor, plan, *, w0: Optional[Tensor] = None, old=None, keep: Optional[Tensor] = None,
-                prev_plan=None) -> None:
+                prev_plan=None, what: str = "weight") -> None:
     """Write ``round(W0 + D)`` over ``plan`` (W0 itself when ``plan`` is None) into ``dst`` and build
     no record: the fast half of an apply or switch whose record is compacted later.
 
@@ -320,7 +318,9 @@ def _plain_pass(dst: Tensor, plan, *, w0: Optional[Tensor] = None, old=None, kee
                 if hi > lo:
                     scatter(int_view(w0b), pos[lo:hi] - i * k, old_vals[lo:hi])
                 if checksum(int_view(w0b)) != sums_old[t]:
-                    raise RestoreError("restoring did not reproduce the pristine weight (block checksum mismatch)")
+                    raise RestoreError(f"{what}: restoring did not reproduce the pristine weight (block checksum "
+                                       "mismatch): the patched weight was changed by something else since it was "
+                                       "patched")
             else:
                 w0b = w2[i:j]
             if k2 is not None:
@@ -361,25 +361,24 @@ def plain_fuse(param: Tensor, rec, items: tuple, keep, what: str = "weight"):
             return None
         _plain_pass(param, plan, w0=rec.full, prev_plan=old_plan)
         return plain_record(rec.full, items), True
-    if rec is not None and not _is_block_record(rec):
-        return None
     old_plan = None
     if rec is not None:
         old_plan = lowrank_plan(rec.items, tuple(param.shape), param.device)
-        if old_plan is None:
+        if old_plan is None:  # the weight holds a fusion the fast pass could not put back on failure
             return None
     plan = _plan_for(items, param)
     if plan is None:
         return None
-    if rec is not None:
-        check_fused(rec, param, what)
     buf = keep(param)
     if buf is None:
         return None
     if rec is None:
         _plain_pass(param, plan, w0=param, keep=buf)
-    else:
-        _plain_pass(param, plan, old=(rec, old_plan), keep=buf)
+    elif _is_block_record(rec):  # decoded block by block, each checked against its checksum
+        _plain_pass(param, plan, old=(rec, old_plan), keep=buf, what=what)
+    else:  # a code or full record: decoded whole (and checked), then the same pass from the copy
+        buf.copy_(restore_weight(rec, param, what))
+        _plain_pass(param, plan, w0=buf, prev_plan=old_plan)
     return plain_record(buf, items), True
 
 

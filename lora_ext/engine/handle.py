@@ -111,6 +111,7 @@ class Handle(Transactions):
         self._rec_lock = threading.Lock()
         self._compactor = Compactor(self)
         self._inflight = 0  # bytes of plain copies being made by moves in progress
+        self._plain_bytes = 0  # bytes of plain copies held by the modules' records
         self._peak_plain = 0
         self._faults: list = []  # [(module key, why)] compactions that failed (plain copy kept)
         self._target_bytes = 0  # bytes of the fusable weights the current LoRAs reach
@@ -191,7 +192,9 @@ class Handle(Transactions):
         for m in self._mods.values():
             if m.live is not None:
                 m.live.remove_hook()
-        self._mods.clear()
+        with self._rec_lock:
+            self._mods.clear()
+            self._plain_bytes = 0
 
     def abandon(self) -> None:
         """Forget everything without writing a weight (the host replaced the model's weights,
@@ -201,7 +204,9 @@ class Handle(Transactions):
         for m in self._mods.values():
             if m.live is not None:
                 m.live.remove_hook()
-        self._mods.clear()
+        with self._rec_lock:
+            self._mods.clear()
+            self._plain_bytes = 0
         self._entries = []
         self._alive = False
 

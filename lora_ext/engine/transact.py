@@ -286,8 +286,16 @@ class Transactions:
     # --- the deferred records (background compaction) ---------------------------------------
     def _plain_held(self) -> int:
         """Bytes of plain copies held now (call with ``_rec_lock``)."""
-        return sum(_nbytes(m.rec_w.full) for m in list(self._mods.values())
-                   if m.rec_w is not None and m.rec_w.pending)
+        return self._plain_bytes
+
+    def _set_rec_w(self, m: _Mod, new) -> None:
+        """``m.rec_w = new``, keeping the count of plain-copy bytes (call with ``_rec_lock``)."""
+        old = m.rec_w
+        if old is not None and old.pending:
+            self._plain_bytes -= _nbytes(old.full)
+        if new is not None and new.pending:
+            self._plain_bytes += _nbytes(new.full)
+        m.rec_w = new
 
     def _keeper(self, reserved: list):
         """``keep(param)`` for ``fuse.refuse``: a host buffer for a plain copy, while the plain
@@ -358,7 +366,7 @@ class Transactions:
             return
         with self._rec_lock:
             if new is not None and m.gen == gen and m.rec_w is rec and self._alive:
-                m.rec_w = new
+                self._set_rec_w(m, new)
                 self.stats["compactions"] += 1
                 return
             self.stats["compactions_dropped"] += 1
@@ -405,7 +413,8 @@ class Transactions:
         if write_b:
             self._write(b, bf)
         with self._rec_lock:
-            m.rec_w, m.rec_b = new_rec_w, new_rec_b
+            self._set_rec_w(m, new_rec_w)
+            m.rec_b = new_rec_b
         m.fused = items
         self._bump("refused" if items else "restored")
 
