@@ -7,8 +7,9 @@ forward with the network attached (fp32, max relative error <= 1e-5; alpha != ra
 that ignores the stored alpha fails). The same files after musubi's converter
 (``convert_lora.py --target other``: ``diffusion_model.*.lora_A/B`` with sqrt(alpha/rank) baked
 into both factors, no alpha) must give the same output, as must Z-Image files after musubi's
-ComfyUI converter (q|k|v joined into the fused ``attention.qkv``); and a Wan file lands on the
-diffusers twin (``WanTransformer3DModel``) as on musubi's original-layout model.
+ComfyUI converter (q|k|v joined into the fused ``attention.qkv``); and Wan and HunyuanVideo files
+land on the diffusers twins (``WanTransformer3DModel``; ``HunyuanVideoTransformer3DModel`` with
+split q / k / v / proj_mlp where musubi's model fuses them) as on musubi's own models.
 
 musubi-tuner is read from a checkout at test time, never vendored: set ``LORA_EXT_MUSUBI_DIR``
 to it (the folder holding ``src/musubi_tuner``). It is not installed; these tests import its
@@ -279,3 +280,35 @@ def test_musubi_z_image_files_and_their_comfyui_conversion(musubi, tmp_path, kin
     twin = copy.deepcopy(base)
     twin.load_state_dict(diffusers_state(tree.state_dict(), table), strict=False)
     assert _max_rel(_zi_forward(twin), want) <= 1e-5
+
+
+@pytest.mark.parametrize("kind", ["lora", "lokr", "loha"])
+def test_musubi_hunyuan_video_file_on_the_diffusers_twin(musubi, tmp_path, kind):
+    """The musubi file (Tencent names: fused ``img_attn_qkv``, single blocks' ``linear1`` =
+    q|k|v|mlp) on diffusers' HunyuanVideoTransformer3DModel holding the same weights (split
+    to_q / to_k / to_v / proj_mlp): the merged weights, mapped back, equal the merge into musubi's
+    own model (whose forward equals musubi's, above)."""
+    from dit_models import diffusers_state, tiny
+
+    from lora_ext import dit
+
+    ms = musubi
+    base = _hv(ms)
+    module = {"lora": ms.lora, "lokr": ms.lokr, "loha": ms.loha}[kind]
+    path = str(tmp_path / f"hv_{kind}.safetensors")
+    _write(module, base, path, lambda m: None, **({"factor": 2} if kind == "lokr" else {}))
+    ours, _ = _ours(base, path)
+    _, naming, table = dit.table_for_shapes({k: tuple(v.shape) for k, v in base.state_dict().items()})
+    assert naming == "ldm"
+    twin = tiny("hunyuan_video", num_refiner_layers=2, patch_size=2)
+    mapped = diffusers_state(base.state_dict(), table)
+    res = twin.load_state_dict(mapped, strict=False)
+    assert res.missing_keys == [] and res.unexpected_keys == []
+    h = apply(twin, [path], "fuse")
+    assert h.unmatched == []
+    merged = diffusers_state(ours.state_dict(), table)
+    tw = twin.state_dict()
+    changed = [k for k in merged if not torch.equal(merged[k], mapped[k])]
+    # 2 double blocks x (img/txt: q, k, v, proj, fc1, fc2) + 2 single blocks x (q, k, v, mlp, linear2)
+    assert len(changed) == 2 * 12 + 2 * 5, len(changed)
+    assert max(_max_rel(tw[k], merged[k]) for k in changed) <= 1e-6
