@@ -113,7 +113,8 @@ def _block_estimate(wf_blk: Tensor, d: Tensor, out: Optional[Tensor] = None, buf
         return est if out is None else out.copy_(est)
     if out is None:
         return wf_blk.float().sub_(d)
-    torch.sub(wf_blk, d, out=buf)  # float(wf) - d in one pass (the same values as upcast, then subtract)
+    buf.copy_(wf_blk)  # (two vectorised passes: faster than one mixed-dtype torch.sub)
+    buf.sub_(d)
     return out.copy_(buf)
 
 
@@ -123,7 +124,8 @@ def _block_fuse(w0_blk: Tensor, d: Tensor, out: Optional[Tensor] = None, buf: Op
         return torch.add(w0_blk, d) if out is None else torch.add(w0_blk, d, out=out)
     if out is None:
         return w0_blk.float().add_(d).to(w0_blk.dtype)
-    torch.add(w0_blk, d, out=buf)  # float(W0) + d in one pass
+    buf.copy_(w0_blk)
+    buf.add_(d)
     return out.copy_(buf)
 
 
@@ -311,9 +313,9 @@ def _plain_pass(dst: Tensor, plan, *, w0: Optional[Tensor] = None, old=None, kee
         for t, (i, j) in enumerate(blocks):
             r = j - i
             d = dbuf[:r * k].view(r, k)
-            if old is not None:
-                w0b = _block_estimate(d2[i:j], _block_delta(plan_old, i, j, d), wbuf[:r * k].view(r, k),
-                                      fbuf[:r * k].view(r, k))
+            if old is not None:  # decoded straight into the plain copy where it lives on this device
+                dec = k2[i:j] if k2 is not None and not cuda else wbuf[:r * k].view(r, k)
+                w0b = _block_estimate(d2[i:j], _block_delta(plan_old, i, j, d), dec, fbuf[:r * k].view(r, k))
                 lo, hi = bounds[t], bounds[t + 1]
                 if hi > lo:
                     scatter(int_view(w0b), pos[lo:hi] - i * k, old_vals[lo:hi])
@@ -323,7 +325,7 @@ def _plain_pass(dst: Tensor, plan, *, w0: Optional[Tensor] = None, old=None, kee
                                        "patched")
             else:
                 w0b = w2[i:j]
-            if k2 is not None:
+            if k2 is not None and w0b.data_ptr() != k2[i:j].data_ptr():
                 k2[i:j].copy_(w0b, non_blocking=cuda)
             if plan is None:
                 written.append(t)
