@@ -30,6 +30,7 @@ import os
 import re
 import struct
 import sys
+import weakref
 from typing import Optional
 
 from .errors import LoraExtError
@@ -157,12 +158,14 @@ class ShapeAdapter:
     weight_dependent = False
     scale_override = None
 
-    def __init__(self, type_name: str, tensors: dict, rank=None, shape=None, fits=None):
+    def __init__(self, type_name: str, tensors: dict, rank=None, shape=None, fits=None, fit_key=None):
         self.type_name = type_name
         self.tensors = tensors
         self.rank = rank
         self._shape = shape
         self._fits = fits
+        # everything ``fits`` depends on: adapters with equal keys fit the same modules
+        self.fit_key = ("shape", shape) if fits is None else fit_key
 
     @property
     def alpha(self):
@@ -287,7 +290,7 @@ def _bias_only(t):
     db = t.get("diff_b")
     _expect(db is not None and db.dim() == 1)
     n = int(db.numel())
-    return ShapeAdapter("full (bias only)", t, None, None, fits=lambda s: int(s[0]) == n)
+    return ShapeAdapter("full (bias only)", t, None, None, fits=lambda s: int(s[0]) == n, fit_key=("bias", n))
 
 
 def _norm(t):
@@ -296,7 +299,8 @@ def _norm(t):
     b = t.get("b_norm")
     _expect(b is None or b.numel() == w.numel())
     shape, n = tuple(int(d) for d in w.shape), w.numel()
-    return ShapeAdapter("norm", t, None, shape, fits=lambda s: s == shape or (len(s) == 1 and s[0] == n))
+    return ShapeAdapter("norm", t, None, shape, fits=lambda s: s == shape or (len(s) == 1 and s[0] == n),
+                        fit_key=("norm", shape, n))
 
 
 def _ia3(t):
@@ -308,8 +312,8 @@ def _ia3(t):
         raise NeedsFullPath("on_input not read")
     on_input = bool(oi is not None and float(oi.values[0]) != 0)
     n = int(w.numel())
-    return ShapeAdapter("ia3", t, None, None,
-                        fits=lambda s: len(s) >= 2 and s[1 if on_input else 0] == n)
+    return ShapeAdapter("ia3", t, None, None, fits=lambda s: len(s) >= 2 and s[1 if on_input else 0] == n,
+                        fit_key=("ia3", on_input, n))
 
 
 _BUILDERS = {("lora", "lora_ext.adapters.lora"): _lora, ("loha", "lora_ext.adapters.loha"): _loha,
@@ -357,7 +361,8 @@ def _with_dora(inner: ShapeAdapter, scale: ShapeT) -> ShapeAdapter:
             return False
         return True
 
-    a = ShapeAdapter(f"{inner.type_name}+dora", dict(inner.tensors, dora_scale=scale), inner.rank, ws, fits=fits)
+    a = ShapeAdapter(f"{inner.type_name}+dora", dict(inner.tensors, dora_scale=scale), inner.rank, ws, fits=fits,
+                     fit_key=("dora", inner.fit_key, s))
     a.inner = inner
     a.weight_dependent = True
     return a
@@ -490,11 +495,27 @@ class _Resolution:
         self.bindings, self.unmatched = [], []
 
 
+_CHOICES = weakref.WeakKeyDictionary()  # keymap -> {(prefix, fit key): keymap.choose(...)}
+
+
+def _choose(keymap, prefix, adapter):
+    """``keymap.choose(prefix, adapter.fits)``, remembered per key map for adapters that fit
+    alike (a library's files repeat the same modules and shapes)."""
+    memo = _CHOICES.get(keymap)
+    if memo is None:
+        memo = _CHOICES[keymap] = {}
+    k = (prefix, adapter.fit_key)
+    got = memo.get(k)
+    if got is None:
+        got = memo[k] = keymap.choose(prefix, adapter.fits)
+    return got
+
+
 def bind_group(group, keymap):
     """``network.bind_group`` for shape adapters; a group the auto-detector would try raises
     NeedsFullPath."""
     if group.adapter is not None:
-        cand, reason = keymap.choose(group.prefix, group.adapter.fits)
+        cand, reason = _choose(keymap, group.prefix, group.adapter)
         if cand is None:
             return None, reason
         return _Binding(group, group.adapter, cand), ""
@@ -849,15 +870,12 @@ class FastModels:
         n = 0
         for group in lora.groups.values():
             a = group.adapter
-            cands = keymap.candidates(group.prefix)
             if a is None:
-                if cands and not group.problem:
+                if not group.problem and keymap.candidates(group.prefix):
                     raise NeedsFullPath("a group for the structural auto-detector")
                 continue
-            if cands:
-                fits = a.fits
-                if sum(1 for c in cands if fits(tuple(c.weight_shape))) == 1:
-                    n += 1
+            if _choose(keymap, group.prefix, a)[0] is not None:
+                n += 1
         return n
 
     def variants(self) -> dict:
