@@ -498,12 +498,18 @@ class _Resolution:
 _CHOICES = weakref.WeakKeyDictionary()  # keymap -> {(prefix, fit key): keymap.choose(...)}
 
 
-def _choose(keymap, prefix, adapter):
-    """``keymap.choose(prefix, adapter.fits)``, remembered per key map for adapters that fit
-    alike (a library's files repeat the same modules and shapes)."""
+def _memo(keymap) -> dict:
     memo = _CHOICES.get(keymap)
     if memo is None:
         memo = _CHOICES[keymap] = {}
+    return memo
+
+
+def _choose(keymap, prefix, adapter, memo=None):
+    """``keymap.choose(prefix, adapter.fits)``, remembered per key map for adapters that fit
+    alike (a library's files repeat the same modules and shapes)."""
+    if memo is None:
+        memo = _memo(keymap)
     k = (prefix, adapter.fit_key)
     got = memo.get(k)
     if got is None:
@@ -511,11 +517,11 @@ def _choose(keymap, prefix, adapter):
     return got
 
 
-def bind_group(group, keymap):
+def bind_group(group, keymap, memo=None):
     """``network.bind_group`` for shape adapters; a group the auto-detector would try raises
     NeedsFullPath."""
     if group.adapter is not None:
-        cand, reason = _choose(keymap, group.prefix, group.adapter)
+        cand, reason = _choose(keymap, group.prefix, group.adapter, memo)
         if cand is None:
             return None, reason
         return _Binding(group, group.adapter, cand), ""
@@ -539,8 +545,9 @@ class FastLora:
 
     def resolve(self, keymap) -> _Resolution:
         res = _Resolution()
+        memo = _memo(keymap)
         for group in self.groups.values():
-            binding, reason = bind_group(group, keymap)
+            binding, reason = bind_group(group, keymap, memo)
             if binding is not None:
                 res.bindings.append(binding)
             else:
@@ -868,13 +875,17 @@ class FastModels:
 
             return _fitting(lora, keymap)
         n = 0
+        memo = _memo(keymap)
         for group in lora.groups.values():
             a = group.adapter
             if a is None:
                 if not group.problem and keymap.candidates(group.prefix):
                     raise NeedsFullPath("a group for the structural auto-detector")
                 continue
-            if _choose(keymap, group.prefix, a)[0] is not None:
+            got = memo.get((group.prefix, a.fit_key))
+            if got is None:
+                got = _choose(keymap, group.prefix, a, memo)
+            if got[0] is not None:
                 n += 1
         return n
 

@@ -9,6 +9,7 @@ reason and module instead of one line per key.
 """
 from __future__ import annotations
 
+import functools
 import re
 from collections import Counter
 
@@ -27,6 +28,7 @@ _COMPONENT_PREFIXES = (
 _TEXT_BODY = re.compile(r"text_model|(^|[._])encoder[._]layers?[._]\d+[._](self_attn|mlp)")
 
 
+@functools.lru_cache(maxsize=65536)
 def component_of_prefix(prefix: str) -> str:
     """te1 / te2 / te3 for text-encoder spellings, else unet (the denoiser: UNet or DiT)."""
     for comp, starts in _COMPONENT_PREFIXES:
