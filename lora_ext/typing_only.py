@@ -96,10 +96,12 @@ def file_summary(lora) -> dict:
         types[a.type_name] += 1
         comps[component_of_prefix(prefix)] += 1
         try:
-            if a.rank is not None:
-                ranks[str(a.rank)] += 1
-            if a.alpha is not None:
-                alphas[_num(a.alpha)] += 1
+            rank = a.rank
+            if rank is not None:
+                ranks[str(rank)] += 1
+            alpha = a.alpha
+            if alpha is not None:
+                alphas[_num(alpha)] += 1
         except Exception:
             pass
         s = _shape_of(a)
