@@ -125,7 +125,7 @@ every block has a value, default 0). A block whose modules have different alphas
 cannot take one multiplier and is an error.
 
 Later families (HunyuanVideo ``IN, D00..D19, S00..S39, OUT``; Wan ``IN, B00..B29/B39, OUT``;
-Lumina2 ``IN, L00..L25``) get their ids from their tables in ``lora_ext.dit.families``: a
+Lumina2 ``IN, L00..L25``, Z-Image ``IN, L00..L29, OUT``) get their ids from their tables in ``lora_ext.dit.families``: a
 group tagged ``IN`` (token and noise refiners) is all ``IN``, any other tag numbers its blocks;
 the coarse thirds, explicit ids, Inspire (on ``D``/``S`` blocks, as ComfyUI names HunyuanVideo's
 ``double_blocks``/``single_blocks``) and KJNodes values follow without code per family.

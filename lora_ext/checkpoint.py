@@ -325,7 +325,7 @@ class DiffusersFolder(Checkpoint):
         if found is None:
             raise LoraFileError(self.path, f"the denoiser ({cfg.get('_class_name', 'transformer')}) is no model family "
                                            "lora-ext knows (SD1.x/SD2.x/SDXL UNets, Flux, Chroma, SD3, Qwen-Image, "
-                                           "HunyuanVideo, Wan, Lumina2, HiDream)")
+                                           "HunyuanVideo, Wan, Lumina2, Z-Image, HiDream)")
         name, _, table = found
         self.family = name
         return table
