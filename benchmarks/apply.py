@@ -29,8 +29,10 @@ What it does, all in one process on the same UNet:
    ``unload_lora_weights`` + ``load_lora_weights(B)`` + ``fuse_lora``; remove = ``unfuse_lora`` +
    ``unload_lora_weights``. Reports how far diffusers' restore (by subtraction) is from the
    original weights.
-4. Medians (and all rounds) for each dtype and thread count, speed-ups = diffusers' median /
-   lora-ext's median, wall and CPU time, with the load average before and after.
+4. Medians (and all rounds) for each dtype and thread count, after ``--warmup`` untimed rounds
+   of both engines; speed-ups = diffusers' median / lora-ext's median, wall and CPU time, with
+   the load average before and after. The very first apply of the process (fresh pages for the
+   plain copies) is reported on its own, with its peak RSS.
 5. ``--steps``: per-step cost of a scheduled LoRA vs a constant one (fp32 UNet, small latent),
    as before; ``--skip-steps`` leaves it out. ``--profile``: cProfile of one apply and one
    switch (where the time goes).
@@ -302,6 +304,9 @@ def main(argv=None) -> int:
     ap.add_argument("--latent", type=int, default=16, help="latent size of the per-step forwards (16 = 128 px)")
     ap.add_argument("--rounds", type=int, default=5, help="apply/switch/remove rounds per engine (median shown)")
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch intra-op thread counts to run")
+    ap.add_argument("--warmup", type=int, default=1,
+                    help="untimed rounds of both engines before each configuration's timed ones (first-touch "
+                         "page faults, lazy imports); the first apply of the process is reported on its own")
     ap.add_argument("--skip-diffusers", action="store_true")
     ap.add_argument("--all-methods", action="store_true", help="also time a forced re-fuse on every step")
     ap.add_argument("--skip-steps", action="store_true")
@@ -334,18 +339,22 @@ def main(argv=None) -> int:
             write_kohya_lora(path_b, unet, mods, rank=args.rank, seed=2)
             print(f"LoRA files: rank {args.rank}, {os.path.getsize(path_a) / 2**20:.0f} MB each (fp16)")
         snap = snapshot(unet, mods)
-        if args.profile:
-            torch.set_num_threads(args.threads[0])
-            profile_once(unet, path_a, path_b)
         holder = None if args.skip_diffusers else diffusers_holder(unet, args.model)
+        cold = None
         for threads in args.threads:
             torch.set_num_threads(threads)
             load0 = load()
             ours, theirs = [], []
-            for rnd in range(args.rounds):  # interleaved, so a busy machine hits both alike
-                ours.append(ours_round(unet, path_a, path_b, snap, patched_bytes))
+            for rnd in range(-args.warmup, args.rounds):  # interleaved, so a busy machine hits both alike
+                r = ours_round(unet, path_a, path_b, snap, patched_bytes)
+                if cold is None:  # the first apply of the process: fresh pages, nothing reused yet
+                    cold = r
+                if rnd >= 0:
+                    ours.append(r)
                 if holder is not None:
-                    theirs.append(diffusers_round(holder, unet, path_a, path_b, snap, f"{dname}{threads}{rnd}"))
+                    r = diffusers_round(holder, unet, path_a, path_b, snap, f"{dname}{threads}{rnd}")
+                    if rnd >= 0:
+                        theirs.append(r)
             load1 = load()
 
             def col(rs, key):
@@ -371,6 +380,11 @@ def main(argv=None) -> int:
                   f"{med(ours, 'apply peak') / patched_bytes:.2f}x the patched bytes, max "
                   f"{max(col(ours, 'apply peak')) / patched_bytes:.2f}x; switch + compaction median "
                   f"{med(ours, 'switch peak') / patched_bytes:.2f}x; remove {med(ours, 'remove peak') / patched_bytes:.2f}x")
+            if threads == args.threads[0]:
+                print(f"  first apply on this model ({threads} thread(s), the first one of the process has fresh memory): apply {cold['apply']:.2f}s "
+                      f"(CPU {cold['apply cpu']:.2f}s), record complete after {cold['apply+record']:.2f}s; peak RSS "
+                      f"above the model over apply + compaction {cold['apply peak'] / patched_bytes:.2f}x the patched "
+                      f"bytes ({mb(cold['apply peak'])}); later rounds reuse the freed pages")
             print(f"  plain copies held at most (engine's count): {max(col(ours, 'engine peak apply')) / patched_bytes:.2f}x "
                   f"the patched bytes; records built synchronously (bound reached): "
                   f"{max(col(ours, 'sync records apply'))}")
@@ -381,6 +395,7 @@ def main(argv=None) -> int:
                 row["ours cpu " + k] = med(ours, k + " cpu")
             row["frac"] = r0["frac switch"]
             row["peak"] = max(col(ours, "apply peak")) / patched_bytes
+            row["engine peak"] = max(col(ours, "engine peak apply")) / patched_bytes
             if holder is not None:
                 print(f"diffusers (load_lora_weights + fuse_lora): median apply {med(theirs, 'apply'):.2f}s, "
                       f"switch {med(theirs, 'switch'):.2f}s, remove {med(theirs, 'remove'):.2f}s")
@@ -404,20 +419,25 @@ def main(argv=None) -> int:
                     a_, b_ = med(ours, what + "+record"), med(theirs, what)
                     print(f"  {what} until the compact record is complete: {b_ / a_:5.2f}x ({a_:.2f}s vs {b_:.2f}s)")
                 row["theirs peak"] = med(theirs, "apply peak") / patched_bytes
+            row["cold peak"] = cold["apply peak"] / patched_bytes
             summary.append(row)
+        if args.profile:
+            torch.set_num_threads(args.threads[0])
+            profile_once(unet, path_a, path_b)
         del holder, snap
         gc.collect()
 
     if summary and "x apply" in summary[0]:
         print(f"\n=== summary ({args.model}, medians of {args.rounds}; ratios = diffusers / lora-ext) ===")
         print("| dtype | threads | apply | switch | remove | apply (s) | record done (s) | switch (s) | "
-              "record done (s) | record | peak above model | load avg |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+              "record done (s) | diffusers apply / switch (s) | record | plain copies | RSS peak (first apply) | load avg |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in summary:
             print(f"| {r['dtype']} | {r['threads']} | {r['x apply']:.2f}x | {r['x switch']:.2f}x | {r['x remove']:.2f}x | "
                   f"{r['ours apply']:.2f} | {r['ours apply+record']:.2f} | {r['ours switch']:.2f} | "
-                  f"{r['ours switch+record']:.2f} | {r['frac']:.1%} | {r['peak']:.2f}x | {r['load'][0].split()[0]}-"
-                  f"{r['load'][1].split()[0]} |")
+                  f"{r['ours switch+record']:.2f} | {r['ours apply'] * r['x apply']:.2f} / "
+                  f"{r['ours switch'] * r['x switch']:.2f} | {r['frac']:.1%} | {r['engine peak']:.2f}x | "
+                  f"{r['cold peak']:.2f}x | {r['load'][0].split()[0]}-{r['load'][1].split()[0]} |")
 
     # --- per-step cost of a scheduled LoRA vs a constant one ---------------------------------
     if not args.skip_steps and unet is not None:

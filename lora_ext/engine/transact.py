@@ -377,13 +377,13 @@ class Transactions:
         with self._rec_lock:
             m.gen += 1  # odd: the weight is being moved; a compaction of it is stale from here on
         try:
-            self._refuse_inner(m, items, self._keeper(reserved))
+            self._refuse_inner(m, items, self._keeper(reserved), reserved)
         finally:
             with self._rec_lock:
                 m.gen += 1
-                self._inflight -= sum(reserved)
+                self._inflight -= sum(reserved)  # (a failed move: its copy was never kept)
 
-    def _refuse_inner(self, m: _Mod, items: tuple, keep) -> None:
+    def _refuse_inner(self, m: _Mod, items: tuple, keep, reserved: list) -> None:
         module = m.module
         w = module.weight
         if items and not w.is_floating_point():
@@ -412,9 +412,11 @@ class Transactions:
             self._bump("writes")
         if write_b:
             self._write(b, bf)
-        with self._rec_lock:
+        with self._rec_lock:  # the copy moves from "being made" to "held" at once (never counted twice)
             self._set_rec_w(m, new_rec_w)
             m.rec_b = new_rec_b
+            self._inflight -= sum(reserved)
+            reserved.clear()
         m.fused = items
         self._bump("refused" if items else "restored")
 
