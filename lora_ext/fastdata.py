@@ -180,6 +180,9 @@ def refresh_user_cache() -> None:
     (best effort, quietly), so the next call takes the fast path again."""
     try:
         fp = fingerprint()
+        shipped = _read(DATA_PATH) if os.path.isfile(DATA_PATH) else None
+        if shipped is not None and shipped.get("fingerprint") == fp:
+            return  # current: nothing to write
         path = _user_cache_path(fp)
         if not os.path.exists(path):
             write(path)
