@@ -19,7 +19,7 @@ def add_inspect_args(s) -> None:
     s.add_argument("--keys", action="store_true", help="list every key not applied (default: grouped by reason and module)")
     s.add_argument("--full", action="store_true",
                    help="library mode: read every tensor (NaN/Inf check of all data, A1111 hash computed)")
-    s.add_argument("--jobs", type=int, metavar="N", help="library mode: worker processes (default: CPU count)")
+    s.add_argument("--jobs", type=int, metavar="N", help="library mode: worker processes (default: one per idle core; 1 below 32 files)")
     s.add_argument("--cache", metavar="PATH", help="library mode: the per-file cache (default: "
                                                    "$XDG_CACHE_HOME/lora-ext/inspect-cache.json)")
     s.add_argument("--no-cache", action="store_true", help="library mode: neither read nor write the cache")

@@ -507,6 +507,23 @@ def _worker_init() -> None:
         os.environ["OMP_NUM_THREADS"] = "1"
 
 
+#: below this many files to scan, one process: forking and each worker's own key maps cost more
+SERIAL_BELOW = 32
+
+
+def _default_jobs(n: int) -> int:
+    """Worker processes when ``--jobs`` is not given: one per idle core (CPU count less the
+    load average, at least one), and one for a small scan."""
+    cpus = os.cpu_count() or 1
+    if n < SERIAL_BELOW or cpus == 1:
+        return 1
+    try:
+        busy = os.getloadavg()[0]
+    except (OSError, AttributeError):
+        busy = 0.0
+    return max(1, min(cpus, int(cpus - busy + 0.5)))
+
+
 def _fast() -> bool:
     from .fastpath import available
 
@@ -584,7 +601,7 @@ def _scan_library(paths, *, base, full, jobs, cache_path, progress) -> dict:
             e = {"size": size, "mtime": mtime, "hh": hh, "rows": {}}
         entries[p] = e
         todo.append(p)
-    jobs = max(1, min(jobs or os.cpu_count() or 1, len(todo) or 1))
+    jobs = max(1, min(jobs or _default_jobs(len(todo)), len(todo) or 1))
     show = progress if progress is not None else sys.stderr.isatty()
     done = 0
 
