@@ -18,6 +18,7 @@ import csv
 import hashlib
 import io as _io
 import json
+import math
 import os
 import sys
 import tempfile
@@ -29,7 +30,7 @@ from .io import PICKLE_EXTENSIONS, SAFETENSORS_EXTENSIONS, open_tensors
 from .textsafe import printable
 
 LORA_EXTENSIONS = SAFETENSORS_EXTENSIONS + PICKLE_EXTENSIONS
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 #: tensors of at most this many values are read (alphas, IA3 on_input flags); others are meta
 SMALL = 64
 _SAMPLE_BYTES = 32
@@ -105,7 +106,7 @@ def _small_or_meta(tf, key: str):
 _META: dict = {}
 
 
-def load_lora_shapes(path):
+def load_lora_shapes(path, lazy_sample: bool = False):
     """``network.load_lora`` without reading big tensors: adapters are built from shapes.
 
     A safetensors file is read by ``fastpath`` (no torch: shapes from the header, small values
@@ -121,7 +122,8 @@ def load_lora_shapes(path):
         else:
             shapes = [(tf.dtype_str(k), tuple(tf.shape(k))) for k in tf.keys()]
         signature = hashlib.sha256(repr(sorted(shapes)).encode()).hexdigest()
-        sample = _sample(tf)
+        # safetensors: sampled later, only where another file has the same shapes (library mode)
+        sample = _sample(tf) if tf.format != "safetensors" or not lazy_sample else None
         lora = None
         if tf.format == "safetensors":
             from .fastpath import load_fast
@@ -129,6 +131,7 @@ def load_lora_shapes(path):
             lora = load_fast(path, read_all=False, tf=tf)
             if lora is not None:
                 READS["small"] += sum(1 for e in tf._entries.values() if _numel(e.shape) <= SMALL)
+                lora.st_entries, lora.st_data_start = tf._entries, tf.data_start
         if lora is None:
             lora = _load_meta(path, tf)
     lora.shape_signature = signature
@@ -208,49 +211,54 @@ def _tensor_bytes(t) -> bytes:
     return t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
 
 
+def _sample_digest(samples) -> str:
+    """One hash of the samples, their order left out (files with the same shape signature and
+    the same samples are the candidates whose data is compared)."""
+    return hashlib.sha256(b"".join(bytes((len(x),)) + x for x in sorted(samples))).hexdigest()
+
+
 def _sample(tf) -> Optional[str]:
-    """Hash of the first bytes of every tensor with its dtype and shape, names and order left
-    out: files with other data almost always differ here (32 bytes read per tensor, while the
-    file is open for its header anyway). None when the file is too short for its tensors."""
-    items = []
+    """Hash of the first bytes of every tensor, names, order, dtypes and shapes left out (the
+    shape signature holds those): files with other data almost always differ here (32 bytes
+    read per tensor). None when the file is too short for its tensors."""
     try:
         if tf.format == "safetensors":
-            from .io import DTYPE_STR
-
-            import mmap
-
-            start = tf.data_start
-            entries = sorted(tf._entries.values(), key=lambda e: e.begin)
-            READS["sample"] += len(entries)
-            if not entries:
-                return hashlib.sha256(repr([]).encode()).hexdigest()
-            try:  # slices of a mapping: no system call per tensor
-                mm = mmap.mmap(tf._fh.fileno(), 0, access=mmap.ACCESS_READ)
-            except (OSError, ValueError):  # a file that cannot be mapped: read each sample
-                mm = _Reads(tf)
-            with mm:
-                size = len(mm)
-                for e in entries:
-                    a = start + e.begin
-                    n = min(_SAMPLE_BYTES, e.end - e.begin)
-                    if a + n > size:
-                        raise LoraFileError(tf.path, f"truncated: the data ends before byte {a + n}")
-                    items.append((DTYPE_STR[e.dtype_name], e.shape, mm[a:a + n].hex()))
-        else:
-            for k in tf.keys():
-                READS["sample"] += 1
-                t = tf.get(k, check_finite=False).reshape(-1)[:_SAMPLE_BYTES]
-                items.append((str(t.dtype), tuple(tf.shape(k)), _tensor_bytes(t)[:_SAMPLE_BYTES].hex()))
+            spans = sorted((e.begin, min(_SAMPLE_BYTES, e.end - e.begin)) for e in tf._entries.values())
+            return _sample_spans(tf._fh.fileno(), tf.data_start, spans, tf)
+        items = []
+        for k in tf.keys():
+            READS["sample"] += 1
+            t = tf.get(k, check_finite=False).reshape(-1)[:_SAMPLE_BYTES]
+            items.append(_tensor_bytes(t)[:_SAMPLE_BYTES])
     except LoraExtError:
         return None
-    return hashlib.sha256(repr(sorted(items)).encode()).hexdigest()
+    return _sample_digest(items)
+
+
+def _sample_spans(fd: int, start: int, spans, tf=None) -> Optional[str]:
+    """``_sample`` of a safetensors file from its (begin, bytes) spans in file order."""
+    import mmap
+
+    READS["sample"] += len(spans)
+    if not spans:
+        return _sample_digest([])
+    try:  # slices of a mapping: no system call per tensor
+        mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+    except (OSError, ValueError):  # a file that cannot be mapped: read each sample
+        mm = _Reads(fd)
+    with mm:
+        size = len(mm)
+        b, n = spans[-1]
+        if start + b + n > size:
+            return None
+        return _sample_digest([mm[start + b:start + b + n] for b, n in spans])
 
 
 class _Reads:
     """``mmap``'s slicing and length, by reads (for files that cannot be mapped)."""
 
-    def __init__(self, tf):
-        self.fd, self.size = tf._fh.fileno(), os.fstat(tf._fh.fileno()).st_size
+    def __init__(self, fd):
+        self.fd, self.size = fd, os.fstat(fd).st_size
 
     def __enter__(self):
         return self
@@ -357,6 +365,240 @@ def full_read(path: str, check: bool = False, content: bool = True) -> dict:
     return {"content": hashlib.sha256(repr(sorted(items)).encode()).hexdigest(), "hash": a1111, "nan": problem}
 
 
+# --- the structure memo ---------------------------------------------------------------------------
+# The files of a library often share their structure (one trainer, one network config: the same
+# tensor names, dtypes, shapes and offsets; only the values and the metadata differ). A header
+# whose metadata comes first (or is absent) and is plainly well-formed is split into that
+# metadata and the rest; files whose rest is the same text (trailing padding aside) have the same
+# entries, so the same groups, types, detection and binding. Those are computed once (by the
+# full reading below, which then stores them) and reused; what depends on values is computed
+# again for every file: alphas (read and checked as the torch-free reading does), the values of
+# the other small tensors (part of the key: IA3's on_input decides what fits), NaN/Inf in the
+# small tensors, the file's length, the metadata (triggers, hash, and the hints detection reads,
+# part of the key). Anything out of the plain (a PEFT config, a small tensor that might hold
+# NaN/Inf, an alpha the reading refuses, a file too short) takes the full reading.
+_DECODER = json.JSONDecoder()
+_WS = " \t\r\n"
+
+
+class _Struct:
+    """What files with one header structure share."""
+
+    __slots__ = ("max_end", "small", "small_span", "n_small", "keyed", "alpha_checks", "alpha_counted", "sig",
+                 "spans", "order", "rows")
+
+
+_MEMO: dict = {"ready": None, "base": None, "structs": {}}
+
+
+def _memo_structs(base):
+    """The structure memo for this base and this state of the torch-free reading, or None when
+    that reading is off (every file then takes the full path)."""
+    from . import fastpath
+
+    if os.environ.get("LORA_EXT_NO_FAST_INSPECT"):
+        return None
+    ready = fastpath._ready()
+    if ready is None or fastpath._runtime_plugins():
+        return None
+    if _MEMO["ready"] is not ready or _MEMO["base"] is not base:
+        _MEMO.update(ready=ready, base=base, structs={})
+    return _MEMO["structs"]
+
+
+def _split_header(fd: int, size: int):
+    """(header length, metadata, structure key) of a safetensors file whose header is plain
+    (metadata first or none, every value a string, no escaped colon), else None."""
+    from .io import _ESCAPED_COLON, MAX_HEADER_BYTES, MAX_TENSORS
+
+    head = os.pread(fd, 8, 0)
+    if len(head) < 8:
+        return None
+    n = int.from_bytes(head, "little")
+    if not 2 <= n <= min(size - 8, MAX_HEADER_BYTES):
+        return None
+    raw = os.pread(fd, n, 8)
+    if len(raw) < n or _ESCAPED_COLON.search(raw) or raw.count(b'"data_offsets"') > MAX_TENSORS:
+        return None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    if text.startswith('{"__metadata__":{'):
+        try:
+            meta, end = _DECODER.raw_decode(text, 16)
+        except (ValueError, RecursionError):
+            return None
+        if type(meta) is not dict:
+            return None
+        colons = 1 + len(meta)  # outside strings: after "__metadata__" and one per pair
+        for k, v in meta.items():
+            if type(v) is not str:
+                return None
+            colons += k.count(":") + v.count(":")
+        if text.count(":", 0, end) != colons:
+            return None  # a name given twice in the metadata: the full reading words it
+        rest, tag = text[end:], "m"
+        if not rest.startswith((",", "}")):
+            return None
+    elif "__metadata__" not in text:
+        meta, rest, tag = {}, text, "-"
+    else:
+        return None
+    if '"__metadata__"' in rest:
+        return None
+    return n, meta, (tag, rest.rstrip(_WS))
+
+
+def _peft_side(path: str, meta: dict) -> bool:
+    """Whether a PEFT config gives this file's alphas (then no memo)."""
+    return "lora_adapter_metadata" in meta or os.path.isfile(os.path.join(os.path.dirname(path),
+                                                                             "adapter_config.json"))
+
+
+def _hints(meta: dict) -> tuple:
+    from .detect import is_v_prediction, metadata_hint
+
+    return metadata_hint(meta), is_v_prediction(meta)
+
+
+def _small_bytes(fd: int, start: int, st: "_Struct"):
+    """key -> raw bytes of every small tensor (one read when they lie close together)."""
+    lo, hi = st.small_span
+    out = {}
+    if hi - lo <= (1 << 20):
+        buf = os.pread(fd, hi - lo, start + lo)
+        for key, b, nb, _ in st.small:
+            out[key] = buf[b - lo:b - lo + nb]
+    else:
+        for key, b, nb, _ in st.small:
+            out[key] = os.pread(fd, nb, start + b)
+    return out
+
+
+def _memo_scan(path: str, base):
+    """(entry, None) from the memo; (None, (structs, split, size)) when the full reading must
+    run (it then stores what it found when the file is plain); (None, None) otherwise."""
+    structs = _memo_structs(base)
+    if structs is None or not path.lower().endswith(SAFETENSORS_EXTENSIONS):
+        return None, None
+    import stat as _stat
+
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None, None
+    try:
+        fst = os.fstat(fd)
+        if not _stat.S_ISREG(fst.st_mode):
+            return None, None
+        size = fst.st_size
+        split = _split_header(fd, size)
+        if split is None:
+            return None, None
+        n, meta, key = split
+        if _peft_side(path, meta):
+            return None, None
+        miss = (None, (structs, split, size))
+        st = structs.get(key)
+        if st is None:
+            return miss
+        start = 8 + n
+        if start + st.max_end > size:
+            return miss
+        from .fastpath import _decode, _max_alpha, _plainly_finite
+
+        raw = _small_bytes(fd, start, st) if st.small else {}
+        for k, b, nb, dt in st.small:
+            r = raw[k]
+            if len(r) < nb or not _plainly_finite(dt, r):
+                return miss
+        dec = {}
+        vkey = tuple(raw[k] for k in st.keyed)
+        hints = _hints(meta)
+        tmpl = st.rows.get((hints, vkey))
+        if tmpl is None:
+            return miss
+        alphas: dict = {}
+        maxa = _max_alpha()
+        for k, dt in st.alpha_checks:
+            v = float(_decode(dt, raw[k])[0])
+            if not math.isfinite(v) or abs(v) > maxa:
+                return miss
+            dec[k] = v
+        for k in st.alpha_counted:
+            a = f"{dec[k]:g}"
+            alphas[a] = alphas.get(a, 0) + 1
+    finally:
+        os.close(fd)
+    from .metadata import training_info, trigger_words
+
+    READS["small"] += st.n_small
+    trig = trigger_words(meta)
+    training_info(meta)
+    row = dict(tmpl)
+    row["path"] = path
+    row["name"] = os.path.splitext(os.path.basename(path))[0]
+    row["size"] = size
+    row["types"], row["ranks"] = dict(tmpl["types"]), dict(tmpl["ranks"])
+    row["alphas"] = dict(sorted(alphas.items(), key=lambda kv: float(kv[0])))
+    row["triggers"] = trig[:5]
+    meta_hash = str(meta.get("sshs_model_hash", "") or "")
+    row["hash"], row["hash_source"] = (meta_hash[:12], "metadata") if len(meta_hash) >= 12 else (None, None)
+    row["problems"] = list(tmpl["problems"])
+    return {"row": row, "sig": st.sig, "sample": None}, None
+
+
+def _memo_store(path: str, todo, lora, entry) -> None:
+    """After the full reading of a plain file: remember its structure and row."""
+    structs, (n, meta, key), size = todo
+    entries = getattr(lora, "st_entries", None)
+    if entries is None or getattr(lora, "st_data_start", None) != 8 + n:
+        return
+    st = structs.get(key)
+    if st is None:
+        from .io import DTYPE_STR, _ST_DTYPES
+
+        st = _Struct()
+        st.max_end = max((e.end for e in entries.values()), default=0)
+        small = [(k, e.begin, e.end - e.begin, e.dtype_name) for k, e in entries.items()
+                 if e.end - e.begin <= SMALL * _ST_DTYPES[e.dtype_name][0]]
+        st.n_small = sum(1 for e in entries.values() if _numel(e.shape) <= SMALL)
+        st.small = [s for s in small if s[2] > 0]
+        st.small_span = (min((s[1] for s in st.small), default=0), max((s[1] + s[2] for s in st.small), default=0))
+        alpha_keys, counted = [], []
+        for g in lora.groups.values():
+            k = g.keys.get("alpha")
+            if k is not None:
+                alpha_keys.append((k, entries[k].dtype_name))
+                if g.adapter is not None:
+                    counted.append(k)
+        small_keys = {s[0] for s in st.small}
+        if any(k not in small_keys for k, _ in alpha_keys):
+            return
+        st.alpha_checks, st.alpha_counted = alpha_keys, counted
+        alpha_set = {k for k, _ in alpha_keys}
+        st.keyed = [s[0] for s in st.small if s[0] not in alpha_set]
+        st.sig = entry["sig"]
+        order = sorted(entries.values(), key=lambda e: e.begin)
+        st.spans = sorted((e.begin, min(_SAMPLE_BYTES, e.end - e.begin)) for e in order)
+        st.order = hashlib.sha256(repr([(DTYPE_STR[e.dtype_name], e.shape) for e in order]).encode()).hexdigest()
+        st.rows = {}
+        structs[key] = st
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            raw = _small_bytes(fd, 8 + n, st)
+        finally:
+            os.close(fd)
+    except OSError:
+        return
+    if any(len(raw[k]) < nb for k, b, nb, dt in st.small):
+        return
+    tmpl = dict(entry["row"])
+    structs[key].rows[(_hints(meta), tuple(raw[k] for k in st.keyed))] = tmpl
+
+
 # --- one row ------------------------------------------------------------------------------------
 def _err_text(exc, path) -> str:
     text = str(exc)
@@ -371,15 +613,19 @@ def scan_file(path: str, base=None, full: bool = False) -> dict:
     signature), and, with ``full``, content fingerprint, hash and NaN/Inf verdict."""
     from .inspect_any import inspect_any
 
+    got, store = _memo_scan(path, base)
+    if got is not None:
+        return _with_full(got, path, full)
     row = {"path": path, "name": os.path.splitext(os.path.basename(path))[0]}
     try:
         row["size"] = os.path.getsize(path)
     except OSError:
         row["size"] = None
     entry = {"row": row, "sig": None, "sample": None}
+    fast_read = False
     try:
         try:
-            lora = load_lora_shapes(path)
+            lora = load_lora_shapes(path, lazy_sample=True)
             sig = lora.shape_signature
             entry["sample"] = lora.sample_fingerprint
         except _NeedsData:
@@ -392,11 +638,13 @@ def scan_file(path: str, base=None, full: bool = False) -> dict:
 
         try:
             info = inspect_any(path, base, lora=lora, addnet=False)
+            fast_read = getattr(lora, "st_entries", None) is not None
         except NeedsFullPath:  # noqa  # a group for the structural auto-detector: adapters on meta tensors
             with open_tensors(path, kind="lora") as tf:
                 meta = _load_meta(path, tf)
             meta.shape_signature, meta.sample_fingerprint = lora.shape_signature, lora.sample_fingerprint
             lora = meta
+            entry["sample"] = None
             info = inspect_any(path, base, lora=lora, addnet=False)
     except LoraExtError as exc:
         problem = _err_text(exc, path)
@@ -425,13 +673,21 @@ def scan_file(path: str, base=None, full: bool = False) -> dict:
         problems.append(f"wrong base: {info['wrong_base']}")
     if info["unclaimed_groups"]:
         problems.append(f"{len(info['unclaimed_groups'])} key groups of no known type")
+    row["problems"] = problems
+    if store is not None and fast_read:
+        _memo_store(path, store, lora, entry)
+    return _with_full(entry, path, full)
+
+
+def _with_full(entry: dict, path: str, full: bool) -> dict:
+    """``--full``: every tensor read, NaN/Inf checked, A1111's hash computed."""
     if full:
+        row = entry["row"]
         entry.update(full_read(path, check=True))
         if entry.get("hash"):
             row["hash"], row["hash_source"] = entry["hash"][:12], "computed"
         if entry.get("nan"):
-            problems.append(f"NaN/Inf: {entry['nan']}")
-    row["problems"] = problems
+            row["problems"] = list(row["problems"]) + [f"NaN/Inf: {entry['nan']}"]
     return entry
 
 
@@ -613,7 +869,10 @@ def _scan_library(paths, *, base, full, jobs, cache_path, progress) -> dict:
         e = entries[p]
         e["rows"][bkey] = res["row"]
         e["sig"] = res.get("sig")
-        e["sample"] = res.get("sample")
+        if res.get("sample") is not None:
+            e["sample"] = res["sample"]
+        else:  # (safetensors) sampled only if another file has the same shapes
+            e.pop("sample", None)
         for k in ("content", "hash", "nan", "order"):
             if k in res:
                 e[k] = res[k]
@@ -663,16 +922,99 @@ def _full_one(path):
         return path, None
 
 
+def _sample_path(path: str):
+    """``_sample`` of one file (the structure memo gives a safetensors file's spans when a file
+    of the same structure was read in this process)."""
+    if path.lower().endswith(SAFETENSORS_EXTENSIONS):
+        got = _data_layout(path, samples=True)
+        if got is not None:
+            return path, got
+    try:
+        with open_tensors(path, kind="lora") as tf:
+            return path, _sample(tf)
+    except LoraExtError:
+        return path, None
+
+
+def _data_layout(path: str, samples: bool = False):
+    """From the structure memo: the sample (``samples``) or (data start, file size, order hash,
+    tensors) of a safetensors file; None when its structure is not in the memo."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        size = os.fstat(fd).st_size
+        split = _split_header(fd, size)
+        st = _MEMO["structs"].get(split[2]) if split is not None else None
+        if st is None:
+            return None
+        start = 8 + split[0]
+        if samples:
+            return _sample_spans(fd, start, st.spans)
+        return start, size, st.order, len(st.spans), st.max_end
+    finally:
+        os.close(fd)
+
+
+def _same_bytes(p: str, a: int, q: str, b: int, n: int) -> bool:
+    """Whether ``n`` bytes of file ``p`` from ``a`` equal those of ``q`` from ``b``."""
+    with open(p, "rb") as f, open(q, "rb") as g:
+        f.seek(a)
+        g.seek(b)
+        while n > 0:
+            k = min(n, _CHUNK)
+            x, y = f.read(k), g.read(k)
+            if len(x) != k or x != y:
+                return False
+            n -= k
+    return True
+
+
+def _confirm(group):
+    """Hashes of a group of candidate files: the first is hashed (A1111's hash of its data
+    area, the data-order layout); a file whose data area is byte for byte the first's has its
+    hash without hashing it again (the same bytes), the others are hashed."""
+    out = {}
+    ref = ref_layout = None
+    for p in group:
+        got = None
+        if ref is not None and "order" in out[ref]:
+            lay = _data_layout(p)
+            # (the tensors fill the data area to the end of the file, as full_read needs for its hash)
+            if lay is not None and ref_layout is not None and lay[1] - lay[0] == ref_layout[1] - ref_layout[0] \
+                    and lay[4] == lay[1] - lay[0] and _same_bytes(p, lay[0], ref, ref_layout[0], lay[1] - lay[0]):
+                READS["full"] += lay[3]
+                got = {"hash": out[ref]["hash"], "order": lay[2]}
+        if got is None:
+            got = _full_one(p)[1]
+            if ref is None and got is not None:
+                ref, ref_layout = p, _data_layout(p)
+        out[p] = got
+    return out
+
+
 def _flag_duplicates(files, rows, entries, cache, stats, pool=None) -> None:
     """Files holding the same tensors (names, order and metadata aside): candidates by shape
-    signature, then by a 32-byte sample of every tensor, confirmed by hashing the data (in
-    ``pool``'s worker processes when given): files whose tensors lie in the same order need one
-    hash of their data area (A1111's); files in other orders, a hash of every tensor."""
+    signature, then by a 32-byte sample of every tensor (read only for files whose shape
+    signature another file shares), confirmed by the data (in ``pool``'s worker processes when
+    given): files whose tensors lie in the same order need one hash of their data area
+    (A1111's; a file whose data area equals an already hashed one byte for byte is compared,
+    not hashed); files in other orders, a hash of every tensor."""
     by_sig: dict = {}
     for p in files:
         e = entries.get(p)
         if e and e.get("sig") and not any(x.startswith("unreadable") for x in rows[p].get("problems", [])):
             by_sig.setdefault(e["sig"], []).append(p)
+    unsampled = [p for group in by_sig.values() if len(group) > 1 for p in group if entries[p].get("sample") is None]
+    if pool is not None and len(unsampled) > 1:
+        got = dict(pool.imap_unordered(_sample_path, unsampled, chunksize=max(1, len(unsampled) // 16)))
+    else:
+        got = dict(_sample_path(p) for p in unsampled)
+    for p, sample in got.items():
+        if sample is not None:
+            entries[p]["sample"] = sample
+            cache.dirty = True
     groups = []
     for group in by_sig.values():
         if len(group) < 2:
@@ -683,11 +1025,16 @@ def _flag_duplicates(files, rows, entries, cache, stats, pool=None) -> None:
             if e.get("sample"):
                 by_sample.setdefault(e["sample"], []).append(p)
         groups += [same for same in by_sample.values() if len(same) >= 2]
-    need = [p for same in groups for p in same if "content" not in entries[p] and "order" not in entries[p]]
+    need = [[p for p in same if "content" not in entries[p] and "order" not in entries[p]] for same in groups]
+    need = [g for g in need if g]
     if pool is not None and len(need) > 1:
-        read = dict(pool.imap_unordered(_full_one, need))
+        read = {}
+        for part in pool.imap_unordered(_confirm, need):
+            read.update(part)
     else:
-        read = dict(_full_one(p) for p in need)
+        read = {}
+        for g in need:
+            read.update(_confirm(g))
     hashed = set()
     for p, got in read.items():
         if got is not None:
