@@ -308,6 +308,13 @@ def _plain_pass(dst: Tensor, plan, *, w0: Optional[Tensor] = None, old=None, kee
         bounds = torch.searchsorted(pos, starts).tolist()
         sums_old = [tuple(x) for x in rec_old.block_sums.tolist()]
     cuda = device.type == "cuda"
+    up_buf = []
+
+    def wbuf_for(r):  # a device buffer for one block of a host copy
+        if not up_buf:
+            up_buf.append(torch.empty(rows0 * k, dtype=dst.dtype, device=device))
+        return up_buf[0][:r * k].view(r, k)
+
     written = []
     try:
         for t, (i, j) in enumerate(blocks):
@@ -325,6 +332,8 @@ def _plain_pass(dst: Tensor, plan, *, w0: Optional[Tensor] = None, old=None, kee
                                        "patched")
             else:
                 w0b = w2[i:j]
+                if w0b.device != device:  # a plain copy in host memory (pinned), the weight on the GPU
+                    w0b = wbuf_for(r).copy_(w0b, non_blocking=True)
             if k2 is not None and w0b.data_ptr() != k2[i:j].data_ptr():
                 k2[i:j].copy_(w0b, non_blocking=cuda)
             if plan is None:
@@ -508,11 +517,11 @@ def _fuse_generic(param: Tensor, w0: Tensor, items: tuple):
 
 
 def restore_weight(rec, wf: Tensor, what: str = "weight") -> Tensor:
-    """The pristine weight (a new tensor) from the fused ``wf`` and its record."""
+    """The pristine weight (a new tensor, on ``wf``'s device) from the fused ``wf`` and its record."""
     if fp8.is_fp8(rec.dtype):
         return fp8.restore(rec, wf, what)
-    if rec.full is not None:
-        return rec.full.clone()
+    if rec.full is not None:  # (a plain copy lives in host memory)
+        return rec.full.to(wf.device, copy=True)
     check_fused(rec, wf, what)
     plan = lowrank_plan(rec.items, tuple(wf.shape), wf.device) if _is_block_record(rec) else None
     if plan is not None:
