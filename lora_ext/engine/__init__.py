@@ -20,13 +20,20 @@ Reports: ``h.reports`` (per LoRA: modules applied, keys not applied with reasons
 scheme, bytes, bytes per element), ``h.unfusable`` (modules whose weights are never written,
 with the reason: quantised, offloaded).
 
+LoRA/LoCon fusions of fp16/bf16/fp32 weights keep a plain host copy of each pristine weight and
+return; a background thread compacts the copies into the small exact record (``background``):
+``h.wait_records()``, ``h.records_complete``, ``h.record_memory()``; the copies held at once are
+bounded by ``apply(..., record_buffer=...)`` / ``$LORA_EXT_RECORD_BUFFER_BYTES`` (default: the
+patched weights' bytes; 0: records built synchronously).
+
 fp8 weights (``float8_e4m3fn`` / ``float8_e5m2``, ComfyUI's ``scale_weight`` included) are
 fused in fp32 and rounded once: ``apply(..., rounding="nearest")`` (default; Forge, kohya) or
 ``"stochastic"`` / ``"stochastic-torch"`` (ComfyUI's seeded stochastic rounding, see ``fp8``).
 
 Modules: ``handle`` (the Handle, transactions), ``fuse`` and ``record`` (fusing and the
 restore records), ``onthefly`` (forward hooks), ``auto`` (the placement rule), ``contrib``
-(one adapter's share of one module), ``models`` (what apply accepts), ``fp8`` (fp8 weights).
+(one adapter's share of one module), ``models`` (what apply accepts), ``fp8`` (fp8 weights),
+``background`` (the record compactor).
 """
 from .handle import ApplyReport, Handle, apply
 from .record import RestoreError
