@@ -330,3 +330,94 @@ def test_plain_header_parse_equals_the_checked_one(tmp_path_factory, entries, me
     mp = MonkeyPatch()
     a, b = _parse_both(tmp_path_factory.mktemp("h"), "{" + ",".join(parts) + "}", mp)
     assert a == b
+
+
+def _write_header(path, meta_json: str, src) -> None:
+    """``src``'s tensors under a hand-written metadata JSON (the rest of its header kept)."""
+    raw = open(src, "rb").read()
+    n = int.from_bytes(raw[:8], "little")
+    head = raw[8:8 + n].decode()
+    rest = head[json.JSONDecoder().raw_decode(head, 16)[1]:] if head.startswith('{"__metadata__"') else head[1:]
+    new = ('{"__metadata__":' + meta_json + rest if meta_json else "{" + rest.lstrip(",")).encode()
+    with open(path, "wb") as fh:
+        fh.write(len(new).to_bytes(8, "little") + new + raw[8 + n:])
+
+
+def test_structure_memo_gives_the_rows_computed_without_it(tmp_path, monkeypatch):
+    """Files of one structure (same names, shapes, dtypes) with other alphas, metadata, values:
+    the rows from the structure memo equal those computed file by file, and the full path's."""
+    lib = tmp_path / "lib"
+    (lib / "peft").mkdir(parents=True)
+    attn = lambda p: "attn2.to_" in p  # noqa: E731
+    meta = {"ss_network_module": "networks.lora", "ss_tag_frequency": '{"10_style": {"style": 3, "1girl": 2}}'}
+    metas = [meta, dict(meta, ss_tag_frequency='{"5_other": {"b": 1}}', sshs_model_hash="ab" * 32),
+             dict(meta, ss_base_model_version="sdxl_base_v1-0"), dict(meta, ss_v2="true"),
+             {"modelspec.trigger_phrase": "a, b"}, {}]
+    alphas = [1.0, 2.0, 0.5, -0.0, 3.0, 4.0]
+    paths = []
+    for i, (m, a) in enumerate(zip(metas, alphas)):
+        sd = _kohya("sd1", "unet", "lora_unet_", attn, 4, torch.float16, n=5, seed=i)
+        for j, k in enumerate(k for k in sorted(sd) if k.endswith(".alpha")):
+            sd[k] = torch.tensor(a if j % 2 == 0 else a + 1)
+        paths.append(str(lib / f"same_{i}.safetensors"))
+        save_file(sd, paths[-1], m)
+    bad = _kohya("sd1", "unet", "lora_unet_", attn, 4, torch.float16, n=5, seed=9)
+    first_alpha = sorted(k for k in bad if k.endswith(".alpha"))[0]
+    for name, v in (("nan_alpha", float("nan")), ("huge_alpha", 1e30), ("inf_alpha", float("inf"))):
+        save_file(dict(bad, **{first_alpha: torch.tensor(v)}), lib / f"{name}.safetensors", meta)
+    data = open(paths[1], "rb").read()
+    (lib / "cut.safetensors").write_bytes(data[:-100])  # the same header, the data cut short
+    (lib / "copy.safetensors").write_bytes(data)
+    _write_header(lib / "twice_named.safetensors", '{"a":"1","a":"2"}', paths[0])  # a repeated metadata name
+    _write_header(lib / "spaced.safetensors", ' {"a":"1"}', paths[0])
+    _write_header(lib / "no_meta.safetensors", "", paths[2])
+    _write_header(lib / "colon_meta.safetensors", '{"a:b":"c:d"}', paths[3])
+    # IA3 on one module: on_input (a small tensor) decides what it fits
+    for name, on_input in (("ia3_out", 0), ("ia3_in", 1), ("ia3_out2", 0)):
+        k = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
+        save_file({k + ".weight": torch.full((320,), 0.1), k + ".on_input": torch.tensor(on_input)},
+                  lib / f"{name}.safetensors")
+    # a structure no known model has: the metadata's hint names the base
+    for name, m in (("custom_plain", {}), ("custom_hint", {"ss_base_model_version": "sdxl_base_v1-0"}),
+                    ("custom_plain2", {"x": "y"})):
+        k = "lora_unet_custom_block_0_proj"
+        save_file({k + ".lora_down.weight": torch.randn(4, 48), k + ".lora_up.weight": torch.randn(48, 4),
+                   k + ".alpha": torch.tensor(2.0)}, lib / f"{name}.safetensors", m)
+    # PEFT files whose alphas come from adapter_config.json (no memo for those)
+    for i in range(2):
+        sd = {}
+        for j, (p, info) in enumerate(x for x in arch_layout("sd1")["unet"].items() if "attn2.to_k" in x[0]):
+            if j < 3:
+                sd[f"unet.{p}.lora_A.weight"] = torch.randn(4, info.weight_shape[1]).half()
+                sd[f"unet.{p}.lora_B.weight"] = torch.randn(info.weight_shape[0], 4).half()
+        save_file(sd, lib / "peft" / f"peft_{i}.safetensors")
+    (lib / "peft" / "adapter_config.json").write_text('{"r": 4, "lora_alpha": 8}')
+
+    library.READS.clear()
+    memo = library.scan_library([str(lib)], jobs=1, cache_path=None, progress=False)
+    hits = library.READS["memo"]
+    monkeypatch.setattr(library, "STRUCTURE_MEMO", False)
+    library.READS.clear()
+    plain = library.scan_library([str(lib)], jobs=1, cache_path=None, progress=False)
+    assert library.READS["memo"] == 0
+    assert json.dumps(memo["rows"]) == json.dumps(plain["rows"])  # the same rows, keys in the same order
+    assert memo["stats"] == plain["stats"]
+    assert hits >= 7, hits  # same_0, 1, 4, 5 (same_2, 3: other hints), the copy, ia3_out2, custom_plain2
+    rows = {r["name"]: r for r in memo["rows"]}
+    assert rows["same_1"]["alphas"] == {"2": 3, "3": 2} and rows["same_1"]["hash_source"] == "computed"  # (a copy)
+    assert rows["same_3"]["alphas"] == {"-0": 3, "1": 2}
+    assert rows["same_0"]["triggers"] == ["style", "1girl"] and rows["same_4"]["triggers"] == ["a", "b"]
+    assert rows["nan_alpha"]["problems"][0].startswith("NaN/Inf") and rows["cut"]["problems"][0].startswith("unreadable")
+    assert rows["twice_named"]["problems"][0].startswith("unreadable")
+    assert rows["ia3_out"]["applied_keys"] == 2 and rows["ia3_in"]["applied_keys"] == 0
+    assert rows["custom_hint"]["base_model"] == "sdxl" and rows["custom_plain2"]["base_model"] == "unknown"
+    assert rows["copy"]["duplicates"] and rows["peft_0"]["alphas"] == {"8": 3}
+    monkeypatch.setattr(library, "STRUCTURE_MEMO", True)
+    monkeypatch.setenv("LORA_EXT_NO_FAST_INSPECT", "1")
+    _reset()
+    try:
+        full = library.scan_library([str(lib)], jobs=1, cache_path=None, progress=False)
+    finally:
+        monkeypatch.delenv("LORA_EXT_NO_FAST_INSPECT")
+        _reset()
+    assert full["rows"] == memo["rows"]
