@@ -46,10 +46,14 @@ def _flat(path: str) -> str:
     return path.replace(".", "_")
 
 
-def _kohya(table, prefix, rank, g, dtype, pick, extra=0.0):
+def _kohya(table, prefix, rank, g, dtype, pick, extra=0.0, skip=-1):
     sd = {}
+    j = -1
     for path, info in table.items():
         if not pick(path, info) or len(info.weight_shape) != 2:
+            continue
+        j += 1
+        if j == skip:
             continue
         out, inn = info.weight_shape
         p = prefix + _flat(path)
@@ -63,7 +67,9 @@ def _attn(path, info):
     return any(s in path for s in ("attn1.to_", "attn2.to_", "ff.net"))
 
 
-def make_library(folder: str, n: int, seed: int = 0) -> dict:
+def make_library(folder: str, n: int, seed: int = 0, distinct: bool = False) -> dict:
+    """``distinct``: no two files (copies aside) share their header structure: each leaves out
+    another module (the ``k``-th of its kind), so the structure memo finds nothing to reuse."""
     from safetensors.torch import save_file
 
     if os.path.isdir(folder):
@@ -76,6 +82,7 @@ def make_library(folder: str, n: int, seed: int = 0) -> dict:
     written = []
     for i in range(n):
         kind = ("sd15", "sd15", "sd15", "sdxl_loha", "flux", "peft", "custom_loha", "pickle", "copy", "broken")[i % 10]
+        skip = i // 10 if distinct else -1
         sub = os.path.join(folder, kind, f"part{i % 3}")
         os.makedirs(sub, exist_ok=True)
         path = os.path.join(sub, f"{kind}_{i:04d}.safetensors")
@@ -83,11 +90,11 @@ def make_library(folder: str, n: int, seed: int = 0) -> dict:
                 "ss_tag_frequency": '{"10_style%d": {"style%d": 10, "1girl": 5}}' % (i, i)}
         if kind == "sd15":
             rank = (4, 8, 16)[i % 3]
-            save_file(_kohya(sd1, "lora_unet_", rank, g, torch.float16, _attn), path, meta)
+            save_file(_kohya(sd1, "lora_unet_", rank, g, torch.float16, _attn, skip=skip), path, meta)
         elif kind == "sdxl_loha":
             sd = {}
-            for p, info in sdxl.items():
-                if "attn2.to_k" in p or "attn2.to_v" in p:
+            for j, (p, info) in enumerate((p, x) for p, x in sdxl.items() if "attn2.to_k" in p or "attn2.to_v" in p):
+                if j != skip:
                     out, inn = info.weight_shape
                     k = "lora_unet_" + _flat(p)
                     for a, s in (("hada_w1_a", (out, 4)), ("hada_w1_b", (4, inn)), ("hada_w2_a", (out, 4)),
@@ -97,12 +104,12 @@ def make_library(folder: str, n: int, seed: int = 0) -> dict:
             save_file(sd, path, dict(meta, ss_network_module="lycoris.kohya", ss_network_args='{"algo": "loha"}'))
         elif kind == "flux":
             save_file(_kohya(flux, "lora_unet_", 8, g, torch.bfloat16,
-                             lambda p, info: p.startswith("transformer_blocks.") and "attn.to_" in p), path,
+                             lambda p, info: p.startswith("transformer_blocks.") and "attn.to_" in p, skip=skip), path,
                       dict(meta, ss_base_model_version="flux1"))
         elif kind == "peft":
             sd = {}
-            for p, info in sd1.items():
-                if _attn(p, info) and len(info.weight_shape) == 2:
+            for j, (p, info) in enumerate((p, x) for p, x in sd1.items() if _attn(p, x) and len(x.weight_shape) == 2):
+                if j != skip:
                     out, inn = info.weight_shape
                     sd[f"unet.{p}.lora_A.weight"] = (torch.randn(4, inn, generator=g) * 0.01).half()
                     sd[f"unet.{p}.lora_B.weight"] = (torch.randn(out, 4, generator=g) * 0.01).half()
@@ -110,6 +117,8 @@ def make_library(folder: str, n: int, seed: int = 0) -> dict:
         elif kind == "custom_loha":
             sd = {}
             for j in range(40):
+                if j == skip:
+                    continue
                 k = f"lora_unet_down_blocks_{j // 10}_attentions_0_transformer_blocks_{j % 10}_attn1_to_q"
                 for a, s in (("hada_w1_a", (48, 4)), ("hada_w1_b", (4, 48)), ("hada_w2_a", (48, 4)),
                              ("hada_w2_b", (4, 48))):
@@ -188,10 +197,12 @@ def main() -> None:
     ap.add_argument("--files", type=int, default=320)
     ap.add_argument("--jobs", type=int, default=None)
     ap.add_argument("--keep", action="store_true", help="reuse the library in --folder if it is there")
+    ap.add_argument("--distinct", action="store_true",
+                    help="no two files (copies aside) with the same header structure (each leaves out another module)")
     args = ap.parse_args()
     if not (args.keep and os.path.isdir(args.folder)):
         t = time.perf_counter()
-        make_library(args.folder, args.files)
+        make_library(args.folder, args.files, distinct=args.distinct)
         print(f"wrote {args.files} files in {time.perf_counter() - t:.1f} s")
     load0 = f"{os.getloadavg()[0]:.2f}"
     kinds = {p: p.split(os.sep)[-3] for p in library.find_lora_files([args.folder])}
@@ -216,6 +227,7 @@ def main() -> None:
     t_floor2 = floor(files)
     fl = min(t_floor, t_floor2)
     assert warm["rows"] == cold["rows"]
+    rows_by_path = {r["path"]: r for r in cold["rows"]}
     print(f"{len(files)} files, {size / 1e6:.0f} MB; jobs={args.jobs or os.cpu_count()}")
     print(f"load average before/after: {load0} / {os.getloadavg()[0]:.2f}; "
           f"torch-free path: {'yes' if fastpath and fastpath.available() else 'no'}")
@@ -225,6 +237,20 @@ def main() -> None:
     print(f"warm (unchanged library):      {t_warm:.3f} s wall = {t_cold / t_warm:.0f}x faster than cold, "
           f"{t_warm / fl:.1f}x the floor; {c_warm:.3f} s CPU")
     print(library.summary_line(cold))
+    split = getattr(library, "_split_header", None)
+    if split is not None:  # how much of the library repeats its header structure (names, shapes, dtypes)
+        keys = []
+        for p in files:
+            if p.endswith(".safetensors"):
+                fd = os.open(p, os.O_RDONLY)
+                try:
+                    got = split(fd, os.fstat(fd).st_size)
+                finally:
+                    os.close(fd)
+                if got is not None and not any(x.startswith("unreadable") for x in rows_by_path[p].get("problems", [])):
+                    keys.append(got[2])
+        print(f"header structures: {len(set(keys))} distinct among {len(keys)} readable safetensors files "
+              f"({len(keys) - len(set(keys))} files repeat one)")
     bad = check_rows(cold["rows"], kinds)
     print(f"rows checked against what was written: {len(cold['rows']) - len(bad)} right, {len(bad)} wrong")
     for b in bad[:10]:

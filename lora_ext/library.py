@@ -388,7 +388,24 @@ class _Struct:
     """What files with one header structure share."""
 
     __slots__ = ("max_end", "small", "small_span", "n_small", "keyed", "alpha_checks", "alpha_counted", "sig",
-                 "spans", "order", "rows")
+                 "entries", "_spans", "_order", "rows")
+
+    @property
+    def spans(self) -> list:
+        """(begin, sample bytes) of every tensor, in file order (for ``_sample_spans``)."""
+        if self._spans is None:
+            self._spans = sorted((e.begin, min(_SAMPLE_BYTES, e.end - e.begin)) for e in self.entries.values())
+        return self._spans
+
+    @property
+    def order(self) -> str:
+        """``full_read``'s data-order layout: dtypes and shapes in file order, hashed."""
+        if self._order is None:
+            from .io import DTYPE_STR
+
+            order = sorted(self.entries.values(), key=lambda e: e.begin)
+            self._order = hashlib.sha256(repr([(DTYPE_STR[e.dtype_name], e.shape) for e in order]).encode()).hexdigest()
+        return self._order
 
 
 _MEMO: dict = {"ready": None, "base": None, "structs": {}}
@@ -563,13 +580,13 @@ def _memo_store(path: str, todo, lora, entry) -> None:
         return
     st = structs.get(key)
     if st is None:
-        from .io import DTYPE_STR, _ST_DTYPES
+        from .io import _ST_DTYPES
 
         st = _Struct()
         st.max_end = max((e.end for e in entries.values()), default=0)
         small = [(k, e.begin, e.end - e.begin, e.dtype_name) for k, e in entries.items()
                  if e.end - e.begin <= SMALL * _ST_DTYPES[e.dtype_name][0]]
-        st.n_small = sum(1 for e in entries.values() if _numel(e.shape) <= SMALL)
+        st.n_small = sum(1 for e in entries.values() if e.end == e.begin or _numel(e.shape) <= SMALL)
         st.small = [s for s in small if s[2] > 0]
         st.small_span = (min((s[1] for s in st.small), default=0), max((s[1] + s[2] for s in st.small), default=0))
         alpha_keys, counted = [], []
@@ -586,9 +603,7 @@ def _memo_store(path: str, todo, lora, entry) -> None:
         alpha_set = {k for k, _ in alpha_keys}
         st.keyed = [s[0] for s in st.small if s[0] not in alpha_set]
         st.sig = entry["sig"]
-        order = sorted(entries.values(), key=lambda e: e.begin)
-        st.spans = sorted((e.begin, min(_SAMPLE_BYTES, e.end - e.begin)) for e in order)
-        st.order = hashlib.sha256(repr([(DTYPE_STR[e.dtype_name], e.shape) for e in order]).encode()).hexdigest()
+        st.entries, st._spans, st._order = entries, None, None
         st.rows = {}
         structs[key] = st
     try:
