@@ -980,40 +980,35 @@ def _data_layout(path: str, samples: bool = False):
         os.close(fd)
 
 
-def _same_bytes(p: str, a: int, q: str, b: int, n: int) -> bool:
-    """Whether ``n`` bytes of file ``p`` from ``a`` equal those of ``q`` from ``b``."""
-    with open(p, "rb") as f, open(q, "rb") as g:
-        f.seek(a)
-        g.seek(b)
+def _hash_data(path: str, start: int, n: int) -> Optional[str]:
+    """sha256 of ``n`` bytes of ``path`` from ``start`` (None when the file is shorter)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        fh.seek(start)
         while n > 0:
-            k = min(n, _CHUNK)
-            x, y = f.read(k), g.read(k)
-            if len(x) != k or x != y:
-                return False
-            n -= k
-    return True
+            data = fh.read(min(n, _CHUNK))
+            if not data:
+                return None
+            h.update(data)
+            n -= len(data)
+    return h.hexdigest()
 
 
 def _confirm(group):
-    """Hashes of a group of candidate files: the first is hashed (A1111's hash of its data
-    area, the data-order layout); a file whose data area is byte for byte the first's has its
-    hash without hashing it again (the same bytes), the others are hashed."""
+    """``full_read(p, content=False)`` of each candidate file: A1111's hash of its data area
+    and its data-order layout. A file whose structure is in the memo is hashed in one pass over
+    its data area (its tensors fill it back to back, to the end of the file: what full_read
+    checks tensor by tensor); the others are read by ``full_read``."""
     out = {}
-    ref = ref_layout = None
     for p in group:
         got = None
-        if ref is not None and "order" in out[ref]:
-            lay = _data_layout(p)
-            # (the tensors fill the data area to the end of the file, as full_read needs for its hash)
-            if lay is not None and ref_layout is not None and lay[1] - lay[0] == ref_layout[1] - ref_layout[0] \
-                    and lay[4] == lay[1] - lay[0] and _same_bytes(p, lay[0], ref, ref_layout[0], lay[1] - lay[0]):
+        lay = _data_layout(p)
+        if lay is not None and lay[4] == lay[1] - lay[0]:
+            h = _hash_data(p, lay[0], lay[4])
+            if h is not None:
                 READS["full"] += lay[3]
-                got = {"hash": out[ref]["hash"], "order": lay[2]}
-        if got is None:
-            got = _full_one(p)[1]
-            if ref is None and got is not None:
-                ref, ref_layout = p, _data_layout(p)
-        out[p] = got
+                got = {"hash": h, "order": lay[2]}
+        out[p] = got if got is not None else _full_one(p)[1]
     return out
 
 
@@ -1022,8 +1017,7 @@ def _flag_duplicates(files, rows, entries, cache, stats, pool=None) -> None:
     signature, then by a 32-byte sample of every tensor (read only for files whose shape
     signature another file shares), confirmed by the data (in ``pool``'s worker processes when
     given): files whose tensors lie in the same order need one hash of their data area
-    (A1111's; a file whose data area equals an already hashed one byte for byte is compared,
-    not hashed); files in other orders, a hash of every tensor."""
+    (A1111's); files in other orders, a hash of every tensor."""
     by_sig: dict = {}
     for p in files:
         e = entries.get(p)
