@@ -551,6 +551,8 @@ def _memo_scan(path: str, base):
         for k in st.alpha_counted:
             a = f"{dec[k]:g}"
             alphas[a] = alphas.get(a, 0) + 1
+        # in a worker process: sampled now (the worker that samples later may not know the structure)
+        sample = _sample_spans(fd, start, st.spans) if _WORKER_STATE.get("eager") else None
     finally:
         os.close(fd)
     from .metadata import training_info, trigger_words
@@ -569,7 +571,7 @@ def _memo_scan(path: str, base):
     meta_hash = str(meta.get("sshs_model_hash", "") or "")
     row["hash"], row["hash_source"] = (meta_hash[:12], "metadata") if len(meta_hash) >= 12 else (None, None)
     row["problems"] = list(tmpl["problems"])
-    return {"row": row, "sig": st.sig, "sample": None}, None
+    return {"row": row, "sig": st.sig, "sample": sample}, None
 
 
 def _memo_store(path: str, todo, lora, entry) -> None:
@@ -646,7 +648,7 @@ def scan_file(path: str, base=None, full: bool = False) -> dict:
     fast_read = False
     try:
         try:
-            lora = load_lora_shapes(path, lazy_sample=True)
+            lora = load_lora_shapes(path, lazy_sample=not _WORKER_STATE.get("eager"))
             sig = lora.shape_signature
             entry["sample"] = lora.sample_fingerprint
         except _NeedsData:
@@ -902,6 +904,7 @@ def _scan_library(paths, *, base, full, jobs, cache_path, progress) -> dict:
         cache.dirty = True
 
     _WORKER_STATE["base"] = base
+    _WORKER_STATE["eager"] = False
     _fresh_fast_data(todo)
     pooled = False
     if todo and jobs > 1 and "fork" in __import__("multiprocessing").get_all_start_methods():
@@ -910,6 +913,7 @@ def _scan_library(paths, *, base, full, jobs, cache_path, progress) -> dict:
         _warm_layouts()  # built once, shared by the forked workers
         if any(not p.lower().endswith(SAFETENSORS_EXTENSIONS) for p in todo) or not _fast():
             import torch  # noqa: F401  (pickles or meta tensors need it: imported once, not per worker)
+        _WORKER_STATE["eager"] = True  # (forked: the workers sample every file they scan)
         with mp.get_context("fork").Pool(jobs, initializer=_worker_init) as pool:
             chunk = max(1, len(todo) // (jobs * 8))
             for p, res, reads in pool.imap_unordered(_work, [(p, full) for p in todo], chunksize=chunk):
@@ -921,6 +925,7 @@ def _scan_library(paths, *, base, full, jobs, cache_path, progress) -> dict:
             stats["scanned"] = len(todo)
             _flag_duplicates(files, rows, entries, cache, stats, pool)
             pooled = True
+        _WORKER_STATE["eager"] = False
     else:
         for p in todo:
             _, res, _ = _work((p, full))

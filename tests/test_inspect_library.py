@@ -353,3 +353,13 @@ def test_base_can_be_a_tiny_dit_single_file(tmp_path):
     bound = inspect_lora(tmp_path / "lora.safetensors", base=tmp_path / "flux_tiny.safetensors")
     assert bound["unmatched"] == [] and bound["modules"] == n and bound.get("wrong_base") is None
     assert any(b.startswith("D") for b in bound["blocks"]) and any(b.startswith("S") for b in bound["blocks"])
+
+
+def test_library_rows_the_same_with_two_worker_processes(lib, tmp_path):
+    """Worker processes (each with its own structure memo, sampling as they scan) give the rows
+    of one process."""
+    if "fork" not in __import__("multiprocessing").get_all_start_methods():
+        pytest.skip("no fork")
+    one = library.scan_library([lib], jobs=1, cache_path=None, progress=False)
+    two = library.scan_library([lib], jobs=2, cache_path=None, progress=False)
+    assert two["rows"] == one["rows"] and two["stats"] == one["stats"]
