@@ -372,8 +372,8 @@ def full_read(path: str, check: bool = False, content: bool = True) -> dict:
 # The files of a library often share their structure (one trainer, one network config: the same
 # tensor names, dtypes, shapes and offsets; only the values and the metadata differ). A header
 # whose metadata comes first (or is absent) and is plainly well-formed is split into that
-# metadata and the rest; files whose rest is the same text (trailing padding aside) have the same
-# entries, so the same groups, types, detection and binding. Those are computed once (by the
+# metadata and the rest; files whose rest is the same text (trailing padding aside; compared by
+# its sha256) have the same entries, so the same groups, types, detection and binding. Those are computed once (by the
 # full reading below, which then stores them) and reused; what depends on values is computed
 # again for every file: alphas (read and checked as the torch-free reading does), the values of
 # the other small tensors (part of the key: IA3's on_input decides what fits), NaN/Inf in the
@@ -408,7 +408,9 @@ class _Struct:
         return self._order
 
 
-_MEMO: dict = {"ready": None, "base": None, "structs": {}}
+_MEMO: dict = {"ready": None, "base": None, "structs": {}, "held": 0}
+#: tensors described by the remembered structures, at most (the oldest are forgotten first)
+MEMO_TENSORS = 200_000
 #: off: every file takes the full reading (tests compare the rows both ways)
 STRUCTURE_MEMO = True
 
@@ -424,7 +426,7 @@ def _memo_structs(base):
     if ready is None or fastpath._runtime_plugins():
         return None
     if _MEMO["ready"] is not ready or _MEMO["base"] is not base:
-        _MEMO.update(ready=ready, base=base, structs={})
+        _MEMO.update(ready=ready, base=base, structs={}, held=0)
     return _MEMO["structs"]
 
 
@@ -469,7 +471,7 @@ def _split_header(fd: int, size: int):
         return None
     if '"__metadata__"' in rest:
         return None
-    return n, meta, (tag, rest.rstrip(_WS))
+    return n, meta, (tag, hashlib.sha256(rest.rstrip(_WS).encode("utf-8")).digest())
 
 
 def _peft_side(path: str, meta: dict) -> bool:
@@ -608,6 +610,10 @@ def _memo_store(path: str, todo, lora, entry) -> None:
         st.entries, st._spans, st._order = entries, None, None
         st.rows = {}
         structs[key] = st
+        _MEMO["held"] += len(entries)
+        while _MEMO["held"] > MEMO_TENSORS and len(structs) > 1:  # bounded memory on huge libraries
+            old = structs.pop(next(iter(structs)))
+            _MEMO["held"] -= len(old.entries)
     try:
         fd = os.open(path, os.O_RDONLY)
         try:
@@ -619,6 +625,8 @@ def _memo_store(path: str, todo, lora, entry) -> None:
     if any(len(raw[k]) < nb for k, b, nb, dt in st.small):
         return
     tmpl = dict(entry["row"])
+    if structs.get(key) is not st:
+        return
     structs[key].rows[(_hints(meta), tuple(raw[k] for k in st.keyed))] = tmpl
 
 

@@ -396,6 +396,10 @@ def test_structure_memo_gives_the_rows_computed_without_it(tmp_path, monkeypatch
     library.READS.clear()
     memo = library.scan_library([str(lib)], jobs=1, cache_path=None, progress=False)
     hits = library.READS["memo"]
+    monkeypatch.setattr(library, "MEMO_TENSORS", 1)  # one structure remembered at a time
+    library._MEMO["ready"] = None  # (forgotten: the next scan starts afresh)
+    small = library.scan_library([str(lib)], jobs=1, cache_path=None, progress=False)
+    assert json.dumps(small["rows"]) == json.dumps(memo["rows"]) and len(library._MEMO["structs"]) == 1
     monkeypatch.setattr(library, "STRUCTURE_MEMO", False)
     library.READS.clear()
     plain = library.scan_library([str(lib)], jobs=1, cache_path=None, progress=False)
