@@ -408,7 +408,7 @@ class _Struct:
         return self._order
 
 
-_MEMO: dict = {"ready": None, "base": None, "structs": {}, "held": 0}
+_MEMO: dict = {"ready": None, "base": None, "structs": {}, "held": 0, "where": {}}
 #: tensors described by the remembered structures, at most (the oldest are forgotten first)
 MEMO_TENSORS = 200_000
 #: off: every file takes the full reading (tests compare the rows both ways)
@@ -426,7 +426,7 @@ def _memo_structs(base):
     if ready is None or fastpath._runtime_plugins():
         return None
     if _MEMO["ready"] is not ready or _MEMO["base"] is not base:
-        _MEMO.update(ready=ready, base=base, structs={}, held=0)
+        _MEMO.update(ready=ready, base=base, structs={}, held=0, where={})
     return _MEMO["structs"]
 
 
@@ -553,6 +553,7 @@ def _memo_scan(path: str, base):
         for k in st.alpha_counted:
             a = f"{dec[k]:g}"
             alphas[a] = alphas.get(a, 0) + 1
+        _MEMO["where"][path] = (key, start, size, fst.st_mtime_ns)
         # in a worker process: sampled now (the worker that samples later may not know the structure)
         sample = _sample_spans(fd, start, st.spans) if _WORKER_STATE.get("eager") else None
     finally:
@@ -618,10 +619,13 @@ def _memo_store(path: str, todo, lora, entry) -> None:
         fd = os.open(path, os.O_RDONLY)
         try:
             raw = _small_bytes(fd, 8 + n, st)
+            fst = os.fstat(fd)
         finally:
             os.close(fd)
     except OSError:
         return
+    if fst.st_size == size:
+        _MEMO["where"][path] = (key, 8 + n, size, fst.st_mtime_ns)
     if any(len(raw[k]) < nb for k, b, nb, dt in st.small):
         return
     tmpl = dict(entry["row"])
@@ -913,6 +917,7 @@ def _scan_library(paths, *, base, full, jobs, cache_path, progress) -> dict:
 
     _WORKER_STATE["base"] = base
     _WORKER_STATE["eager"] = False
+    _MEMO["where"] = {}  # (where this scan found each file's structure: for its samples and hashes)
     _fresh_fast_data(todo)
     pooled = False
     if todo and jobs > 1 and "fork" in __import__("multiprocessing").get_all_start_methods():
@@ -980,12 +985,17 @@ def _data_layout(path: str, samples: bool = False):
     except OSError:
         return None
     try:
-        size = os.fstat(fd).st_size
-        split = _split_header(fd, size)
-        st = _MEMO["structs"].get(split[2]) if split is not None else None
+        fst = os.fstat(fd)
+        size = fst.st_size
+        where = _MEMO["where"].get(path)
+        if where is not None and where[2:] == (size, fst.st_mtime_ns):  # (scanned in this process)
+            st, start = _MEMO["structs"].get(where[0]), where[1]
+        else:
+            split = _split_header(fd, size)
+            st = _MEMO["structs"].get(split[2]) if split is not None else None
+            start = 8 + split[0] if split is not None else 0
         if st is None:
             return None
-        start = 8 + split[0]
         if samples:
             return _sample_spans(fd, start, st.spans)
         return start, size, st.order, len(st.spans), st.max_end
