@@ -388,6 +388,7 @@ class _Struct:
     """What files with one header structure share."""
 
     __slots__ = ("max_end", "small", "small_span", "n_small", "keyed", "alpha_checks", "alpha_counted", "sig",
+                 "alpha_by_dtype", "small_by_dtype",
                  "entries", "_spans", "_order", "rows")
 
     @property
@@ -533,9 +534,9 @@ def _memo_scan(path: str, base):
         from .fastpath import _decode, _max_alpha, _plainly_finite
 
         raw = _small_bytes(fd, start, st) if st.small else {}
-        for k, b, nb, dt in st.small:
-            r = raw[k]
-            if len(r) < nb or not _plainly_finite(dt, r):
+        for dt, keys, nbytes in st.small_by_dtype:  # (whole elements joined: the bytewise test is per element)
+            blob = b"".join([raw[k] for k in keys])
+            if len(blob) != nbytes or not _plainly_finite(dt, blob):
                 return miss
         dec = {}
         vkey = tuple(raw[k] for k in st.keyed)
@@ -545,11 +546,11 @@ def _memo_scan(path: str, base):
             return miss
         alphas: dict = {}
         maxa = _max_alpha()
-        for k, dt in st.alpha_checks:
-            v = float(_decode(dt, raw[k])[0])
-            if not math.isfinite(v) or abs(v) > maxa:
+        for dt, keys in st.alpha_by_dtype:  # (one value each)
+            vals = [float(v) for v in _decode(dt, b"".join([raw[k] for k in keys]))]
+            if len(vals) != len(keys) or not all(map(math.isfinite, vals)) or max(map(abs, vals)) > maxa:
                 return miss
-            dec[k] = v
+            dec.update(zip(keys, vals))
         for k in st.alpha_counted:
             a = f"{dec[k]:g}"
             alphas[a] = alphas.get(a, 0) + 1
@@ -605,6 +606,14 @@ def _memo_store(path: str, todo, lora, entry) -> None:
         if any(k not in small_keys for k, _ in alpha_keys):
             return
         st.alpha_checks, st.alpha_counted = alpha_keys, counted
+        by_dt: dict = {}
+        for k, dt in alpha_keys:
+            by_dt.setdefault(dt, []).append(k)
+        st.alpha_by_dtype = list(by_dt.items())
+        by_dt = {}
+        for k, b, nb, dt in st.small:
+            by_dt.setdefault(dt, []).append((k, nb))
+        st.small_by_dtype = [(dt, [k for k, _ in ks], sum(nb for _, nb in ks)) for dt, ks in by_dt.items()]
         alpha_set = {k for k, _ in alpha_keys}
         st.keyed = [s[0] for s in st.small if s[0] not in alpha_set]
         st.sig = entry["sig"]
