@@ -36,6 +36,8 @@ from typing import Optional
 from .errors import LoraExtError
 from .io import _ST_DTYPES
 from .keys import KeyMap, normalise_key, split_key
+from .metadata import peft_config_for as _config_for, peft_pattern_value as _pattern_value
+from .shapes import prod, shapes_compatible
 
 COMMON_NAMES = frozenset({"alpha", "dora_scale"})
 MAX_ALPHA = None  # set from metadata on first use (kept in one place: metadata.MAX_ALPHA)
@@ -130,26 +132,7 @@ def _expect(cond) -> None:
         raise _Bad()
 
 
-def _prod(shape) -> int:
-    return int(math.prod(shape))
-
-
-def shapes_compatible(adapter_shape, target_shape) -> bool:
-    """``adapters._common.shapes_compatible``."""
-    a, t = tuple(adapter_shape), tuple(target_shape)
-    if a == t:
-        return True
-    if len(a) < 2 or len(t) < 2 or a[0] != t[0]:
-        return False
-
-    def squeeze(s):
-        while len(s) > 2 and s[-1] == 1:
-            s = s[:-1]
-        return s
-
-    if squeeze(a) == squeeze(t):
-        return True
-    return len(squeeze(a)) == 2 and a[1] == _prod(t[1:])
+_prod = prod
 
 
 class ShapeAdapter:
@@ -646,33 +629,6 @@ def _peft_config(path: str, metadata: dict):
         if len(raw) > MAX_CONFIG_BYTES:
             raise NeedsFullPath("adapter config")
         return parse_peft_config(raw, side)
-    return None
-
-
-def _config_for(prefix: str, config: dict) -> dict:
-    if "lora_alpha" in config or "r" in config:
-        return config
-    for comp in ("text_encoder_2", "text_encoder", "unet", "transformer"):
-        for key in (comp, f"{comp}_lora_adapter_metadata"):
-            if prefix.startswith(comp + ".") and isinstance(config.get(key), dict):
-                return config[key]
-    for comp in ("text_encoder_2", "text_encoder", "unet", "transformer"):
-        if prefix.startswith(comp + "."):
-            flat = {k[len(comp) + 1:]: v for k, v in config.items() if k.startswith(comp + ".")}
-            if flat:
-                return flat
-    return {}
-
-
-def _pattern_value(patterns: dict, prefix: str):
-    for pat, value in (patterns or {}).items():
-        if prefix == pat or prefix.endswith("." + pat):
-            return value
-        try:
-            if re.fullmatch(rf"(?:.*\.)?(?:{pat})", prefix):
-                return value
-        except re.error:
-            continue
     return None
 
 

@@ -463,3 +463,37 @@ def network_arg(metadata: Mapping[str, str], name: str) -> Optional[bool]:
     if not isinstance(args, dict) or name not in args:
         return None
     return _flag(args[name])
+
+
+def peft_config_for(prefix: str, config: dict) -> dict:
+    """The LoraConfig dict that governs the module ``prefix`` (diffusers nests one per
+    component, or flattens them as ``"unet.lora_alpha"``)."""
+    if "lora_alpha" in config or "r" in config:
+        return config
+    for comp in ("text_encoder_2", "text_encoder", "unet", "transformer"):
+        for key in (comp, f"{comp}_lora_adapter_metadata"):
+            if prefix.startswith(comp + ".") and isinstance(config.get(key), dict):
+                return config[key]
+    for comp in ("text_encoder_2", "text_encoder", "unet", "transformer"):
+        if prefix.startswith(comp + "."):
+            flat = {k[len(comp) + 1:]: v for k, v in config.items() if k.startswith(comp + ".")}
+            if flat:
+                return flat
+    return {}
+
+
+def peft_pattern_value(patterns: dict, prefix: str):
+    """A PEFT ``rank_pattern`` / ``alpha_pattern`` value for the module ``prefix``, or None.
+
+    PEFT matches a pattern key as the whole module name or a suffix after a "."
+    (``re.match(rf"(.*\.)?{key}$", name)``, peft/tuners/lora/model.py): so
+    "transformer_blocks.0.attn.to_v" must not match "single_transformer_blocks.0.attn.to_v"."""
+    for pat, value in (patterns or {}).items():
+        if prefix == pat or prefix.endswith("." + pat):
+            return value
+        try:
+            if re.fullmatch(rf"(?:.*\.)?(?:{pat})", prefix):
+                return value
+        except re.error:
+            continue
+    return None

@@ -19,7 +19,8 @@ from .adapter import Adapter
 from .errors import AdapterError, LoraExtError, LoraFileError
 from .io import open_tensors
 from .keys import Candidate, KeyMap, group_keys
-from .metadata import MAX_CONFIG_BYTES, checked_alpha, parse_peft_config
+from .metadata import MAX_CONFIG_BYTES, checked_alpha, parse_peft_config, peft_config_for
+from .metadata import peft_pattern_value as _pattern_value
 
 Tensor = torch.Tensor
 
@@ -210,37 +211,7 @@ def _peft_config(path: str, metadata: dict) -> Optional[dict]:
 
 def _config_for(group: Group, config: dict) -> dict:
     """The LoraConfig dict that governs this group (diffusers nests one per component)."""
-    if "lora_alpha" in config or "r" in config:
-        return config
-    prefix = group.prefix
-    for comp in ("text_encoder_2", "text_encoder", "unet", "transformer"):
-        for key in (comp, f"{comp}_lora_adapter_metadata"):
-            if prefix.startswith(comp + ".") and isinstance(config.get(key), dict):
-                return config[key]
-    # diffusers also flattens as "unet.lora_alpha"
-    for comp in ("text_encoder_2", "text_encoder", "unet", "transformer"):
-        if prefix.startswith(comp + "."):
-            flat = {k[len(comp) + 1:]: v for k, v in config.items() if k.startswith(comp + ".")}
-            if flat:
-                return flat
-    return {}
-
-
-def _pattern_value(patterns: dict, prefix: str):
-    # PEFT matches an alpha_pattern / rank_pattern key as the whole module name or a suffix
-    # after a "." (``re.match(rf"(.*\.)?{key}$", name)``, peft/tuners/lora/model.py): so
-    # "transformer_blocks.0.attn.to_v" must not match "single_transformer_blocks.0.attn.to_v"
-    import re
-
-    for pat, value in (patterns or {}).items():
-        if prefix == pat or prefix.endswith("." + pat):
-            return value
-        try:
-            if re.fullmatch(rf"(?:.*\.)?(?:{pat})", prefix):
-                return value
-        except re.error:
-            continue
-    return None
+    return peft_config_for(group.prefix, config)
 
 
 def _inject_peft_alpha(group: Group, config: dict) -> None:
