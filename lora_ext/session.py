@@ -94,9 +94,12 @@ class Session:
     """
 
     def __init__(self, library: Optional[LoraLibrary] = None, *, method: str = "auto",
-                 te_method: str = "fuse", label: str = ""):
+                 te_method: str = "fuse", label: str = "", record_buffer=None):
         self.library = library
         self.method = method
+        #: the engine's bound on plain copies for the background restore record
+        #: (``lora_ext.apply(record_buffer=...)``; 0: records built synchronously; None: default)
+        self.record_buffer = record_buffer
         self.te_method = te_method
         self.label = label
         self.pm = new_plugin_manager()
@@ -243,7 +246,8 @@ class Session:
             if second is not None:
                 # the second expert: its own binding and handles, the same LoRAs and step clock
                 self.partner = Session(self.library, method=self.method, te_method=self.te_method,
-                                       label=f"{self.label} ({second.expert or 'second'} expert)".strip())
+                                       label=f"{self.label} ({second.expert or 'second'} expert)".strip(),
+                                       record_buffer=self.record_buffer)
                 self.partner.load_model(second)
             if self.specs:
                 self._apply()
@@ -324,7 +328,7 @@ class Session:
                 h.set(specs)
             elif specs:
                 model = {c: self.bound.views[c] for c in comps}
-                h = apply(model, specs, method, keymap=self.bound.keymap_for(comps))
+                h = apply(model, specs, method, keymap=self.bound.keymap_for(comps), record_buffer=self.record_buffer)
                 self.handles[group] = h
             else:
                 continue

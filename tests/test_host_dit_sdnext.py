@@ -291,6 +291,10 @@ def test_sdnext_wan22_two_experts_pair_and_single_lora(sdnext):
     s = shim.session
     assert s.bound.host.components["unet"] is high and s.bound.host.expert == "high"
     assert s.partner is not None and s.partner.bound.host.components["unet"] is low
+    # SD.Next: restore records built synchronously (the real SD.Next's own handler broke after
+    # a background compaction, tests/test_realhost.py), on both experts
+    assert s.record_buffer == 0 and s.partner.record_buffer == 0
+    assert all(h.record_memory()["plain_bytes"] == 0 for h in [*s.handles.values(), *s.partner.handles.values()])
     assert s.errors == [], s.errors
     ns.shared.state.sampling_steps = steps
 

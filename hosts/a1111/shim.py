@@ -323,7 +323,14 @@ class A1111Shim:
             s.end_run(restore=True)
             s.method = method
         if s.bound is None or self._model is not sd_model:
-            s.load_model(self.host_model(sd_model))
+            host = self.host_model(sd_model)
+            # SD.Next (a diffusers pipeline): restore records are built synchronously. Measured in
+            # the real SD.Next 058a7f0c: with the engine's background compaction, SD.Next's own
+            # LoRA handler, used after a lora-ext generation, failed with "Cannot copy out of meta
+            # tensor" on every layer; with records built synchronously it applies as before
+            # (tests/test_realhost.py). A1111 / Forge / reForge keep the background record.
+            s.record_buffer = 0 if host.naming_of("unet") == "diffusers" else None
+            s.load_model(host)
             self._model = sd_model
             self._install_step_hook(s)
         return s
