@@ -170,6 +170,13 @@ def _flat(path: str) -> str:
     return path.replace(".", "_")
 
 
+def _put(index: dict, name: str, entry: tuple) -> None:
+    """``index[name]``: one entry, or a list once a second one shares the name (rare)."""
+    prev = index.setdefault(name, entry)
+    if prev is not entry:
+        index[name] = (prev if isinstance(prev, list) else [prev]) + [entry]
+
+
 class KeyMap:
     """Every spelling of every module of one model layout -> candidate targets.
 
@@ -179,6 +186,12 @@ class KeyMap:
     (default) or ``"ldm"``, for all components or ``{component: naming}``; it only matters
     for modules whose two layouts order their rows differently (``ldm_swap``): a LoRA spelled
     in the other layout gets its delta's halves swapped.
+
+    A module has ~25 spellings per body (prefix x flat/dotted), ~10^5-10^6 for a full-size
+    model: instead of storing them all, the map indexes each module's bodies (dotted and
+    flattened) and, asked about a name, strips each known prefix and looks the rest up. The
+    answers, and their order, are those of the full table of spellings (``spellings()``):
+    candidates come in the order the table would have added them (component, module, body).
     """
 
     def __init__(self, layout: Mapping[str, Mapping[str, object]], label: str = "this model",
@@ -186,36 +199,51 @@ class KeyMap:
         self.layout = layout
         self.label = label
         self.naming = naming
-        self._aliases: dict[str, list[Candidate]] = {}
+        # exact names (fused weights, extra aliases, ldm weight names): alias -> [(order, cand)]
+        self._exact: dict[str, list] = {}
+        # per component: body (dotted, and flattened) -> entry or [entries]; an entry is
+        # (module index, body index, is_ldm); candidates are made when first asked for
+        self._dotted: dict[str, dict] = {}
+        self._flat: dict[str, dict] = {}
+        self._infos: dict[str, list] = {}
+        self._made: dict[tuple, Candidate] = {}
         self._not_applicable: list = []  # (compiled pattern, reason): keys this model cannot have
-        for component, table in layout.items():
+        self._memo: dict[str, tuple] = {}
+        self._ci = {c: i for i, c in enumerate(layout)}
+        for ci, (component, table) in enumerate(layout.items()):
             ldm_model = self._naming_of(component) == "ldm"
-            for info in table.values():
-                swapped = bool(getattr(info, "ldm_swap", False))
-                for body, is_ldm in self._bodies(component, info):
-                    cand = Candidate((Target(component, info.path, info.block),), tuple(info.weight_shape),
-                                     swap=swapped and is_ldm != ldm_model)
-                    for alias in self._body_spellings(component, body, is_ldm):
-                        self._add(alias, cand)
+            infos = self._infos[component] = list(table.values())
+            dotted = self._dotted[component] = {}
+            flat = self._flat[component] = {}
+            for ii, info in enumerate(infos):
+                bodies = self._bodies(component, info)
+                for bi, (body, is_ldm) in enumerate(bodies):
+                    entry = (ii, bi, is_ldm)
+                    _put(dotted, body, entry)
+                    _put(flat, body.replace(".", "_"), entry)  # (inline: ~10^5 bodies per model)
                 if info.ldm_weight and info.ldm_rows is None:
                     full = info.ldm_weight.rsplit(".", 1)[0]
                     cand = Candidate((Target(component, info.path, info.block),), tuple(info.weight_shape),
-                                     swap=swapped and not ldm_model)
-                    self._add(full, cand)
-                    self._add(_flat(full), cand)
-            self._add_fused(component, table)
+                                     swap=bool(getattr(info, "ldm_swap", False)) and not ldm_model)
+                    order = (ci, 0, ii, len(bodies))
+                    self._add(full, cand, order)
+                    self._add(_flat(full), cand, order)
+            self._add_fused(ci, component, table)
+        self._rules = {c: self._prefix_rules(c) for c in layout}
 
     def _naming_of(self, component: str) -> str:
         n = self.naming
         return n.get(component, "diffusers") if isinstance(n, Mapping) else (n or "diffusers")
 
     # --- building ------------------------------------------------------------------------
-    def _add(self, alias: str, cand: Candidate) -> None:
-        lst = self._aliases.get(alias)
-        if lst is None:
-            self._aliases[alias] = [cand]
-        elif cand not in lst:  # identity first: the same candidate under several spellings
-            lst.append(cand)
+    def _add(self, alias: str, cand: Candidate, order: tuple) -> None:
+        self._exact.setdefault(alias, []).append((order, cand))
+
+    def _put_body(self, component: str, body: str, entry: tuple) -> None:
+        """Index ``body`` (every prefix spelling of it) for ``entry``: (module index, body index,
+        is_ldm) of a module of the table, or (order, candidate, is_ldm, "fused") made up front."""
+        _put(self._dotted[component], body, entry)
+        _put(self._flat[component], body.replace(".", "_"), entry)
 
     @staticmethod
     def _bodies(component: str, info) -> list[tuple[str, bool]]:
@@ -233,33 +261,39 @@ class KeyMap:
         return bodies
 
     @staticmethod
-    def _body_spellings(component: str, body: str, is_ldm: bool) -> Iterable[str]:
-        flat = _flat(body)
-        for p in KOHYA_PREFIX[component]:
-            yield p + flat
-        for p in NEUTRAL_FLAT:
-            yield p + flat
+    def _spelling_rules(component: str, is_ldm: bool) -> list[tuple[str, bool]]:
+        """(prefix, flattened?) of each spelling of a body: ``prefix + flat(body)`` or ``prefix + body``."""
+        rules = [(p, True) for p in KOHYA_PREFIX[component] + NEUTRAL_FLAT]
         if component == "unet" and is_ldm:
-            for p in LDM_FLAT:
-                yield p + flat
-            for p in LDM_DOTTED:
-                yield p + body
-        for p in DIFFUSERS_PREFIX[component]:
-            yield p + body
-        for p in NEUTRAL_DOTTED:
-            yield p + body
+            rules += [(p, True) for p in LDM_FLAT] + [(p, False) for p in LDM_DOTTED]
+        rules += [(p, False) for p in DIFFUSERS_PREFIX[component] + NEUTRAL_DOTTED]
         if is_ldm and component != "unet":
             # OpenCLIP module names as they appear under the component root ("model.")
-            for p in KOHYA_PREFIX[component]:
-                yield p + "model_" + flat
+            rules += [(p + "model_", True) for p in KOHYA_PREFIX[component]]
+        return rules
 
-    def _add_fused(self, component: str, table) -> None:
+    @classmethod
+    def _body_spellings(cls, component: str, body: str, is_ldm: bool) -> list[str]:
+        flat = _flat(body)
+        return [p + (flat if is_flat else body) for p, is_flat in cls._spelling_rules(component, is_ldm)]
+
+    @classmethod
+    def _prefix_rules(cls, component: str) -> list[tuple[str, bool, bool]]:
+        """(prefix, flattened?, only ldm bodies?) for the lookup: every rule of either kind of body."""
+        plain = set(cls._spelling_rules(component, False))
+        out = []
+        for rule in dict.fromkeys(cls._spelling_rules(component, False) + cls._spelling_rules(component, True)):
+            out.append((rule[0], rule[1], rule not in plain))
+        return out
+
+    def _add_fused(self, ci: int, component: str, table) -> None:
         """Modules stored as rows of one fused weight: OpenCLIP's ``attn.in_proj`` (q/k/v) and
         the DiT originals (Flux ``img_attn.qkv``, ``linear1`` = q|k|v|mlp, SD3 ``attn.qkv``)."""
         fused: dict[str, list] = {}
         for info in table.values():
             if info.ldm_rows is not None and info.ldm_weight:
                 fused.setdefault(info.ldm_weight, []).append(info)
+        seq = iter(range(1 << 62))
         for key, parts in fused.items():
             parts.sort(key=lambda i: i.ldm_rows[0])
             counts = tuple(i.ldm_rows[1] - i.ldm_rows[0] for i in parts)
@@ -268,20 +302,23 @@ class KeyMap:
                              parts=counts if len(set(counts)) > 1 else ())
             if key.endswith(parts[0].ldm_path + ".weight"):  # a Linear holding the parts (DiT)
                 aliases = [key[: -len(".weight")], _flat(key[: -len(".weight")])]
-                for body in filter(None, (parts[0].ldm_path, getattr(parts[0], "ldm_alias", None))):
-                    aliases += list(self._body_spellings(component, body, True))
+                bodies = [b for b in (parts[0].ldm_path, getattr(parts[0], "ldm_alias", None)) if b]
+                for body in bodies:
                     for k, info in enumerate(parts):  # OneTrainer OMI: ".qkv.0" / ".linear1.3" per part
                         single = Candidate((Target(component, info.path, info.block),), tuple(info.weight_shape))
-                        for alias in self._body_spellings(component, f"{body}.{k}", True):
-                            self._add(alias, single)
+                        self._put_body(component, f"{body}.{k}", ((ci, 1, next(seq)), single, True, "fused"))
+                fused_order = (ci, 1, next(seq))
+                for body in bodies:  # every spelling of the fused module's own name
+                    self._put_body(component, body, (fused_order, cand, True, "fused"))
             else:  # OpenCLIP: ldm_path is the MultiheadAttention, the weight its in_proj_weight
                 full = key[: -len("_weight")] if key.endswith("_weight") else key.rsplit(".", 1)[0]
                 ldm_body = parts[0].ldm_path + ".in_proj"
                 aliases = [full, _flat(full), ldm_body, "model." + ldm_body]
                 aliases += [p + _flat(ldm_body) for p in KOHYA_PREFIX[component] + NEUTRAL_FLAT]
                 aliases += [p + "model_" + _flat(ldm_body) for p in KOHYA_PREFIX[component]]
+            order = fused_order if key.endswith(parts[0].ldm_path + ".weight") else (ci, 1, next(seq))
             for alias in aliases:
-                self._add(alias, cand)
+                self._add(alias, cand, order)
         if component == "unet":
             from .dit.aliases import extra_aliases, not_applicable
 
@@ -293,23 +330,72 @@ class KeyMap:
                 shape = (sum(counts),) + tuple(infos[0].weight_shape[1:])
                 cand = Candidate(tuple(Target(component, i.path, i.block) for i in infos), shape,
                                  parts=counts if len(set(counts)) > 1 else ())
+                order = (ci, 1, next(seq))
                 for p in ("",) + LDM_DOTTED:
-                    self._add(p + alias, cand)
+                    self._add(p + alias, cand, order)
+
+    def _candidate(self, component: str, ii: int, bi: int, is_ldm: bool) -> Candidate:
+        made = self._made.get((component, ii, is_ldm))
+        if made is None:
+            info = self._infos[component][ii]
+            swap = bool(getattr(info, "ldm_swap", False)) and is_ldm != (self._naming_of(component) == "ldm")
+            made = self._made[(component, ii, is_ldm)] = Candidate(
+                (Target(component, info.path, info.block),), tuple(info.weight_shape), swap=swap)
+        return made
+
+    def _lookup(self, alias: str) -> tuple:
+        """The candidates spelled ``alias``, in the table's order (each once)."""
+        got = self._memo.get(alias)
+        if got is not None:
+            return got
+        found = list(self._exact.get(alias, ()))
+        for component, rules in self._rules.items():
+            dotted, flat = self._dotted[component], self._flat[component]
+            ci = self._ci[component]
+            for prefix, is_flat, ldm_only in rules:
+                if not alias.startswith(prefix):
+                    continue
+                hit = (flat if is_flat else dotted).get(alias[len(prefix):])
+                if hit is None:
+                    continue
+                for e in (hit if isinstance(hit, list) else (hit,)):
+                    if len(e) == 4:  # made up front (a part or the whole of a fused weight)
+                        if e[2] or not ldm_only:
+                            found.append((e[0], e[1]))
+                    elif e[2] or not ldm_only:
+                        found.append(((ci, 0, e[0], e[1]), self._candidate(component, e[0], e[1], e[2])))
+        if len(found) > 1:
+            found.sort(key=lambda oc: oc[0])
+        out: list = []
+        for _, cand in found:
+            if cand not in out:  # the same candidate under several spellings: first one wins
+                out.append(cand)
+        got = self._memo[alias] = tuple(out)
+        return got
+
+    def spellings(self) -> dict:
+        """Every name this map answers -> its candidates: the whole table, built on demand
+        (tests compare it with what ``candidates`` answers)."""
+        names: dict = {}
+        for component in self.layout:
+            for body, hit in self._dotted[component].items():
+                for e in (hit if isinstance(hit, list) else (hit,)):
+                    for alias in self._body_spellings(component, body, e[2]):
+                        names[alias] = None
+        names.update(dict.fromkeys(self._exact))
+        return {a: self._lookup(a) for a in names}
 
     # --- lookup --------------------------------------------------------------------------
     def candidates(self, prefix: str) -> list[Candidate]:
-        found = self._aliases.get(prefix)
-        if found is None and prefix.endswith("_"):
+        found = self._lookup(prefix)
+        if not found and prefix.endswith("_"):
             # SimpleTuner wrote kohya-style names with a trailing underscore
             # ("..._attn_to_k_.lora_down.weight", Comfy-Org/ComfyUI#4347)
-            found = self._aliases.get(prefix.rstrip("_"))
-        return list(found or ())
+            found = self._lookup(prefix.rstrip("_"))
+        return list(found)
 
     def __contains__(self, prefix: str) -> bool:
-        return prefix in self._aliases
-
-    def __len__(self) -> int:
-        return len(self._aliases)
+        return bool(self._lookup(prefix))
 
     def choose(self, prefix: str, fits=None) -> tuple[Optional[Candidate], str]:
         """The candidate for ``prefix`` that fits, or (None, reason).
