@@ -25,6 +25,7 @@ from ..keys import KeyMap
 from ..network import Lora, Unmatched, load_lora
 from ..spec import LoraSpec
 from .amp import exact_maths, holds_inference_tensors, without_autocast
+from . import lora_cache
 from .background import Compactor, parse_bytes
 from .auto import decide
 from .contrib import Contribution
@@ -373,10 +374,23 @@ class Handle(Transactions):
                 if not spec.path:
                     raise LoraExtError(f"{spec.tag or spec.name}: no file for this LoRA (its path is not set)")
                 key = os.path.abspath(os.fspath(spec.path))
-                lora = self._loras.get(key) or cached_lora(key)
+                # the file as it is now (stat'ed before reading): a cached copy is used only
+                # while the file is unchanged (``lora_cache``), else it is read again
+                fid = lora_cache.file_id(key)
+                lora = lora_cache.get(key, fid)
+                if lora is None:
+                    held = self._loras.get(key)
+                    lora = cached_lora(key)
+                    if lora is None and held is not None and getattr(held, "_lora_ext_fid", None) == fid:
+                        lora = held
                 if lora is None:
                     lora = load_lora(spec.path)
                     remember_lora(key, lora)
+                    try:
+                        lora._lora_ext_fid = fid
+                    except AttributeError:
+                        pass
+                lora_cache.put(key, fid, lora)
                 self._loras[key] = lora
             else:
                 key = os.path.abspath(str(lora.path))
