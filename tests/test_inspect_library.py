@@ -236,8 +236,8 @@ def test_library_rows_duplicates_problems_and_cache(lib, tiny, tmp_path, monkeyp
     assert dup == {"copy_of_loha.safetensors", "renamed_keys.safetensors"}
     assert any(p.startswith("duplicate of ") for p in rows["copy_of_loha"]["problems"])
     assert "duplicates" not in rows["other_loha"] and "duplicates" not in rows["inkwash_sd15_lora"]
-    # A1111's short hash of the confirmed duplicates is computed (the data was read anyway)
-    assert rows["loha_custom"]["hash"] == library.full_read(str(tiny["loha"]))["hash"][:12]
+    # duplicates are confirmed by comparing their bytes, not by hashing: A1111's hash is --full's
+    assert rows["loha_custom"]["hash"] is None and rows["copy_of_loha"]["hash"] is None
     # data read: small tensors (alphas), 32-byte samples, and in full only the 3 duplicates
     assert first["stats"]["hashed"] == 3, first["stats"]
     assert reads["full"] == 3 * 5 * n  # every tensor of the three duplicates, nothing else
@@ -363,3 +363,37 @@ def test_library_rows_the_same_with_two_worker_processes(lib, tmp_path):
     one = library.scan_library([lib], jobs=1, cache_path=None, progress=False)
     two = library.scan_library([lib], jobs=2, cache_path=None, progress=False)
     assert two["rows"] == one["rows"] and two["stats"] == one["stats"]
+
+
+def test_duplicates_found_by_bytes_across_runs_and_separate_scans(tiny, tmp_path):
+    """A byte comparison's token lives in the cache: a copy added later is compared with the
+    cached file; two identical files classed in separate scans (two tokens) are still found
+    to be the same (by their tensors); a file with the same shapes and samples but other data
+    further on is not a duplicate."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    sd = _kohya_loha(tiny["unet"], seed=21)
+    save_file(sd, a / "one.safetensors", LOHA_META)
+    other = {k: v.clone() for k, v in sd.items()}
+    big = max(other, key=lambda k: other[k].numel())
+    other[big].view(-1)[-1] += 1.0  # past the 32-byte sample: same shapes, same samples
+    save_file(other, a / "near.safetensors", LOHA_META)
+    cache = str(tmp_path / "c.json")
+    first = _by_name(library.scan_library([a], jobs=1, cache_path=cache, progress=False))
+    assert "duplicates" not in first["one"] and "duplicates" not in first["near"]
+
+    shutil.copy(a / "one.safetensors", a / "one_again.safetensors")
+    library.READS.clear()
+    second = _by_name(library.scan_library([a], jobs=1, cache_path=cache, progress=False))
+    assert {os.path.basename(p) for p in second["one_again"]["duplicates"]} == {"one.safetensors"}
+    assert "duplicates" not in second["near"]
+    assert library.READS["full"] > 0  # compared now, with the cached file
+
+    # the same file scanned on its own into the same cache gets a token of its own
+    shutil.copy(a / "one.safetensors", b / "elsewhere.safetensors")
+    library.scan_library([b], jobs=1, cache_path=cache, progress=False)
+    both = _by_name(library.scan_library([a, b], jobs=1, cache_path=cache, progress=False))
+    assert {os.path.basename(p) for p in both["elsewhere"]["duplicates"]} == {"one.safetensors",
+                                                                             "one_again.safetensors"}
+    assert "duplicates" not in both["near"]
