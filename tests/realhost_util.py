@@ -472,6 +472,34 @@ def start_host(host: str, extra_args=(), env=None, boot_timeout: float = 900, lo
         logf.close()
 
 
+#: SD.Next logs this once webui.py ``load_model`` has returned, i.e. its autoload thread is done
+SDNEXT_STARTED = "Startup time:"
+
+
+def wait_sdnext_autoload(h: RunningHost, timeout: float = 900) -> float:
+    """Block until SD.Next's boot-time model load has finished (its console says
+    ``SDNEXT_STARTED``); returns the seconds waited.
+
+    SD.Next's API answers while its autoload thread is still loading the checkpoint. A model
+    load started then (``/sdapi/v1/reload-checkpoint``, or ``sd_model_checkpoint``) runs beside
+    it, and both build their components under accelerate's ``init_empty_weights()``, which
+    patches ``torch.nn.Module.register_parameter`` for the whole process and puts back, on
+    exit, the function it found: when the first load leaves while the second is inside, the
+    second puts back the first one's patch, and from then on every module built in the process
+    has its parameters on ``meta``. SD.Next's own LoRA handler builds one ``nn.Linear`` /
+    ``nn.Conv2d`` per LoRA factor and failed on every layer ("Cannot copy out of meta tensor";
+    issue 14, tests/test_sdnext_meta_race.py)."""
+    t0 = time.time()
+    while SDNEXT_STARTED not in h.log():
+        if h.proc.poll() is not None:
+            raise RuntimeError(f"sdnext exited with {h.proc.returncode} during boot:\n{h.log()[-4000:]}")
+        if time.time() - t0 > timeout:
+            raise TimeoutError(f"sdnext did not finish its boot-time model load within {timeout}s:\n"
+                               f"{h.log()[-4000:]}")
+        time.sleep(1)
+    return time.time() - t0
+
+
 def _after_boot(h: RunningHost, sdnext_pipeline: str):
     """A1111 family: turn off live previews (they download models/VAE-approx/model.pt from
     GitHub on the first generation -> HTTP 500 URLError offline). SD.Next: its size-based
@@ -479,8 +507,10 @@ def _after_boot(h: RunningHost, sdnext_pipeline: str):
     diffusers' from_single_file, which then needs the HF hub (LocalEntryNotFoundError offline);
     forcing the pipeline ("Stable Diffusion" / "Stable Diffusion XL") makes it use configs/sd15 or
     configs/sdxl. The API also answers before SD.Next has loaded the model ("Aborted: op=process
-    model not loaded", no image), so the checkpoint is (re)loaded synchronously here."""
+    model not loaded", no image), so the checkpoint is (re)loaded synchronously here, once the
+    boot-time load is over: never two loads at once (``wait_sdnext_autoload``)."""
     if h.host == "sdnext":
+        wait_sdnext_autoload(h)
         models = _get(h.url + "/sdapi/v1/sd-models", timeout=30)
         opts = {"diffusers_pipeline": sdnext_pipeline}
         if models:

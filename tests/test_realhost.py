@@ -154,6 +154,11 @@ def host(request, tmp_path_factory):
             opts["live_previews_enable"] = False
         _options(h.url, **opts)
         h.name = name
+        if name == "sdnext":
+            # the harness loads models one at a time (rh.wait_sdnext_autoload): torch must still
+            # build modules with real parameters, or SD.Next's own LoRA handler cannot work
+            # (issue 14, tests/test_sdnext_meta_race.py)
+            assert not _status(h.url).get("warnings"), _status(h.url)["warnings"]
         print(f"{name}: booted in {h.boot_s:.0f} s; console: {log}")
         yield h
 
@@ -176,13 +181,12 @@ def test_lora_equals_builtin_and_restores_bit_exactly(host):
     fresh = _status(url, weights=True)["weights"]
     assert set(fresh) >= {"unet", "te1"}, fresh
     host.fresh = fresh
-    # SD.Next's own handler leaves text encoders alone by default, and with them (its "LoRA
-    # native apply to text encoder") fails to load the LoRA on this CPU set-up ("Cannot copy out
-    # of meta tensor"): compare a UNet-only LoRA there
+    # SD.Next's own handler leaves text encoders alone by default: compare a UNet-only LoRA there
     tag = "<lora:lxt_unet:0.8>" if host.name == "sdnext" else "<lora:lxt_a:0.8>"
     ours = rh.txt2img(url, f"a cat {tag}")
     st = _status(url, weights=True)
     assert len(st["loras"]) == 1 and not st["errors"], st
+    assert host.name != "sdnext" or not st.get("warnings"), st
     assert st["weights"] == fresh, "after a 'restore' generation the weights equal a fresh load"
     _options(url, lora_ext_enabled=False)
     builtin = rh.txt2img(url, f"a cat {tag}")

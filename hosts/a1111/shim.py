@@ -113,6 +113,7 @@ class A1111Shim:
         self._fallback: list = []  # params handed to the built-in handler this generation
         self._handed: list = []  # [(tag, why)] the built-in handler took in the last generation
         self._lock = threading.RLock()
+        self._module_init_warned: Optional[str] = None
 
     # --- settings ----------------------------------------------------------------------------
     @staticmethod
@@ -193,7 +194,8 @@ class A1111Shim:
                    "loras": [] if s is None else [x for x in (_safe_tag(sp) for sp in s.specs) if x],
                    "fallback": [f"{tag}: {why}" for tag, why in self._handed],
                    "notes": [] if s is None or s.bound is None else list(s.bound.notes),
-                   "errors": [] if s is None else list(s.errors)}
+                   "errors": [] if s is None else list(s.errors),
+                   "warnings": [w for w in (module_init_problem(),) if w]}
             if weights:
                 from lora_ext.hostmodel import weights_digest
 
@@ -324,12 +326,10 @@ class A1111Shim:
             s.method = method
         if s.bound is None or self._model is not sd_model:
             host = self.host_model(sd_model)
-            # SD.Next (a diffusers pipeline): restore records are built synchronously. Measured in
-            # the real SD.Next 058a7f0c: with the engine's background compaction, SD.Next's own
-            # LoRA handler, used after a lora-ext generation, failed with "Cannot copy out of meta
-            # tensor" on every layer; with records built synchronously it applies as before
-            # (tests/test_realhost.py). A1111 / Forge / reForge keep the background record.
-            s.record_buffer = 0 if host.naming_of("unet") == "diffusers" else None
+            # Every host keeps the engine's background restore record, SD.Next included. (Issue 14:
+            # SD.Next's own handler failing with "Cannot copy out of meta tensor" after a lora-ext
+            # generation was blamed on it; the cause was two overlapping model loads that left
+            # torch's module constructor patched, see ``module_init_problem``.)
             s.load_model(host)
             self._model = sd_model
             self._install_step_hook(s)
@@ -399,6 +399,7 @@ class A1111Shim:
                 self.session.end_run(restore=True)  # no tags will be read: run without LoRAs
 
     def activate(self, p, params_list, kind: str = "lora") -> None:
+        self._warn_module_init()
         with self._lock:
             if not self.opt("lora_ext_enabled"):
                 self._step_aside(p, params_list, kind)
@@ -518,6 +519,14 @@ class A1111Shim:
                 log.warning("lora-ext: %s", exc)
                 self.session.close()
                 self._model = None
+
+    def _warn_module_init(self) -> None:
+        """Say once on the console when torch builds new modules on ``meta`` (``module_init_problem``):
+        the webui's own LoRA handler cannot work then, and it is not lora-ext's doing."""
+        why = module_init_problem()
+        if why and why != self._module_init_warned:
+            log.warning("lora-ext: %s", why)
+        self._module_init_warned = why
 
     # --- the built-in handler ----------------------------------------------------------------
     def _step_aside(self, p, params_list, kind) -> None:
@@ -663,6 +672,41 @@ class A1111Shim:
             elif gr is not None and widget == "textbox":
                 component, args = gr.Textbox, {"lines": 2}
             shared.opts.add_option(key, shared.OptionInfo(default, label, component, args, section=SECTION))
+
+
+def module_init_problem() -> Optional[str]:
+    """A sentence when torch builds new modules with their parameters on ``meta``, else None.
+
+    Found in the real SD.Next 058a7f0c (issue 14): diffusers' single-file loader builds every
+    component under accelerate's ``init_empty_weights()``, which replaces
+    ``torch.nn.Module.register_parameter`` for the whole process and, on exit, puts back the
+    function it found (accelerate/big_modeling.py ``init_on_device``). Two model loads that
+    overlap (SD.Next's boot-time autoload thread and a load asked for over the API meanwhile)
+    can leave in that order: the second puts back the first one's patch, for good. Every module
+    built afterwards has its parameters on ``meta``; SD.Next's own LoRA handler builds one
+    ``nn.Linear`` / ``nn.Conv2d`` per LoRA factor (modules/lora/network_lora.py
+    ``create_module``) and fails on every layer ("Cannot copy out of meta tensor"), so its
+    images equal no LoRA at all. lora-ext builds no module when it applies or restores, and is
+    unaffected. While a model load is under way the same state is normal (hence the "unless"
+    in the sentence).
+    """
+    import torch
+
+    fn = torch.nn.Module.register_parameter
+    if getattr(fn, "__module__", None) == "torch.nn.modules.module":
+        return None
+    try:
+        probe = torch.nn.Linear(1, 1, bias=False)
+    except Exception:  # pragma: no cover - a patch that breaks module building altogether
+        probe = None
+    if probe is not None and probe.weight.device.type != "meta":
+        return None
+    owner = f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', '?')}"
+    return (f"torch.nn.Module.register_parameter is replaced by {owner}: modules built now get their "
+            "parameters on the meta device (no data). Unless a model is loading right now, two model loads "
+            "overlapped and left accelerate's init_empty_weights() patch in place; the webui's own LoRA "
+            "handler will fail with \"Cannot copy out of meta tensor\" (lora-ext is unaffected). "
+            "Restart the webui, and load one model at a time.")
 
 
 def _sd_model(p):
