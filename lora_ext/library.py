@@ -1029,9 +1029,10 @@ def _sample_path(path: str):
 
 def _data_layout(path: str, samples: bool = False):
     """From the structure memo: the sample (``samples``) or (data start, file size, order hash,
-    tensors) of a safetensors file; None when its structure is not in the memo."""
+    tensors) of a safetensors file (the layout read from its header when its structure is not in
+    the memo; the sample: None then)."""
     if not STRUCTURE_MEMO:
-        return None
+        return None if samples else _layout_from_header(path)
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:

@@ -408,7 +408,7 @@ def test_structure_memo_gives_the_rows_computed_without_it(tmp_path, monkeypatch
     assert memo["stats"] == plain["stats"]
     assert hits >= 7, hits  # same_0, 1, 4, 5 (same_2, 3: other hints), the copy, ia3_out2, custom_plain2
     rows = {r["name"]: r for r in memo["rows"]}
-    assert rows["same_1"]["alphas"] == {"2": 3, "3": 2} and rows["same_1"]["hash_source"] == "computed"  # (a copy)
+    assert rows["same_1"]["alphas"] == {"2": 3, "3": 2} and rows["same_1"]["hash_source"] == "metadata"  # (a copy: compared, not hashed)
     assert rows["same_3"]["alphas"] == {"-0": 3, "1": 2}
     assert rows["same_0"]["triggers"] == ["style", "1girl"] and rows["same_4"]["triggers"] == ["a", "b"]
     assert rows["nan_alpha"]["problems"][0].startswith("NaN/Inf") and rows["cut"]["problems"][0].startswith("unreadable")
