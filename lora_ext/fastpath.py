@@ -805,6 +805,7 @@ class FastModels:
 
     def __init__(self):
         self._keymaps: dict = {}
+        self._tables: dict = {}
         self._masked: dict = {}
         self._variants = None
 
@@ -819,9 +820,25 @@ class FastModels:
 
             d = self.data
             entry = d["layouts"][name]
-            layout = {comp: fastdata.table_rows(d, tid, comp) for comp, tid in entry["components"].items()}
+            layout = {comp: self._table(tid, comp) for comp, tid in entry["components"].items()}
             km = self._keymaps[name] = _no_gc(lambda: _with_dit_aliases(lambda: KeyMap(layout, label=entry["label"])))
         return km
+
+    def clear(self) -> None:
+        """Forget the decoded tables and key maps (the stored data was reloaded)."""
+        self._keymaps.clear()
+        self._tables.clear()
+        self._masked.clear()
+
+    def _table(self, tid: str, comp: str) -> dict:
+        """One stored table, decoded once: layouts that share it (the DiT variants of a family
+        share their text encoders) share the object, and so the key map's index of it."""
+        got = self._tables.get((tid, comp))
+        if got is None:
+            from . import fastdata
+
+            got = self._tables[(tid, comp)] = fastdata.table_rows(self.data, tid, comp)
+        return got
 
     def fitting(self, lora, keymap) -> int:
         """How many groups ``bind_group`` would bind (``keymap.choose``: exactly one candidate

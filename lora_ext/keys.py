@@ -177,6 +177,150 @@ def _put(index: dict, name: str, entry: tuple) -> None:
         index[name] = (prev if isinstance(prev, list) else [prev]) + [entry]
 
 
+class _ComponentIndex:
+    """One component table's names: its modules' bodies (dotted, and flattened) -> entry or
+    [entries], an entry being (module index, body index, is_ldm), or (order, candidate, is_ldm,
+    "fused") for the parts and wholes of fused weights; exact names (ldm weight names, fused
+    weights, extra aliases) -> [(order, candidate)]. Orders leave out the component's place in
+    the layout (the key map puts it first). Candidates of plain modules are made when asked for.
+    """
+
+    def __init__(self, component: str, table, naming: str):
+        self.component = component
+        self.naming = naming
+        self.table = table  # (kept: the cache is keyed by its id)
+        self.size = len(table)
+        self.infos = list(table.values())
+        self.dotted: dict = {}
+        self.flat: dict = {}
+        self.exact: dict[str, list] = {}
+        self.not_applicable: list = []
+        self._made: dict = {}
+        self.rules = _prefix_rules(component)
+        ldm_model = naming == "ldm"
+        dotted, flat, unet = self.dotted, self.flat, component == "unet"
+        for ii, info in enumerate(self.infos):
+            # the module's bodies: its path; text_model.path (text encoders); its ldm path, ldm
+            # alias, and a norm scale's module (".scale" dropped)
+            path, ldm, rows = info.path, info.ldm_path, info.ldm_rows
+            _put(dotted, path, (ii, 0, False))
+            _put(flat, path.replace(".", "_"), (ii, 0, False))
+            bi = 1
+            if not unet:
+                body = "text_model." + path
+                _put(dotted, body, (ii, 1, False))
+                _put(flat, body.replace(".", "_"), (ii, 1, False))
+                bi = 2
+            if ldm and rows is None:
+                bodies = [ldm]
+                alias = getattr(info, "ldm_alias", None)
+                if alias:
+                    bodies.append(alias[: -len(".scale")] if alias.endswith(".scale") else alias)
+                if ldm.endswith(".scale"):
+                    bodies.append(ldm[: -len(".scale")])  # a norm scale named by its module
+                for body in bodies:
+                    _put(dotted, body, (ii, bi, True))
+                    _put(flat, body.replace(".", "_"), (ii, bi, True))
+                    bi += 1
+            if info.ldm_weight and rows is None:
+                full = info.ldm_weight.rsplit(".", 1)[0]
+                cand = Candidate((Target(component, path, info.block),), tuple(info.weight_shape),
+                                 swap=bool(getattr(info, "ldm_swap", False)) and not ldm_model)
+                order = (0, ii, bi)
+                self._add(full, cand, order)
+                self._add(_flat(full), cand, order)
+        self._add_fused(table)
+
+    def candidate(self, ii: int, is_ldm: bool) -> Candidate:
+        made = self._made.get((ii, is_ldm))
+        if made is None:
+            info = self.infos[ii]
+            swap = bool(getattr(info, "ldm_swap", False)) and is_ldm != (self.naming == "ldm")
+            made = self._made[(ii, is_ldm)] = Candidate(
+                (Target(self.component, info.path, info.block),), tuple(info.weight_shape), swap=swap)
+        return made
+
+    def _add(self, alias: str, cand: Candidate, order: tuple) -> None:
+        self.exact.setdefault(alias, []).append((order, cand))
+
+    def _put_body(self, body: str, entry: tuple) -> None:
+        _put(self.dotted, body, entry)
+        _put(self.flat, body.replace(".", "_"), entry)
+
+    def _add_fused(self, table) -> None:
+        """Modules stored as rows of one fused weight: OpenCLIP's ``attn.in_proj`` (q/k/v) and
+        the DiT originals (Flux ``img_attn.qkv``, ``linear1`` = q|k|v|mlp, SD3 ``attn.qkv``)."""
+        component = self.component
+        fused: dict[str, list] = {}
+        for info in self.infos:
+            if info.ldm_rows is not None and info.ldm_weight:
+                fused.setdefault(info.ldm_weight, []).append(info)
+        seq = iter(range(1 << 62))
+        for key, parts in fused.items():
+            parts.sort(key=lambda i: i.ldm_rows[0])
+            counts = tuple(i.ldm_rows[1] - i.ldm_rows[0] for i in parts)
+            shape = (sum(counts),) + tuple(parts[0].weight_shape[1:])
+            cand = Candidate(tuple(Target(component, i.path, i.block) for i in parts), shape,
+                             parts=counts if len(set(counts)) > 1 else ())
+            if key.endswith(parts[0].ldm_path + ".weight"):  # a Linear holding the parts (DiT)
+                aliases = [key[: -len(".weight")], _flat(key[: -len(".weight")])]
+                bodies = [b for b in (parts[0].ldm_path, getattr(parts[0], "ldm_alias", None)) if b]
+                for body in bodies:
+                    for k, info in enumerate(parts):  # OneTrainer OMI: ".qkv.0" / ".linear1.3" per part
+                        single = Candidate((Target(component, info.path, info.block),), tuple(info.weight_shape))
+                        self._put_body(f"{body}.{k}", ((1, next(seq)), single, True, "fused"))
+                order = (1, next(seq))
+                for body in bodies:  # every spelling of the fused module's own name
+                    self._put_body(body, (order, cand, True, "fused"))
+            else:  # OpenCLIP: ldm_path is the MultiheadAttention, the weight its in_proj_weight
+                full = key[: -len("_weight")] if key.endswith("_weight") else key.rsplit(".", 1)[0]
+                ldm_body = parts[0].ldm_path + ".in_proj"
+                aliases = [full, _flat(full), ldm_body, "model." + ldm_body]
+                aliases += [p + _flat(ldm_body) for p in KOHYA_PREFIX[component] + NEUTRAL_FLAT]
+                aliases += [p + "model_" + _flat(ldm_body) for p in KOHYA_PREFIX[component]]
+                order = (1, next(seq))
+            for alias in aliases:
+                self._add(alias, cand, order)
+        if component == "unet":
+            from .dit.aliases import extra_aliases, not_applicable
+
+            self.not_applicable.extend(not_applicable(table))
+
+            for alias, paths in extra_aliases(table):
+                infos = [table[p] for p in paths]
+                counts = tuple(int(i.weight_shape[0]) for i in infos)
+                shape = (sum(counts),) + tuple(infos[0].weight_shape[1:])
+                cand = Candidate(tuple(Target(component, i.path, i.block) for i in infos), shape,
+                                 parts=counts if len(set(counts)) > 1 else ())
+                order = (1, next(seq))
+                for p in ("",) + LDM_DOTTED:
+                    self._add(p + alias, cand, order)
+
+
+def _prefix_rules(component: str) -> list[tuple[str, bool, bool]]:
+    """(prefix, flattened?, only ldm bodies?) for the lookup: every spelling rule of either kind of body."""
+    plain = set(KeyMap._spelling_rules(component, False))
+    both = KeyMap._spelling_rules(component, False) + KeyMap._spelling_rules(component, True)
+    return [(rule[0], rule[1], rule not in plain) for rule in dict.fromkeys(both)]
+
+
+#: component indexes by (id of the table, component, naming): a table is indexed once per
+#: process however many key maps hold it (the cache keeps the table, so its id stays its own)
+_INDEXES: dict = {}
+_INDEXES_MAX = 64
+
+
+def _component_index(component: str, table, naming: str) -> _ComponentIndex:
+    key = (id(table), component, naming)
+    idx = _INDEXES.get(key)
+    if idx is not None and idx.table is table and idx.size == len(table):
+        return idx
+    idx = _INDEXES[key] = _ComponentIndex(component, table, naming)
+    while len(_INDEXES) > _INDEXES_MAX:
+        _INDEXES.pop(next(iter(_INDEXES)))
+    return idx
+
+
 class KeyMap:
     """Every spelling of every module of one model layout -> candidate targets.
 
@@ -199,67 +343,19 @@ class KeyMap:
         self.layout = layout
         self.label = label
         self.naming = naming
-        # exact names (fused weights, extra aliases, ldm weight names): alias -> [(order, cand)]
-        self._exact: dict[str, list] = {}
-        # per component: body (dotted, and flattened) -> entry or [entries]; an entry is
-        # (module index, body index, is_ldm); candidates are made when first asked for
-        self._dotted: dict[str, dict] = {}
-        self._flat: dict[str, dict] = {}
-        self._infos: dict[str, list] = {}
-        self._made: dict[tuple, Candidate] = {}
-        self._not_applicable: list = []  # (compiled pattern, reason): keys this model cannot have
+        # one index per component table (shared by the maps of every model holding that table:
+        # the DiT variants of a family share their text encoders' tables)
+        self._parts = [(ci, component, _component_index(component, table, self._naming_of(component)))
+                       for ci, (component, table) in enumerate(layout.items())]
+        # (compiled pattern, reason): keys this model cannot have
+        self._not_applicable: list = [x for _, _, idx in self._parts for x in idx.not_applicable]
         self._memo: dict[str, tuple] = {}
-        self._ci = {c: i for i, c in enumerate(layout)}
-        for ci, (component, table) in enumerate(layout.items()):
-            ldm_model = self._naming_of(component) == "ldm"
-            infos = self._infos[component] = list(table.values())
-            dotted = self._dotted[component] = {}
-            flat = self._flat[component] = {}
-            for ii, info in enumerate(infos):
-                bodies = self._bodies(component, info)
-                for bi, (body, is_ldm) in enumerate(bodies):
-                    entry = (ii, bi, is_ldm)
-                    _put(dotted, body, entry)
-                    _put(flat, body.replace(".", "_"), entry)  # (inline: ~10^5 bodies per model)
-                if info.ldm_weight and info.ldm_rows is None:
-                    full = info.ldm_weight.rsplit(".", 1)[0]
-                    cand = Candidate((Target(component, info.path, info.block),), tuple(info.weight_shape),
-                                     swap=bool(getattr(info, "ldm_swap", False)) and not ldm_model)
-                    order = (ci, 0, ii, len(bodies))
-                    self._add(full, cand, order)
-                    self._add(_flat(full), cand, order)
-            self._add_fused(ci, component, table)
-        self._rules = {c: self._prefix_rules(c) for c in layout}
 
     def _naming_of(self, component: str) -> str:
         n = self.naming
         return n.get(component, "diffusers") if isinstance(n, Mapping) else (n or "diffusers")
 
-    # --- building ------------------------------------------------------------------------
-    def _add(self, alias: str, cand: Candidate, order: tuple) -> None:
-        self._exact.setdefault(alias, []).append((order, cand))
-
-    def _put_body(self, component: str, body: str, entry: tuple) -> None:
-        """Index ``body`` (every prefix spelling of it) for ``entry``: (module index, body index,
-        is_ldm) of a module of the table, or (order, candidate, is_ldm, "fused") made up front."""
-        _put(self._dotted[component], body, entry)
-        _put(self._flat[component], body.replace(".", "_"), entry)
-
-    @staticmethod
-    def _bodies(component: str, info) -> list[tuple[str, bool]]:
-        """(dotted body, is_ldm) spellings of one module inside its component."""
-        bodies = [(info.path, False)]
-        if component != "unet":
-            bodies.append(("text_model." + info.path, False))
-        if info.ldm_path and info.ldm_rows is None:
-            bodies.append((info.ldm_path, True))
-            alias = getattr(info, "ldm_alias", None)
-            if alias:
-                bodies.append((alias[: -len(".scale")] if alias.endswith(".scale") else alias, True))
-        if info.ldm_path and info.ldm_path.endswith(".scale") and info.ldm_rows is None:
-            bodies.append((info.ldm_path[: -len(".scale")], True))  # a norm scale named by its module
-        return bodies
-
+    # --- spelling rules ------------------------------------------------------------------
     @staticmethod
     def _spelling_rules(component: str, is_ldm: bool) -> list[tuple[str, bool]]:
         """(prefix, flattened?) of each spelling of a body: ``prefix + flat(body)`` or ``prefix + body``."""
@@ -277,82 +373,18 @@ class KeyMap:
         flat = _flat(body)
         return [p + (flat if is_flat else body) for p, is_flat in cls._spelling_rules(component, is_ldm)]
 
-    @classmethod
-    def _prefix_rules(cls, component: str) -> list[tuple[str, bool, bool]]:
-        """(prefix, flattened?, only ldm bodies?) for the lookup: every rule of either kind of body."""
-        plain = set(cls._spelling_rules(component, False))
-        out = []
-        for rule in dict.fromkeys(cls._spelling_rules(component, False) + cls._spelling_rules(component, True)):
-            out.append((rule[0], rule[1], rule not in plain))
-        return out
-
-    def _add_fused(self, ci: int, component: str, table) -> None:
-        """Modules stored as rows of one fused weight: OpenCLIP's ``attn.in_proj`` (q/k/v) and
-        the DiT originals (Flux ``img_attn.qkv``, ``linear1`` = q|k|v|mlp, SD3 ``attn.qkv``)."""
-        fused: dict[str, list] = {}
-        for info in table.values():
-            if info.ldm_rows is not None and info.ldm_weight:
-                fused.setdefault(info.ldm_weight, []).append(info)
-        seq = iter(range(1 << 62))
-        for key, parts in fused.items():
-            parts.sort(key=lambda i: i.ldm_rows[0])
-            counts = tuple(i.ldm_rows[1] - i.ldm_rows[0] for i in parts)
-            shape = (sum(counts),) + tuple(parts[0].weight_shape[1:])
-            cand = Candidate(tuple(Target(component, i.path, i.block) for i in parts), shape,
-                             parts=counts if len(set(counts)) > 1 else ())
-            if key.endswith(parts[0].ldm_path + ".weight"):  # a Linear holding the parts (DiT)
-                aliases = [key[: -len(".weight")], _flat(key[: -len(".weight")])]
-                bodies = [b for b in (parts[0].ldm_path, getattr(parts[0], "ldm_alias", None)) if b]
-                for body in bodies:
-                    for k, info in enumerate(parts):  # OneTrainer OMI: ".qkv.0" / ".linear1.3" per part
-                        single = Candidate((Target(component, info.path, info.block),), tuple(info.weight_shape))
-                        self._put_body(component, f"{body}.{k}", ((ci, 1, next(seq)), single, True, "fused"))
-                fused_order = (ci, 1, next(seq))
-                for body in bodies:  # every spelling of the fused module's own name
-                    self._put_body(component, body, (fused_order, cand, True, "fused"))
-            else:  # OpenCLIP: ldm_path is the MultiheadAttention, the weight its in_proj_weight
-                full = key[: -len("_weight")] if key.endswith("_weight") else key.rsplit(".", 1)[0]
-                ldm_body = parts[0].ldm_path + ".in_proj"
-                aliases = [full, _flat(full), ldm_body, "model." + ldm_body]
-                aliases += [p + _flat(ldm_body) for p in KOHYA_PREFIX[component] + NEUTRAL_FLAT]
-                aliases += [p + "model_" + _flat(ldm_body) for p in KOHYA_PREFIX[component]]
-            order = fused_order if key.endswith(parts[0].ldm_path + ".weight") else (ci, 1, next(seq))
-            for alias in aliases:
-                self._add(alias, cand, order)
-        if component == "unet":
-            from .dit.aliases import extra_aliases, not_applicable
-
-            self._not_applicable.extend(not_applicable(table))
-
-            for alias, paths in extra_aliases(table):
-                infos = [table[p] for p in paths]
-                counts = tuple(int(i.weight_shape[0]) for i in infos)
-                shape = (sum(counts),) + tuple(infos[0].weight_shape[1:])
-                cand = Candidate(tuple(Target(component, i.path, i.block) for i in infos), shape,
-                                 parts=counts if len(set(counts)) > 1 else ())
-                order = (ci, 1, next(seq))
-                for p in ("",) + LDM_DOTTED:
-                    self._add(p + alias, cand, order)
-
-    def _candidate(self, component: str, ii: int, bi: int, is_ldm: bool) -> Candidate:
-        made = self._made.get((component, ii, is_ldm))
-        if made is None:
-            info = self._infos[component][ii]
-            swap = bool(getattr(info, "ldm_swap", False)) and is_ldm != (self._naming_of(component) == "ldm")
-            made = self._made[(component, ii, is_ldm)] = Candidate(
-                (Target(component, info.path, info.block),), tuple(info.weight_shape), swap=swap)
-        return made
-
+    # --- lookup --------------------------------------------------------------------------
     def _lookup(self, alias: str) -> tuple:
         """The candidates spelled ``alias``, in the table's order (each once)."""
         got = self._memo.get(alias)
         if got is not None:
             return got
-        found = list(self._exact.get(alias, ()))
-        for component, rules in self._rules.items():
-            dotted, flat = self._dotted[component], self._flat[component]
-            ci = self._ci[component]
-            for prefix, is_flat, ldm_only in rules:
+        found = []
+        for ci, component, idx in self._parts:
+            for order, cand in idx.exact.get(alias, ()):
+                found.append(((ci,) + order, cand))
+            dotted, flat = idx.dotted, idx.flat
+            for prefix, is_flat, ldm_only in idx.rules:
                 if not alias.startswith(prefix):
                     continue
                 hit = (flat if is_flat else dotted).get(alias[len(prefix):])
@@ -361,9 +393,9 @@ class KeyMap:
                 for e in (hit if isinstance(hit, list) else (hit,)):
                     if len(e) == 4:  # made up front (a part or the whole of a fused weight)
                         if e[2] or not ldm_only:
-                            found.append((e[0], e[1]))
+                            found.append(((ci,) + e[0], e[1]))
                     elif e[2] or not ldm_only:
-                        found.append(((ci, 0, e[0], e[1]), self._candidate(component, e[0], e[1], e[2])))
+                        found.append(((ci, 0, e[0], e[1]), idx.candidate(e[0], e[2])))
         if len(found) > 1:
             found.sort(key=lambda oc: oc[0])
         out: list = []
@@ -377,12 +409,12 @@ class KeyMap:
         """Every name this map answers -> its candidates: the whole table, built on demand
         (tests compare it with what ``candidates`` answers)."""
         names: dict = {}
-        for component in self.layout:
-            for body, hit in self._dotted[component].items():
+        for _, component, idx in self._parts:
+            for body, hit in idx.dotted.items():
                 for e in (hit if isinstance(hit, list) else (hit,)):
                     for alias in self._body_spellings(component, body, e[2]):
                         names[alias] = None
-        names.update(dict.fromkeys(self._exact))
+            names.update(dict.fromkeys(idx.exact))
         return {a: self._lookup(a) for a in names}
 
     # --- lookup --------------------------------------------------------------------------

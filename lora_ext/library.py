@@ -885,6 +885,7 @@ def _fresh_fast_data(todo) -> None:
     fastdata.refresh_user_cache()
     fastdata.load.cache_clear()
     fastpath._ready.cache_clear()
+    fastpath.MODELS.clear()
 
 
 def _warm_layouts() -> None:

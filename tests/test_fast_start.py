@@ -24,7 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _reset():
     fastdata.load.cache_clear()
     fastpath._ready.cache_clear()
-    fastpath.MODELS._keymaps.clear()
+    fastpath.MODELS.clear()
 
 
 @pytest.fixture()
