@@ -22,11 +22,16 @@ from typing import Optional
 
 import torch
 
+try:
+    import numpy as _numpy
+except ImportError:  # pragma: no cover
+    _numpy = None
+
 from ..errors import AdapterError
 from . import fp8
 from .contrib import delta_sum, estimate
 from .record import (Record, bits_choices, plain_record, RestoreError, check_fused, checksum, compact_dtype, decode,
-                     diff_scratch, encode, full_record, gather_diff, int_view, ordered_diff, same_bits, scatter,
+                     diff_scratch, encode, full_record, gather_diff, int_view, ordered_diff, same_bits, scatter, _np,
                      sparse_bytes, store_exceptions as _store_exceptions)
 
 Tensor = torch.Tensor
@@ -94,6 +99,87 @@ class _Scratch:
         return getattr(self, name)[:rows * self.k].view(rows, self.k)
 
 
+# (device type, M, N, K, threads) -> whether ``c.addmm_(a, b)`` gives the bits of ``c + a @ b``
+# (``mm`` then ``add``) for that GEMM shape: the fast pass then adds W0 in the GEMM's epilogue
+# instead of in a pass of its own (~20 % of a block's time). The answer depends on the shape: on
+# this machine's MKL, GEMMs of up to ~11 rows (or a few columns) sum in another order when C is
+# an input, larger ones do not. Found once per shape and process by ``_addmm_exact``; where it
+# says no, the delta is computed first and added, as before. (Restores never depend on it: the
+# record is compacted against the pristine copy.)
+_ADDMM_OK: dict = {}
+ADDMM_FUSE = True  # False: never (the separate add)
+
+
+def _addmm_exact(m: int, n: int, rank: int, device, alpha: float = 1.0) -> bool:
+    """Whether ``c.addmm_(up, down, alpha=alpha)`` equals ``c + mm(up, down)`` (``alpha`` 1) or
+    ``c - mm(up, down)`` (``alpha`` -1) bit for bit for an (``m`` x ``rank``) @ (``rank`` x ``n``)
+    GEMM, tried once on values whose every sum rounds (an order of summation that differs shows
+    in most elements)."""
+    if not ADDMM_FUSE:
+        return False
+    dev = torch.device(device)
+    key = (dev.type, int(m), int(n), int(rank), torch.get_num_threads(), alpha)
+    ok = _ADDMM_OK.get(key)
+    if ok is None:
+        g = torch.Generator().manual_seed(1000 + int(rank))
+        up = torch.randn(m, rank, generator=g).to(dev)
+        down = torch.randn(rank, n, generator=g).to(dev)
+        # C: fractions spread over [-2, 2) (cheaper than randn for a block-sized matrix)
+        c = torch.arange(m * n, dtype=torch.float32, device=dev).mul_(0.6180339887).frac_().sub_(0.5).mul_(4.0)
+        c = c.view(m, n)
+        ref = c.clone().sub_(torch.mm(up, down)) if alpha == -1.0 else torch.mm(up, down).add_(c)
+        got = c.addmm_(up, down, alpha=alpha)
+        ok = bool(torch.equal(ref.view(torch.int32), got.view(torch.int32)))
+        _ADDMM_OK[key] = ok
+    return ok
+
+
+def _fused_block(plan, i: int, j: int, w0b: Tensor, d: Tensor, one_gemm: bool) -> Tensor:
+    """``float(W0) + D`` for one block, in the fp32 buffer ``d`` (rounded by the caller's copy).
+
+    ``one_gemm`` (a single-item plan) and ``_addmm_exact`` holds for this block's GEMM: W0
+    widened into ``d`` and the delta's GEMM adds to it; otherwise the delta first, then W0
+    added. The same bits."""
+    if one_gemm and _addmm_exact(j - i, d.shape[1], plan[0][0].shape[1], d.device):
+        d.copy_(w0b)
+        up, down = plan[0]
+        return d.addmm_(up[i:j], down)
+    d = _block_delta(plan, i, j, d)
+    return d.add_(w0b)
+
+
+def _decode_block(exc, t: int, plan_old, i: int, j: int, wf_blk: Tensor, d: Tensor, dec: Tensor, f: Tensor,
+                  flat: Optional[Tensor]) -> Optional[Tensor]:
+    """W0 of row block ``t`` (rows ``i:j``) from its fused ``wf_blk``: the estimate rounded into
+    ``dec`` (the weight's dtype), the record's exceptions put back, the block checksum checked.
+    Returns ``dec``, or None when the checksum does not match.
+
+    ``flat``: the flat int view the exceptions go to at their weight positions (the whole plain
+    copy ``dec`` is a slice of), or None (``dec`` itself, positions less ``i * k``). ``d``, ``f``:
+    fp32 block buffers. With a one-item plan on a 16-bit weight, where ``_addmm_exact`` holds,
+    the estimate ``float(Wf) - D`` is one GEMM with the subtraction in its epilogue (the bits
+    of ``_block_estimate``); should the checksum fail that way, the block is decoded again the
+    plain way before anything is called wrong."""
+    k = f.shape[1]
+    fast = (len(plan_old) == 1 and wf_blk.dtype != torch.float32
+            and _addmm_exact(j - i, k, plan_old[0][0].shape[1], f.device, -1.0))
+    for one_gemm in ((True, False) if fast else (False,)):
+        if one_gemm:
+            f.copy_(wf_blk)
+            up, down = plan_old[0]
+            f.addmm_(up[i:j], down, alpha=-1.0)
+            w0b = dec.copy_(f)
+        else:
+            w0b = _block_estimate(wf_blk, _block_delta(plan_old, i, j, d), dec, f)
+        if flat is None:
+            exc.put(t, int_view(w0b), i * k)
+        else:
+            exc.put(t, flat, 0)
+        if checksum(int_view(w0b)) == exc.sums[t]:
+            return w0b
+    return None
+
+
 def _block_delta(plan, i: int, j: int, out: Optional[Tensor] = None) -> Tensor:
     up, down = plan[0]
     d = torch.mm(up[i:j], down, out=out) if out is not None else torch.mm(up[i:j], down)
@@ -133,6 +219,36 @@ def _is_block_record(rec) -> bool:
     return rec is not None and rec.block_sums is not None
 
 
+class _OldExceptions:
+    """The exceptions of a block record, split by the row blocks of a pass (numpy on the CPU:
+    one fancy-index assignment per block, no tensor arithmetic)."""
+
+    def __init__(self, rec, blocks, k: int, n: int, device):
+        self.pos = rec.exception_positions().to(device)
+        self.vals = rec.exc_val.to(device)
+        starts = [i * k for i, _ in blocks] + [n]
+        self.pn, self.vn = _np(self.pos), _np(self.vals)
+        if self.pn is not None and self.vn is not None:
+            self.bounds = _numpy.searchsorted(self.pn, starts).tolist()
+        else:
+            self.pn = None
+            self.bounds = torch.searchsorted(self.pos, torch.tensor(starts, dtype=torch.int64,
+                                                                    device=self.pos.device)).tolist()
+        self.sums = [tuple(x) for x in rec.block_sums.tolist()]
+
+    def put(self, t: int, flat_int: Tensor, offset: int) -> None:
+        """Write block ``t``'s exceptions into ``flat_int`` (an int view; flat position ``p``
+        of the weight at ``p - offset``)."""
+        lo, hi = self.bounds[t], self.bounds[t + 1]
+        if hi <= lo:
+            return
+        fn = _np(flat_int) if self.pn is not None else None
+        if fn is not None:
+            fn[self.pn[lo:hi] - offset if offset else self.pn[lo:hi]] = self.vn[lo:hi]
+        else:
+            scatter(flat_int, self.pos[lo:hi] - offset, self.vals[lo:hi])
+
+
 def _lowrank_pass(dst: Tensor, *, src: Optional[Tensor] = None, w0: Optional[Tensor] = None, old=None,
                   plan=None, items=()):
     """One pass over the row blocks of a weight; returns (new record or None, dst changed).
@@ -156,11 +272,7 @@ def _lowrank_pass(dst: Tensor, *, src: Optional[Tensor] = None, w0: Optional[Ten
     sc = _Scratch(blocks[0][1] - blocks[0][0], k, dtype, dst.device)
     if old is not None:
         rec_old, plan_old = old
-        pos = rec_old.exception_positions().to(dst.device)
-        old_vals = rec_old.exc_val.to(dst.device)
-        starts = torch.tensor([i * k for i, _ in blocks] + [n], dtype=torch.int64, device=pos.device)
-        bounds = torch.searchsorted(pos, starts).tolist()
-        sums_old = [tuple(x) for x in rec_old.block_sums.tolist()]
+        exc_old = _OldExceptions(rec_old, blocks, k, n, dst.device)
     new_exc = {}  # block -> (local positions, original bits) of the new record's exceptions
     sums = []
     written = []
@@ -170,11 +282,8 @@ def _lowrank_pass(dst: Tensor, *, src: Optional[Tensor] = None, w0: Optional[Ten
             r = j - i
             d, f = sc.view("d", r), sc.view("f", r)
             if old is not None:
-                w0b = _block_estimate(s2[i:j], _block_delta(plan_old, i, j, d), sc.view("w", r), f)
-                lo, hi = bounds[t], bounds[t + 1]
-                if hi > lo:
-                    scatter(int_view(w0b), pos[lo:hi] - i * k, old_vals[lo:hi])
-                if checksum(int_view(w0b)) != sums_old[t]:
+                w0b = _decode_block(exc_old, t, plan_old, i, j, s2[i:j], d, sc.view("w", r), f, None)
+                if w0b is None:
                     raise RestoreError("restoring did not reproduce the pristine weight (block checksum mismatch)")
             else:
                 w0b = w2[i:j]
@@ -302,12 +411,11 @@ def _plain_pass(dst: Tensor, plan, *, w0: Optional[Tensor] = None, old=None, kee
         rec_old, plan_old = old
         wbuf = torch.empty(rows0 * k, dtype=dst.dtype, device=device)
         fbuf = torch.empty(rows0 * k, dtype=torch.float32, device=device)
-        pos = rec_old.exception_positions().to(device)
-        old_vals = rec_old.exc_val.to(device)
-        starts = torch.tensor([i * k for i, _ in blocks] + [n], dtype=torch.int64, device=pos.device)
-        bounds = torch.searchsorted(pos, starts).tolist()
-        sums_old = [tuple(x) for x in rec_old.block_sums.tolist()]
+        exc_old = _OldExceptions(rec_old, blocks, k, n, device)
     cuda = device.type == "cuda"
+    one_gemm = plan is not None and len(plan) == 1
+    host_dec = old is not None and k2 is not None and not cuda  # decoded straight into the copy
+    kflat = int_view(keep) if host_dec else None
     up_buf = []
 
     def wbuf_for(r):  # a device buffer for one block of a host copy
@@ -321,12 +429,9 @@ def _plain_pass(dst: Tensor, plan, *, w0: Optional[Tensor] = None, old=None, kee
             r = j - i
             d = dbuf[:r * k].view(r, k)
             if old is not None:  # decoded straight into the plain copy where it lives on this device
-                dec = k2[i:j] if k2 is not None and not cuda else wbuf[:r * k].view(r, k)
-                w0b = _block_estimate(d2[i:j], _block_delta(plan_old, i, j, d), dec, fbuf[:r * k].view(r, k))
-                lo, hi = bounds[t], bounds[t + 1]
-                if hi > lo:
-                    scatter(int_view(w0b), pos[lo:hi] - i * k, old_vals[lo:hi])
-                if checksum(int_view(w0b)) != sums_old[t]:
+                dec = k2[i:j] if host_dec else wbuf[:r * k].view(r, k)
+                w0b = _decode_block(exc_old, t, plan_old, i, j, d2[i:j], d, dec, fbuf[:r * k].view(r, k), kflat)
+                if w0b is None:
                     raise RestoreError(f"{what}: restoring did not reproduce the pristine weight (block checksum "
                                        "mismatch): the patched weight was changed by something else since it was "
                                        "patched")
@@ -340,10 +445,9 @@ def _plain_pass(dst: Tensor, plan, *, w0: Optional[Tensor] = None, old=None, kee
                 written.append(t)
                 d2[i:j].copy_(w0b)
                 continue
-            d = _block_delta(plan, i, j, d)
-            d.add_(w0b)  # float(W0) + D: the same sum (and rounding below) as _block_fuse
+            d = _fused_block(plan, i, j, w0b, d, one_gemm)  # float(W0) + D: the sum of _block_fuse
             written.append(t)
-            d2[i:j].copy_(d)
+            d2[i:j].copy_(d)  # (the one rounding)
     except BaseException:
         src = k2 if k2 is not None else w2
         for t in written:  # put back what this pass overwrote

@@ -135,6 +135,15 @@ def _trim(limit: Optional[float] = None) -> None:
         _stats["evicted"] += 1
 
 
+def forget(path: str) -> None:
+    """Drop ``path``'s entry (if any)."""
+    global _bytes
+    with _lock:
+        e = _entries.pop(path, None)
+        if e is not None:
+            _bytes -= e[2]
+
+
 def clear() -> None:
     global _bytes
     with _lock:

@@ -168,7 +168,18 @@ def checksum(bits: Tensor) -> tuple:
         v = flat.view(torch.int64)
     else:
         v = flat.to(torch.int64)
+    nv = _np(v)
+    if nv is not None and nv.flags.c_contiguous:
+        # numpy's integer sums run ~1.5x faster than torch's here; summed as uint64 (wrapping
+        # is defined there), read back as the int64 torch's wrapping sum gives
+        u = nv.view(_numpy.uint64)
+        return _signed64(int(u.sum())), _signed64(int(u[1::2].sum()))
     return int(v.sum()), int(v[1::2].sum())
+
+
+def _signed64(x: int) -> int:
+    x &= (1 << 64) - 1
+    return x - (1 << 64) if x >= 1 << 63 else x
 
 
 def _shifts(b: int, device) -> Tensor:
@@ -265,6 +276,12 @@ class Record:
         return 0 if self.exc_lo is None else self.exc_lo.numel()
 
     def exception_positions(self) -> Tensor:
+        """Flat positions (int64, ascending) of the exceptions."""
+        nc, nl = _np(self.exc_blocks), _np(self.exc_lo)
+        if nc is not None and nl is not None:  # numpy's repeat: ~9x faster than repeat_interleave
+            pos = nl.view(_numpy.uint16).astype(_numpy.int64)
+            pos += _numpy.repeat(_numpy.arange(nc.size, dtype=_numpy.int64) * BLOCK, nc)
+            return torch.from_numpy(pos)
         counts = self.exc_blocks.to(torch.int64)
         blocks = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)
         return blocks * BLOCK + torch.bitwise_and(self.exc_lo.to(torch.int64), 0xFFFF)
