@@ -204,6 +204,16 @@ def main() -> None:
         t = time.perf_counter()
         make_library(args.folder, args.files, distinct=args.distinct)
         print(f"wrote {args.files} files in {time.perf_counter() - t:.1f} s")
+    # byte-compiled modules, as an installed package has them (pip writes them; this process may
+    # run with PYTHONDONTWRITEBYTECODE, and compiling the modules a scan imports lazily is not
+    # part of scanning)
+    import compileall
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    was, sys.dont_write_bytecode = sys.dont_write_bytecode, False
+    for pkg in ("lora_ext", "adapters"):
+        compileall.compile_dir(os.path.join(root, pkg), quiet=1)
+    sys.dont_write_bytecode = was
     load0 = f"{os.getloadavg()[0]:.2f}"
     kinds = {p: p.split(os.sep)[-3] for p in library.find_lora_files([args.folder])}
     files = library.find_lora_files([args.folder])

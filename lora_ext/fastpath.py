@@ -767,6 +767,9 @@ def _from_file(path, tf, data, types, read_all):
 
 
 # --- the full-size layouts, from fastdata ------------------------------------------------------------
+_ALIASES_MODULE: list = []
+
+
 def _with_dit_aliases(build):
     """Run ``build`` (which makes a KeyMap with a denoiser component: ``KeyMap`` imports
     ``lora_ext.dit.aliases``) without importing the ``lora_ext.dit`` package, whose tables
@@ -774,10 +777,13 @@ def _with_dit_aliases(build):
     name = "lora_ext.dit.aliases"
     if "lora_ext.dit" in sys.modules or name in sys.modules:
         return build()
-    here = os.path.dirname(os.path.abspath(__file__))
-    spec = importlib.util.spec_from_file_location(name, os.path.join(here, "dit", "aliases.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _ALIASES_MODULE[0] if _ALIASES_MODULE else None
+    if mod is None:  # loaded once, lent to sys.modules for each build
+        here = os.path.dirname(os.path.abspath(__file__))
+        spec = importlib.util.spec_from_file_location(name, os.path.join(here, "dit", "aliases.py"))
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        _ALIASES_MODULE.append(mod)
     sys.modules[name] = mod
     try:
         return build()
