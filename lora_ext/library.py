@@ -981,18 +981,26 @@ def _scan_library(paths, *, base, full, jobs, cache_path, progress) -> dict:
         if any(not p.lower().endswith(SAFETENSORS_EXTENSIONS) for p in todo) or not _fast():
             import torch  # noqa: F401  (pickles or meta tensors need it: imported once, not per worker)
         _WORKER_STATE["eager"] = True  # (forked: the workers sample every file they scan)
-        with mp.get_context("fork").Pool(jobs, initializer=_worker_init) as pool:
-            for batch in pool.imap_unordered(_work_batch, [[(p, full) for p in b] for b in _batches(todo)]):
-                for p, res, reads in batch:
-                    take(p, res, reads)
-                    done += 1
-                tick()
-            if show:
-                print(file=sys.stderr)
-            stats["scanned"] = len(todo)
-            _flag_duplicates(files, rows, entries, cache, stats, pool)
-            pooled = True
-        _WORKER_STATE["eager"] = False
+        import gc
+
+        # the objects made so far (torch's, the key maps) stay out of the workers' collections:
+        # a collection touches every object it tracks, copying the parent's pages into each child
+        gc.freeze()
+        try:
+            with mp.get_context("fork").Pool(jobs, initializer=_worker_init) as pool:
+                for batch in pool.imap_unordered(_work_batch, [[(p, full) for p in b] for b in _batches(todo)]):
+                    for p, res, reads in batch:
+                        take(p, res, reads)
+                        done += 1
+                    tick()
+                if show:
+                    print(file=sys.stderr)
+                stats["scanned"] = len(todo)
+                _flag_duplicates(files, rows, entries, cache, stats, pool)
+                pooled = True
+            _WORKER_STATE["eager"] = False
+        finally:
+            gc.unfreeze()
     else:
         for p in todo:
             _, res, _ = _work((p, full))
