@@ -4,7 +4,7 @@ Per file it reads the header and the few small tensors the report needs (alphas 
 tensors of at most :data:`SMALL` values); every other tensor stands in as a ``meta`` tensor of
 its shape and dtype, so types, ranks, detection and binding cost no tensor data. Tensor data is
 read only where a check needs it: confirming duplicates (files whose tensor shapes *and* a
-32-byte sample of every tensor agree are compared byte for byte) and ``--full`` (every tensor
+32-byte samples of the same ~32 tensors agree are compared byte for byte) and ``--full`` (every tensor
 checked for NaN/Inf, A1111's hash computed).
 
 Files are scanned in parallel processes (forked after the full-size layouts are built once).
@@ -30,7 +30,7 @@ from .io import PICKLE_EXTENSIONS, SAFETENSORS_EXTENSIONS, open_tensors
 from .textsafe import printable
 
 LORA_EXTENSIONS = SAFETENSORS_EXTENSIONS + PICKLE_EXTENSIONS
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: samples of some tensors (_sampled), duplicates' tokens
 #: tensors of at most this many values are read (alphas, IA3 on_input flags); others are meta
 SMALL = 64
 _SAMPLE_BYTES = 32
@@ -220,16 +220,48 @@ def _sample_digest(samples) -> str:
     return h.hexdigest()
 
 
+#: tensors whose first bytes make a file's sample, at least (whole (dtype, shape) classes)
+SAMPLE_TENSORS = 32
+
+
+def _sampled(shapes) -> set:
+    """Which tensors a sample reads, from the (dtype, shape) of every tensor alone (so two files
+    with the same shape signature read the same ones, whatever their names and order): whole
+    classes of equal dtype and shape, the rarest first, until they hold ``SAMPLE_TENSORS``;
+    tensors of fewer than 8 values last (alphas and scales are the same in many files)."""
+    counts = Counter(shapes)
+    chosen, n = set(), 0
+    for key in sorted(counts, key=lambda k: (_numel(k[1]) < 8, counts[k], repr(k))):
+        if n >= SAMPLE_TENSORS:
+            break
+        chosen.add(key)
+        n += counts[key]
+    return chosen
+
+
+def _sample_spans_of(entries) -> list:
+    """(begin, bytes) in file order of the tensors ``_sampled`` picks from safetensors entries."""
+    from .io import DTYPE_STR
+
+    entries = list(entries)
+    chosen = _sampled((DTYPE_STR[e.dtype_name], tuple(e.shape)) for e in entries)
+    return sorted((e.begin, min(_SAMPLE_BYTES, e.end - e.begin)) for e in entries
+                  if (DTYPE_STR[e.dtype_name], tuple(e.shape)) in chosen)
+
+
 def _sample(tf) -> Optional[str]:
-    """Hash of the first bytes of every tensor, names, order, dtypes and shapes left out (the
-    shape signature holds those): files with other data almost always differ here (32 bytes
-    read per tensor). None when the file is too short for its tensors."""
+    """Hash of the first bytes of some tensors (``_sampled``), names, order, dtypes and shapes
+    left out (the shape signature holds those): files with other data almost always differ
+    here (32 bytes read per sampled tensor). None when the file is too short for its tensors."""
     try:
         if tf.format == "safetensors":
-            spans = sorted((e.begin, min(_SAMPLE_BYTES, e.end - e.begin)) for e in tf._entries.values())
-            return _sample_spans(tf._fh.fileno(), tf.data_start, spans, tf)
+            return _sample_spans(tf._fh.fileno(), tf.data_start, _sample_spans_of(tf._entries.values()), tf)
+        keys = list(tf.keys())
+        chosen = _sampled((tf.dtype_str(k), tuple(tf.shape(k))) for k in keys)
         items = []
-        for k in tf.keys():
+        for k in keys:
+            if (tf.dtype_str(k), tuple(tf.shape(k))) not in chosen:
+                continue
             READS["sample"] += 1
             t = tf.get(k, check_finite=False).reshape(-1)[:_SAMPLE_BYTES]
             items.append(_tensor_bytes(t)[:_SAMPLE_BYTES])
@@ -393,9 +425,9 @@ class _Struct:
 
     @property
     def spans(self) -> list:
-        """(begin, sample bytes) of every tensor, in file order (for ``_sample_spans``)."""
+        """(begin, sample bytes) of the sampled tensors, in file order (for ``_sample_spans``)."""
         if self._spans is None:
-            self._spans = sorted((e.begin, min(_SAMPLE_BYTES, e.end - e.begin)) for e in self.entries.values())
+            self._spans = _sample_spans_of(self.entries.values())
         return self._spans
 
     @property
@@ -1061,7 +1093,7 @@ def _data_layout(path: str, samples: bool = False):
             return None if samples else _layout_from_header(path)
         if samples:
             return _sample_spans(fd, start, st.spans)
-        return start, size, st.order, len(st.spans), st.max_end
+        return start, size, st.order, len(st.entries), st.max_end
     finally:
         os.close(fd)
 
