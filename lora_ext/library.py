@@ -441,7 +441,7 @@ class _Struct:
         return self._order
 
 
-_MEMO: dict = {"ready": None, "base": None, "structs": {}, "held": 0, "where": {}}
+_MEMO: dict = {"ready": None, "base": None, "structs": {}, "held": 0, "where": {}, "pickles": {}}
 #: tensors described by the remembered structures, at most (the oldest are forgotten first)
 MEMO_TENSORS = 200_000
 #: off: every file takes the full reading (tests compare the rows both ways)
@@ -459,7 +459,7 @@ def _memo_structs(base):
     if ready is None or fastpath._runtime_plugins():
         return None
     if _MEMO["ready"] is not ready or _MEMO["base"] is not base:
-        _MEMO.update(ready=ready, base=base, structs={}, held=0, where={})
+        _MEMO.update(ready=ready, base=base, structs={}, held=0, where={}, pickles={})
     return _MEMO["structs"]
 
 
@@ -675,6 +675,51 @@ def _memo_store(path: str, todo, lora, entry) -> None:
     structs[key].rows[(_hints(meta), tuple(raw[k] for k in st.keyed))] = tmpl
 
 
+#: pickle structures remembered at most
+PICKLE_MEMO_ROWS = 256
+
+
+def _pickle_memo_scan(path: str, base):
+    """The structure memo for pickles: files whose names, dtypes, shapes, small tensors (their
+    bytes) and metadata are the same get the same row but for path, name and size, so the
+    row is computed (typing, detection, binding) once. The file is still unpickled (safely) each
+    time: its names and shapes are known no other way. (entry, None) on a hit; (None, (memo,
+    key)) when the full reading must run and may store its row; (None, None) otherwise."""
+    if _memo_structs(base) is None or not path.lower().endswith(PICKLE_EXTENSIONS):
+        return None, None
+    structs = _MEMO["pickles"]
+    while len(structs) >= PICKLE_MEMO_ROWS:  # bounded: the oldest go first
+        structs.pop(next(iter(structs)))
+    try:
+        with open_tensors(path, kind="lora") as tf:
+            tf.check_complete()
+            keys = list(tf.keys())
+            shapes = [(tf.dtype_str(k), tuple(tf.shape(k))) for k in keys]
+            small = sorted((k, _tensor_bytes(tf.get(k, check_finite=False)))
+                           for k, (_, shape) in zip(keys, shapes) if _numel(shape) <= SMALL)
+            h = hashlib.sha256(repr(sorted(zip(keys, shapes))).encode())
+            h.update(repr(small).encode())
+            h.update(json.dumps(tf.metadata, sort_keys=True, default=str).encode())
+            key = h.digest()
+            tmpl = structs.get(key)
+            if tmpl is None:
+                return None, (structs, key)
+            sig = hashlib.sha256(repr(sorted(shapes)).encode()).hexdigest()
+            sample = _sample(tf)
+    except LoraExtError:
+        return None, None  # the full reading words it
+    READS["memo"] += 1
+    row = dict(tmpl)
+    row["path"] = path
+    row["name"] = os.path.splitext(os.path.basename(path))[0]
+    row["size"] = os.path.getsize(path)
+    for k in ("types", "ranks", "alphas"):
+        if isinstance(row.get(k), dict):
+            row[k] = dict(row[k])
+    row["problems"] = list(row.get("problems", []))
+    return {"row": row, "sig": sig, "sample": sample}, None
+
+
 # --- one row ------------------------------------------------------------------------------------
 def _err_text(exc, path) -> str:
     text = str(exc)
@@ -690,6 +735,10 @@ def scan_file(path: str, base=None, full: bool = False) -> dict:
     from .inspect_any import inspect_any
 
     got, store = _memo_scan(path, base)
+    if got is None and store is None:
+        got, pstore = _pickle_memo_scan(path, base)
+    else:
+        pstore = None
     if got is not None:
         return _with_full(got, path, full)
     row = {"path": path, "name": os.path.splitext(os.path.basename(path))[0]}
@@ -752,6 +801,8 @@ def scan_file(path: str, base=None, full: bool = False) -> dict:
     row["problems"] = problems
     if store is not None and fast_read:
         _memo_store(path, store, lora, entry)
+    if pstore is not None:
+        pstore[0][pstore[1]] = dict(row)
     return _with_full(entry, path, full)
 
 

@@ -383,6 +383,13 @@ def test_structure_memo_gives_the_rows_computed_without_it(tmp_path, monkeypatch
         k = "lora_unet_custom_block_0_proj"
         save_file({k + ".lora_down.weight": torch.randn(4, 48), k + ".lora_up.weight": torch.randn(48, 4),
                    k + ".alpha": torch.tensor(2.0)}, lib / f"{name}.safetensors", m)
+    # pickles: the same structure twice, then other alphas, then a NaN alpha (a small tensor)
+    pk = _kohya("sd1", "unet", "lora_unet_", attn, 4, torch.float16, n=3, seed=13)
+    torch.save(pk, lib / "pk_a.pt")
+    torch.save({k: v + 1 if not k.endswith(".alpha") else v for k, v in pk.items()}, lib / "pk_b.pt")
+    torch.save({k: v * 2 if k.endswith(".alpha") else v for k, v in pk.items()}, lib / "pk_c.pt")
+    torch.save(dict(pk, **{sorted(k for k in pk if k.endswith(".alpha"))[0]: torch.tensor(float("nan"))}),
+               lib / "pk_nan.pt")
     # PEFT files whose alphas come from adapter_config.json (no memo for those)
     for i in range(2):
         sd = {}
@@ -406,7 +413,7 @@ def test_structure_memo_gives_the_rows_computed_without_it(tmp_path, monkeypatch
     assert library.READS["memo"] == 0
     assert json.dumps(memo["rows"]) == json.dumps(plain["rows"])  # the same rows, keys in the same order
     assert memo["stats"] == plain["stats"]
-    assert hits >= 7, hits  # same_0, 1, 4, 5 (same_2, 3: other hints), the copy, ia3_out2, custom_plain2
+    assert hits >= 8, hits  # same_0, 1, 4, 5 (same_2, 3: other hints), the copy, ia3_out2, custom_plain2, pk_b
     rows = {r["name"]: r for r in memo["rows"]}
     assert rows["same_1"]["alphas"] == {"2": 3, "3": 2} and rows["same_1"]["hash_source"] == "metadata"  # (a copy: compared, not hashed)
     assert rows["same_3"]["alphas"] == {"-0": 3, "1": 2}
@@ -416,6 +423,8 @@ def test_structure_memo_gives_the_rows_computed_without_it(tmp_path, monkeypatch
     assert rows["ia3_out"]["applied_keys"] == 2 and rows["ia3_in"]["applied_keys"] == 0
     assert rows["custom_hint"]["base_model"] == "sdxl" and rows["custom_plain2"]["base_model"] == "unknown"
     assert rows["copy"]["duplicates"] and rows["peft_0"]["alphas"] == {"8": 3}
+    assert rows["pk_b"]["alphas"] == rows["pk_a"]["alphas"] != rows["pk_c"]["alphas"]
+    assert rows["pk_nan"]["problems"][0].startswith("NaN/Inf") and not rows["pk_a"]["problems"]
     monkeypatch.setattr(library, "STRUCTURE_MEMO", True)
     monkeypatch.setenv("LORA_EXT_NO_FAST_INSPECT", "1")
     _reset()
