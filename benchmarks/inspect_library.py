@@ -27,6 +27,7 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
 
 import argparse  # noqa: E402
 import shutil  # noqa: E402
+import statistics  # noqa: E402
 import time  # noqa: E402
 
 import torch
@@ -185,6 +186,19 @@ def floor(files) -> float:
     return time.perf_counter() - t
 
 
+def _forget_process_state() -> None:
+    """What a scan leaves in this process for the next one: the structure memos, the fast
+    path's decoded tables and key maps, the component indexes, the layouts' key maps."""
+    from lora_ext import keys, layouts
+
+    library._MEMO["ready"] = None
+    if fastpath is not None:
+        fastpath.MODELS.clear()
+    if hasattr(keys, "_INDEXES"):
+        keys._INDEXES.clear()
+    layouts.arch_keymap.cache_clear()
+
+
 def _cpu() -> float:
     """CPU seconds of this process and its finished children (the worker processes)."""
     t = os.times()
@@ -197,6 +211,7 @@ def main() -> None:
     ap.add_argument("--files", type=int, default=320)
     ap.add_argument("--jobs", type=int, default=None)
     ap.add_argument("--keep", action="store_true", help="reuse the library in --folder if it is there")
+    ap.add_argument("--repeat", type=int, default=3, help="cold and warm runs (median reported)")
     ap.add_argument("--distinct", action="store_true",
                     help="no two files (copies aside) with the same header structure (each leaves out another module)")
     args = ap.parse_args()
@@ -223,29 +238,43 @@ def main() -> None:
             while fh.read(1 << 24):
                 pass
     cache = os.path.join(args.folder + "-cache.json")
-    if os.path.exists(cache):
-        os.remove(cache)
-    c0 = _cpu()
-    t_floor = floor(files)
-    c_floor = _cpu() - c0
-    t, c = time.perf_counter(), _cpu()
-    cold = library.scan_library([args.folder], jobs=args.jobs, cache_path=cache, progress=False)
-    t_cold, c_cold = time.perf_counter() - t, _cpu() - c
-    t, c = time.perf_counter(), _cpu()
-    warm = library.scan_library([args.folder], jobs=args.jobs, cache_path=cache, progress=False)
-    t_warm, c_warm = time.perf_counter() - t, _cpu() - c
-    t_floor2 = floor(files)
-    fl = min(t_floor, t_floor2)
-    assert warm["rows"] == cold["rows"]
+    runs = []
+    for r in range(args.repeat):
+        if r:
+            _forget_process_state()
+        if os.path.exists(cache):
+            os.remove(cache)
+        c0 = _cpu()
+        t_floor = floor(files)
+        c_floor = _cpu() - c0
+        t, c = time.perf_counter(), _cpu()
+        cold = library.scan_library([args.folder], jobs=args.jobs, cache_path=cache, progress=False)
+        t_cold, c_cold = time.perf_counter() - t, _cpu() - c
+        t, c = time.perf_counter(), _cpu()
+        warm = library.scan_library([args.folder], jobs=args.jobs, cache_path=cache, progress=False)
+        t_warm, c_warm = time.perf_counter() - t, _cpu() - c
+        t_floor2 = floor(files)
+        assert warm["rows"] == cold["rows"]
+        runs.append(dict(floor=min(t_floor, t_floor2), c_floor=c_floor, cold=t_cold, c_cold=c_cold, warm=t_warm,
+                         c_warm=c_warm, jobs=cold["stats"].get("jobs")))
     rows_by_path = {r["path"]: r for r in cold["rows"]}
-    print(f"{len(files)} files, {size / 1e6:.0f} MB; jobs={args.jobs or os.cpu_count()}")
+    print(f"{len(files)} files, {size / 1e6:.0f} MB; jobs={runs[0]['jobs'] or args.jobs or '?'} "
+          f"({'given' if args.jobs else 'chosen by the scan'}); {args.repeat} runs (the scan's process state "
+          "forgotten between them: memo, key maps, layout tables)")
     print(f"load average before/after: {load0} / {os.getloadavg()[0]:.2f}; "
           f"torch-free path: {'yes' if fastpath and fastpath.available() else 'no'}")
-    print(f"floor (safe_open + keys):      {fl:.3f} s wall, {c_floor:.3f} s CPU")
-    print(f"cold (empty cache):            {t_cold:.3f} s wall = {t_cold / fl:.1f}x the floor; "
-          f"{c_cold:.3f} s CPU (this process and its workers) = {c_cold / c_floor:.1f}x the floor's CPU")
-    print(f"warm (unchanged library):      {t_warm:.3f} s wall = {t_cold / t_warm:.0f}x faster than cold, "
-          f"{t_warm / fl:.1f}x the floor; {c_warm:.3f} s CPU")
+    for i, x in enumerate(runs):
+        print(f"  run {i + 1}: floor {x['floor']:.3f} s, cold {x['cold']:.3f} s = {x['cold'] / x['floor']:.2f}x "
+              f"(CPU {x['c_cold']:.2f} s = {x['c_cold'] / x['c_floor']:.2f}x), warm {x['warm']:.3f} s "
+              f"= {x['cold'] / x['warm']:.0f}x faster than cold")
+    med = lambda k: statistics.median(x[k] for x in runs)  # noqa: E731
+    ratio = statistics.median(x["cold"] / x["floor"] for x in runs)
+    print(f"floor (safe_open + keys):      {med('floor'):.3f} s wall, {med('c_floor'):.3f} s CPU (median)")
+    print(f"cold (empty cache):            {med('cold'):.3f} s wall, median {ratio:.2f}x the floor of its run "
+          f"(best {min(x['cold'] / x['floor'] for x in runs):.2f}x); {med('c_cold'):.3f} s CPU "
+          "(this process and its workers)")
+    print(f"warm (unchanged library):      {med('warm'):.3f} s wall, median "
+          f"{statistics.median(x['cold'] / x['warm'] for x in runs):.0f}x faster than cold; {med('c_warm'):.3f} s CPU")
     print(library.summary_line(cold))
     split = getattr(library, "_split_header", None)
     if split is not None:  # how much of the library repeats its header structure (names, shapes, dtypes)

@@ -1055,6 +1055,7 @@ def _scan_library(paths, *, base, full, jobs, cache_path, progress) -> dict:
             if _batch_cost(batches) < PARALLEL_ABOVE_MS:
                 jobs = 1
     jobs = max(1, min(jobs, len(todo) or 1))
+    stats["jobs"] = jobs
     show = progress if progress is not None else sys.stderr.isatty()
     done = 0
 

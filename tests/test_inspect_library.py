@@ -362,6 +362,7 @@ def test_library_rows_the_same_with_two_worker_processes(lib, tmp_path):
         pytest.skip("no fork")
     one = library.scan_library([lib], jobs=1, cache_path=None, progress=False)
     two = library.scan_library([lib], jobs=2, cache_path=None, progress=False)
+    assert one["stats"].pop("jobs") == 1 and two["stats"].pop("jobs") == 2
     assert two["rows"] == one["rows"] and two["stats"] == one["stats"]
 
 
