@@ -23,7 +23,7 @@ samples, and drops the copy. The rules that keep restore exact at every moment:
   listed in ``handle.record_memory()["faults"]``.
 
 The worker runs with one intra-op thread (torch's thread count is per thread), at a lower
-OS priority where the platform allows it, in row blocks of ~256K elements: each block is a
+OS priority where the platform allows it, in row blocks of ~512K elements: each block is a
 few torch / numpy calls that release the GIL, so it never holds the GIL for long.
 
 ``HOOK`` (tests): ``HOOK(event, key, block)`` is called by the worker at ``"start"`` (a

@@ -4,7 +4,7 @@
 with ``record``) to ``round(W0 + sum s*delta)`` over ``items`` (W0 when empty) and returns the
 new restore record; ``restore_weight(record, wf)`` returns ``W0`` as a new tensor.
 
-The common case, every item low-rank (LoRA/LoCon), runs in row blocks of ~256K elements:
+The common case, every item low-rank (LoRA/LoCon), runs in row blocks of ~512K elements:
 per block one GEMM per delta and a handful of elementwise steps whose temporaries stay in
 cache, so the weight itself is read and written about once, even for a switch (decode the
 old fusion, fuse the new one, in the same pass). Each block's W0 is checked against a
@@ -35,7 +35,8 @@ from .record import (Record, bits_choices, plain_record, RestoreError, check_fus
                      sparse_bytes, store_exceptions as _store_exceptions)
 
 Tensor = torch.Tensor
-CHUNK = 1 << 18  # elements per row block of the low-rank path (fp32 temporaries stay in L2/L3)
+CHUNK = 1 << 19  # elements per row block of the low-rank path (fp32 temporaries stay in L3; 2x 1 << 18
+# measured 3-8 % faster for apply, switch and remove, 1 << 17 slower: fewer per-block calls)
 FP32_MAX = float(torch.finfo(torch.float32).max)
 # Sparse records need no second pass over the weight: kept while they stay under this share
 # of the weight's bytes, even when a code would be a little smaller.
