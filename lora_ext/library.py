@@ -884,7 +884,17 @@ def _work(job):
 
 
 def _work_batch(jobs: list) -> list:
-    return [_work(job) for job in jobs]
+    out = []
+    for job in jobs:
+        path, res, reads = _work(job)
+        if _WORKER_STATE.get("eager") and res.get("sample") is not None:
+            # a worker knows the data layout of what it scanned (its memo): the parent, which
+            # compares duplicates, would have to parse the header again
+            lay = _data_layout(path) if path.lower().endswith(SAFETENSORS_EXTENSIONS) else None
+            if lay is not None:
+                res = dict(res, layout=lay)
+        out.append((path, res, reads))
+    return out
 
 
 #: files of one header structure handed to a worker at once, at most
@@ -942,6 +952,10 @@ def _batch_cost(batches) -> float:
 #: not given: forking, and each worker building its own key maps and memo, cost more (measured
 #: on the 320-file benchmark library, ~0.9 s estimated: one process 0.77 s, two 0.80 s)
 PARALLEL_ABOVE_MS = 2000
+
+
+#: data layouts (``_data_layout``) the worker processes sent with their rows, for this scan
+_LAYOUTS: dict = {}
 
 
 def _worker_init() -> None:
@@ -1077,9 +1091,12 @@ def _scan_library(paths, *, base, full, jobs, cache_path, progress) -> dict:
         rows[p] = dict(res["row"])
         cache.entries[os.path.abspath(p)] = e
         cache.dirty = True
+        if res.get("layout") is not None:
+            _LAYOUTS[p] = tuple(res["layout"])
 
     _WORKER_STATE["base"] = base
     _WORKER_STATE["eager"] = False
+    _LAYOUTS.clear()
     _MEMO["where"] = {}  # (where this scan found each file's structure: for its samples and hashes)
     _fresh_fast_data(todo)
     pooled = False
@@ -1245,7 +1262,7 @@ def _same_data(same: list, entries: dict, read: set, changed: list) -> dict:
 
     def layout(p):
         if p not in layouts:
-            lay = _data_layout(p)
+            lay = _LAYOUTS.get(p) or _data_layout(p)
             layouts[p] = lay if lay is not None and lay[4] == lay[1] - lay[0] else None
         return layouts[p]
 
