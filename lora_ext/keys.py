@@ -308,6 +308,8 @@ def _prefix_rules(component: str) -> list[tuple[str, bool, bool]]:
 #: process however many key maps hold it (the cache keeps the table, so its id stays its own)
 _INDEXES: dict = {}
 _INDEXES_MAX = 64
+#: names a key map remembers its answer for, at most
+_MEMO_NAMES = 100_000
 
 
 def _component_index(component: str, table, naming: str) -> _ComponentIndex:
@@ -402,6 +404,8 @@ class KeyMap:
         for _, cand in found:
             if cand not in out:  # the same candidate under several spellings: first one wins
                 out.append(cand)
+        if len(self._memo) >= _MEMO_NAMES:  # a long-lived host map: bounded
+            self._memo.clear()
         got = self._memo[alias] = tuple(out)
         return got
 
