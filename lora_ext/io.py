@@ -237,6 +237,13 @@ def _check_finite(path: str, key: str, t: torch.Tensor) -> None:
         # a few values (alphas, 1x1 factors): plain Python is ~5x cheaper than a torch op
         if all(map(math.isfinite, t.reshape(-1).tolist())):
             return
+    if t.is_floating_point():
+        try:
+            lo, hi = torch.aminmax(t.detach().reshape(-1))
+            if math.isfinite(float(lo)) and math.isfinite(float(hi)):
+                return  # (one reduction, no temporary: NaN propagates to both; an Inf is the max or the min)
+        except (RuntimeError, TypeError, NotImplementedError):
+            pass  # (an empty tensor, or a dtype aminmax lacks: fp8 on some builds) the counting path decides
     try:
         finite = torch.isfinite(t)
     except (RuntimeError, TypeError, NotImplementedError):
