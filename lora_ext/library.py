@@ -277,6 +277,11 @@ def _sample_spans(fd: int, start: int, spans, tf=None) -> Optional[str]:
     READS["sample"] += len(spans)
     if not spans:
         return _sample_digest([])
+    if len(spans) <= 256:  # a few dozen reads cost less than mapping the file (0.14 vs 0.55 ms here)
+        b, n = spans[-1]
+        if start + b + n > os.fstat(fd).st_size:
+            return None
+        return _sample_digest([os.pread(fd, n, start + b) for b, n in spans])
     try:  # slices of a mapping: no system call per tensor
         mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
     except (OSError, ValueError):  # a file that cannot be mapped: read each sample
