@@ -194,12 +194,18 @@ def table_rows(data: dict, tid: str, component: str) -> dict:
     """{path: ModuleRow} of one stored table."""
     rows = json.loads(data["tables"][tid])
     out = {}
+    new = object.__new__
     for r in rows:
         kw = dict(zip(_FIELDS, r))
         for f in ("weight_shape", "bias_shape", "ldm_rows"):
             if kw[f] is not None:
                 kw[f] = tuple(kw[f])
-        out[kw["path"]] = ModuleRow(component=component, **kw)
+        # the frozen dataclass's fields set directly: its __init__ (a frozen __setattr__ per
+        # field) is most of the cost of decoding a table; the object is the same
+        row = new(ModuleRow)
+        row.__dict__["component"] = component
+        row.__dict__.update(kw)
+        out[kw["path"]] = row
     return out
 
 
