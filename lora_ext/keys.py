@@ -223,12 +223,11 @@ class _ComponentIndex:
                     _put(flat, body.replace(".", "_"), (ii, bi, True))
                     bi += 1
             if info.ldm_weight and rows is None:
+                # the ldm weight's own name: the module's ldm-side candidate, made when asked for
                 full = info.ldm_weight.rsplit(".", 1)[0]
-                cand = Candidate((Target(component, path, info.block),), tuple(info.weight_shape),
-                                 swap=bool(getattr(info, "ldm_swap", False)) and not ldm_model)
                 order = (0, ii, bi)
-                self._add(full, cand, order)
-                self._add(_flat(full), cand, order)
+                self._add(full, ii, order)
+                self._add(full.replace(".", "_"), ii, order)
         self._add_fused(table)
 
     def candidate(self, ii: int, is_ldm: bool) -> Candidate:
@@ -240,7 +239,8 @@ class _ComponentIndex:
                 (Target(self.component, info.path, info.block),), tuple(info.weight_shape), swap=swap)
         return made
 
-    def _add(self, alias: str, cand: Candidate, order: tuple) -> None:
+    def _add(self, alias: str, cand, order: tuple) -> None:
+        """``cand``: a candidate, or a module's index (its ldm-side candidate, made when asked for)."""
         self.exact.setdefault(alias, []).append((order, cand))
 
     def _put_body(self, body: str, entry: tuple) -> None:
@@ -265,9 +265,9 @@ class _ComponentIndex:
             if key.endswith(parts[0].ldm_path + ".weight"):  # a Linear holding the parts (DiT)
                 aliases = [key[: -len(".weight")], _flat(key[: -len(".weight")])]
                 bodies = [b for b in (parts[0].ldm_path, getattr(parts[0], "ldm_alias", None)) if b]
+                singles = [Candidate((Target(component, i.path, i.block),), tuple(i.weight_shape)) for i in parts]
                 for body in bodies:
-                    for k, info in enumerate(parts):  # OneTrainer OMI: ".qkv.0" / ".linear1.3" per part
-                        single = Candidate((Target(component, info.path, info.block),), tuple(info.weight_shape))
+                    for k, single in enumerate(singles):  # OneTrainer OMI: ".qkv.0" / ".linear1.3" per part
                         self._put_body(f"{body}.{k}", ((1, next(seq)), single, True, "fused"))
                 order = (1, next(seq))
                 for body in bodies:  # every spelling of the fused module's own name
@@ -384,7 +384,8 @@ class KeyMap:
         found = []
         for ci, component, idx in self._parts:
             for order, cand in idx.exact.get(alias, ()):
-                found.append(((ci,) + order, cand))
+                # (an int: a module's ldm weight name, its ldm-side candidate)
+                found.append(((ci,) + order, idx.candidate(cand, True) if type(cand) is int else cand))
             dotted, flat = idx.dotted, idx.flat
             for prefix, is_flat, ldm_only in idx.rules:
                 if not alias.startswith(prefix):
