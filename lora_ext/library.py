@@ -65,24 +65,25 @@ def find_lora_files(paths) -> list:
 # --- reading a file by shapes -------------------------------------------------------------------
 def header_hash(path: str) -> str:
     """sha256 of a safetensors file's header (length + JSON), or of a pickle's first and last
-    64 kB: with size and mtime, what the cache is keyed by."""
+    64 kB: with size and mtime, what the cache is keyed by. (Reads by pread: a warm scan is
+    mostly this.)"""
     h = hashlib.sha256()
-    with open(path, "rb") as fh:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+    try:
+        size = os.fstat(fd).st_size
         if path.lower().endswith(SAFETENSORS_EXTENSIONS):
-            head = fh.read(8)
+            head = os.pread(fd, 8, 0)
             h.update(head)
             if len(head) == 8:
                 n = int.from_bytes(head, "little")
-                size = os.fstat(fh.fileno()).st_size
                 if 0 < n <= min(size - 8, 100_000_000):
-                    h.update(fh.read(n))
+                    h.update(os.pread(fd, n, 8))
                     return h.hexdigest()
-        fh.seek(0)
-        h.update(fh.read(65536))
-        size = os.fstat(fh.fileno()).st_size
+        h.update(os.pread(fd, 65536, 0))
         if size > 131072:
-            fh.seek(size - 65536)
-            h.update(fh.read(65536))
+            h.update(os.pread(fd, 65536, size - 65536))
+    finally:
+        os.close(fd)
     return h.hexdigest()
 
 
