@@ -197,6 +197,15 @@ class _ComponentIndex:
         self.not_applicable: list = []
         self._made: dict = {}
         self.rules = _prefix_rules(component)
+        # the rules by their prefix's first character (the empty prefix's with every one): a
+        # name is tried against the few prefixes it can start with
+        by_char: dict = {}
+        for rule in self.rules:
+            if rule[0]:
+                by_char.setdefault(rule[0][0], []).append(rule)
+        empty = [r for r in self.rules if not r[0]]
+        self.rules_by_char = {c: rules + empty for c, rules in by_char.items()}
+        self.rules_empty = empty
         ldm_model = naming == "ldm"
         dotted, flat, unet = self.dotted, self.flat, component == "unet"
         for ii, info in enumerate(self.infos):
@@ -387,7 +396,7 @@ class KeyMap:
                 # (an int: a module's ldm weight name, its ldm-side candidate)
                 found.append(((ci,) + order, idx.candidate(cand, True) if type(cand) is int else cand))
             dotted, flat = idx.dotted, idx.flat
-            for prefix, is_flat, ldm_only in idx.rules:
+            for prefix, is_flat, ldm_only in idx.rules_by_char.get(alias[:1], idx.rules_empty):
                 if not alias.startswith(prefix):
                     continue
                 hit = (flat if is_flat else dotted).get(alias[len(prefix):])

@@ -4,7 +4,7 @@ Per file it reads the header and the few small tensors the report needs (alphas 
 tensors of at most :data:`SMALL` values); every other tensor stands in as a ``meta`` tensor of
 its shape and dtype, so types, ranks, detection and binding cost no tensor data. Tensor data is
 read only where a check needs it: confirming duplicates (files whose tensor shapes *and* a
-32-byte samples of the same ~32 tensors agree are compared byte for byte) and ``--full`` (every tensor
+32-byte samples of the same ~16 tensors agree are compared byte for byte) and ``--full`` (every tensor
 checked for NaN/Inf, A1111's hash computed).
 
 Files are scanned in parallel processes (forked after the full-size layouts are built once).
@@ -222,7 +222,7 @@ def _sample_digest(samples) -> str:
 
 
 #: tensors whose first bytes make a file's sample, at least (whole (dtype, shape) classes)
-SAMPLE_TENSORS = 32
+SAMPLE_TENSORS = 16
 
 
 def _sampled(shapes) -> set:
