@@ -22,6 +22,7 @@ import math
 import os
 import sys
 import tempfile
+import zlib
 from collections import Counter
 from typing import Optional
 
@@ -30,7 +31,7 @@ from .io import PICKLE_EXTENSIONS, SAFETENSORS_EXTENSIONS, open_tensors
 from .textsafe import printable
 
 LORA_EXTENSIONS = SAFETENSORS_EXTENSIONS + PICKLE_EXTENSIONS
-CACHE_VERSION = 3  # 3: samples of some tensors (_sampled), duplicates' tokens
+CACHE_VERSION = 4  # 3: samples of some tensors (_sampled), duplicates' tokens; 4: CRC-32 header check
 #: tensors of at most this many values are read (alphas, IA3 on_input flags); others are meta
 SMALL = 64
 _SAMPLE_BYTES = 32
@@ -64,27 +65,28 @@ def find_lora_files(paths) -> list:
 
 # --- reading a file by shapes -------------------------------------------------------------------
 def header_hash(path: str) -> str:
-    """sha256 of a safetensors file's header (length + JSON), or of a pickle's first and last
-    64 kB: with size and mtime, what the cache is keyed by. (Reads by pread: a warm scan is
-    mostly this.)"""
-    h = hashlib.sha256()
+    """CRC-32 of a safetensors file's header (length + JSON), or of a pickle's first and last
+    64 kB, as 8 hex digits: with size and mtime, what the cache is keyed by (it tells a file
+    changed in place from the one cached; no adversary). Read by pread, hashed by zlib: the
+    warm scan is mostly this (sha256 took 2.3x as long for the same 16.6 MB of headers)."""
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
     try:
         size = os.fstat(fd).st_size
         if path.lower().endswith(SAFETENSORS_EXTENSIONS):
             head = os.pread(fd, 8, 0)
-            h.update(head)
+            crc = zlib.crc32(head)
             if len(head) == 8:
                 n = int.from_bytes(head, "little")
                 if 0 < n <= min(size - 8, 100_000_000):
-                    h.update(os.pread(fd, n, 8))
-                    return h.hexdigest()
-        h.update(os.pread(fd, 65536, 0))
+                    return "%08x" % zlib.crc32(os.pread(fd, n, 8), crc)
+        else:
+            crc = 0
+        crc = zlib.crc32(os.pread(fd, 65536, 0), crc)
         if size > 131072:
-            h.update(os.pread(fd, 65536, size - 65536))
+            crc = zlib.crc32(os.pread(fd, 65536, size - 65536), crc)
     finally:
         os.close(fd)
-    return h.hexdigest()
+    return "%08x" % crc
 
 
 def _small_or_meta(tf, key: str):

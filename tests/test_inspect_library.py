@@ -398,3 +398,23 @@ def test_duplicates_found_by_bytes_across_runs_and_separate_scans(tiny, tmp_path
     assert {os.path.basename(p) for p in both["elsewhere"]["duplicates"]} == {"one.safetensors",
                                                                              "one_again.safetensors"}
     assert "duplicates" not in both["near"]
+
+
+def test_header_changed_in_place_with_size_and_mtime_kept_is_scanned_again(tiny, tmp_path):
+    """The cache keys by size, mtime and the header's checksum: a header edited in place (same
+    length) with the old mtime put back is read again."""
+    root = tmp_path / "h"
+    root.mkdir()
+    f = root / "one.safetensors"
+    save_file(_kohya_loha(tiny["unet"], seed=31), f, dict(LOHA_META, ss_output_name="alpha_style"))
+    cache = str(tmp_path / "c.json")
+    first = library.scan_library([root], jobs=1, cache_path=cache, progress=False)
+    st = os.stat(f)
+    data = bytearray(f.read_bytes())
+    i = data.index(b"alpha_style")
+    data[i:i + 11] = b"omega_style"
+    f.write_bytes(bytes(data))
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert os.stat(f).st_size == st.st_size and os.stat(f).st_mtime_ns == st.st_mtime_ns
+    second = library.scan_library([root], jobs=1, cache_path=cache, progress=False)
+    assert first["stats"]["scanned"] == 1 and second["stats"].get("cached", 0) == 0 and second["stats"]["scanned"] == 1
