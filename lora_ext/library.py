@@ -958,7 +958,8 @@ def _batch_cost(batches) -> float:
 
 #: a scan whose batches are estimated below this (ms) runs in one process when ``--jobs`` is
 #: not given: forking, and each worker building its own key maps and memo, cost more (measured
-#: on the 320-file benchmark library, ~0.9 s estimated: one process 0.77 s, two 0.80 s)
+#: on the 320-file benchmark library, ~0.76 s estimated: one process 0.65-0.94 s, two 0.71-0.75 s
+#: for 1.5x the CPU)
 PARALLEL_ABOVE_MS = 2000
 
 
