@@ -9,8 +9,10 @@ checked for NaN/Inf, A1111's hash computed).
 
 Files are scanned in parallel processes (forked after the full-size layouts are built once).
 Each file's result is cached by absolute path with its size, mtime and a hash of its header
-(``--cache PATH``; default ``$XDG_CACHE_HOME/lora-ext/inspect-cache.json``), so a second run
-over an unchanged library reads headers only to check them and no tensor data at all.
+(``--cache PATH``; default ``$XDG_CACHE_HOME/lora-ext/inspect-cache.json``). A second run over
+an unchanged library reads no tensor data at all, and no header either where the file's inode
+and change time (POSIX) are those cached, from well before the scan that cached them.
+Pickles of a structure already seen are read by :mod:`pickle_index` (no torch, nothing run).
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import math
 import os
 import sys
 import tempfile
+import time
 import zlib
 from collections import Counter
 from typing import Optional
@@ -693,32 +696,36 @@ PICKLE_MEMO_ROWS = 256
 def _pickle_memo_scan(path: str, base):
     """The structure memo for pickles: files whose names, dtypes, shapes, small tensors (their
     bytes) and metadata are the same get the same row but for path, name and size, so the
-    row is computed (typing, detection, binding) once. The file is still unpickled (safely) each
-    time: its names and shapes are known no other way. (entry, None) on a hit; (None, (memo,
-    key)) when the full reading must run and may store its row; (None, None) otherwise."""
+    row is computed (typing, detection, binding) once. Names, shapes and the few bytes needed
+    come from :mod:`pickle_index` (no torch, nothing run) where it vouches for the file, else
+    from torch's safe loader. (entry, None) on a hit; (None, (memo, key)) when the full reading
+    must run and may store its row; (None, None) otherwise."""
     if _memo_structs(base) is None or not path.lower().endswith(PICKLE_EXTENSIONS):
         return None, None
     structs = _MEMO["pickles"]
     while len(structs) >= PICKLE_MEMO_ROWS:  # bounded: the oldest go first
         structs.pop(next(iter(structs)))
+    from . import pickle_index
+    from .io import MAX_NDIM, MAX_TENSORS
+
     try:
-        with open_tensors(path, kind="lora") as tf:
-            tf.check_complete()
-            keys = list(tf.keys())
-            shapes = [(tf.dtype_str(k), tuple(tf.shape(k))) for k in keys]
-            small = sorted((k, _tensor_bytes(tf.get(k, check_finite=False)))
-                           for k, (_, shape) in zip(keys, shapes) if _numel(shape) <= SMALL)
-            h = hashlib.sha256(repr(sorted(zip(keys, shapes))).encode())
-            h.update(repr(small).encode())
-            h.update(json.dumps(tf.metadata, sort_keys=True, default=str).encode())
-            key = h.digest()
-            tmpl = structs.get(key)
-            if tmpl is None:
-                return None, (structs, key)
-            sig = hashlib.sha256(repr(sorted(shapes)).encode()).hexdigest()
-            sample = _sample(tf)
+        index = pickle_index.read(path, MAX_TENSORS, MAX_NDIM)
+        if index is not None:
+            with index:
+                got = _pickle_key(index.names, lambda k: (index.tensors[k].dtype, index.tensors[k].shape),
+                                  lambda k, n=None: index.read_bytes(k, n), {}, structs)
+        else:
+            with open_tensors(path, kind="lora") as tf:
+                got = _pickle_key(list(tf.keys()), lambda k: (tf.dtype_str(k), tuple(tf.shape(k))),
+                                  lambda k, n=None: _tensor_bytes(tf.get(k, check_finite=False).reshape(-1)[:n]),
+                                  tf.metadata, structs)
     except LoraExtError:
         return None, None  # the full reading words it
+    except pickle_index.Unreadable:
+        return None, None
+    if got[0] is None:
+        return None, (structs, got[1])
+    tmpl, sig, sample = got
     READS["memo"] += 1
     row = dict(tmpl)
     row["path"] = path
@@ -729,6 +736,28 @@ def _pickle_memo_scan(path: str, base):
             row[k] = dict(row[k])
     row["problems"] = list(row.get("problems", []))
     return {"row": row, "sig": sig, "sample": sample}, None
+
+
+def _pickle_key(keys, dtype_shape, first_bytes, metadata, structs):
+    """(row template, shape signature, sample) of a pickle whose structure the memo holds, or
+    (None, memo key). ``first_bytes(name, n)``: the first ``n`` bytes of a tensor (all: None)."""
+    shapes = [dtype_shape(k) for k in keys]
+    small = sorted((k, bytes(first_bytes(k))) for k, (_, shape) in zip(keys, shapes) if _numel(shape) <= SMALL)
+    h = hashlib.sha256(repr(sorted(zip(keys, shapes))).encode())
+    h.update(repr(small).encode())
+    h.update(json.dumps(metadata, sort_keys=True, default=str).encode())
+    key = h.digest()
+    tmpl = structs.get(key)
+    if tmpl is None:
+        return None, key
+    sig = hashlib.sha256(repr(sorted(shapes)).encode()).hexdigest()
+    chosen = _sampled(shapes)
+    items = []
+    for k, ds in zip(keys, shapes):
+        if ds in chosen:
+            READS["sample"] += 1
+            items.append(bytes(first_bytes(k, _SAMPLE_BYTES))[:_SAMPLE_BYTES])
+    return tmpl, sig, _sample_digest(items)
 
 
 # --- one row ------------------------------------------------------------------------------------
@@ -864,9 +893,23 @@ class Cache:
             print(f"warning: cannot write the inspect cache {printable(self.path)} ({printable(exc)})", file=sys.stderr)
 
 
+#: a change time this close to the scan that cached the file is not trusted (a write in the
+#: same tick of a coarse clock, as on network or FAT file systems, leaves it as it was)
+CHANGE_TIME_SLACK_NS = 3_000_000_000
+
+
 def _stamp(path: str):
+    """(size, mtime, change): ``change`` is the inode's identity and change time on POSIX, which
+    no program sets back (writing a file, then restoring its mtime, moves it), else None."""
     st = os.stat(path)
-    return st.st_size, st.st_mtime_ns
+    change = f"{st.st_dev}:{st.st_ino}:{st.st_ctime_ns}" if os.name == "posix" else None
+    return st.st_size, st.st_mtime_ns, change, st.st_ctime_ns
+
+
+def _unchanged_since_cached(e: dict, change, ctime_ns: int) -> bool:
+    """Whether the cache entry ``e`` (size and mtime already equal) can be trusted without
+    reading the header: the same inode with the same change time, well before that entry's scan."""
+    return change is not None and e.get("change") == change and ctime_ns < e.get("seen", 0) - CHANGE_TIME_SLACK_NS
 
 
 def _base_key(base) -> str:
@@ -1052,25 +1095,32 @@ def _scan_library(paths, *, base, full, jobs, cache_path, progress) -> dict:
     entries: dict = {}
     todo = []
     stats = Counter(files=len(files))
+    now = time.time_ns()  # (before any file is read: a change after it is not taken as seen)
     for p in files:
         a = os.path.abspath(p)
+        e = cache.entries.get(a)
         try:
-            size, mtime = _stamp(p)
-            hh = header_hash(p)
+            size, mtime, change, ctime = _stamp(p)
+            if e and e.get("size") == size and e.get("mtime") == mtime and _unchanged_since_cached(e, change, ctime):
+                hh = e.get("hh")
+            else:
+                hh = header_hash(p)
         except OSError as exc:
             rows[p] = {"path": p, "name": os.path.basename(p), "size": None, "base_model": "-", "types": {},
                        "ranks": {}, "triggers": [], "hash": None,
                        "problems": [f"unreadable: {exc.strerror or exc}"]}
             continue
-        e = cache.entries.get(a)
         if e and e.get("size") == size and e.get("mtime") == mtime and e.get("hh") == hh \
                 and bkey in e.get("rows", {}) and (not full or "content" in e):
+            if e.get("change") != change:  # (the header read says unchanged: trusted next time)
+                e["change"], e["seen"] = change, now
+                cache.dirty = True
             entries[p] = e
             rows[p] = dict(e["rows"][bkey], path=p)
             stats["cached"] += 1
             continue
         if not e or e.get("size") != size or e.get("mtime") != mtime or e.get("hh") != hh:
-            e = {"size": size, "mtime": mtime, "hh": hh, "rows": {}}
+            e = {"size": size, "mtime": mtime, "hh": hh, "change": change, "seen": now, "rows": {}}
         entries[p] = e
         todo.append(p)
     batches = None

@@ -390,6 +390,11 @@ def test_structure_memo_gives_the_rows_computed_without_it(tmp_path, monkeypatch
     torch.save({k: v * 2 if k.endswith(".alpha") else v for k, v in pk.items()}, lib / "pk_c.pt")
     torch.save(dict(pk, **{sorted(k for k in pk if k.endswith(".alpha"))[0]: torch.tensor(float("nan"))}),
                lib / "pk_nan.pt")
+    # pickles the torch-free index declines (a transposed tensor: torch's loader reads them), and one cut short
+    down = sorted(k for k in pk if k.endswith(".lora_down.weight"))[0]
+    for i in range(2):
+        torch.save(dict(pk, **{down: (pk[down].t() + i + 1).contiguous().t()}), lib / f"pk_t{i}.pt")
+    (lib / "pk_cut.pt").write_bytes((lib / "pk_a.pt").read_bytes()[:-200])
     # PEFT files whose alphas come from adapter_config.json (no memo for those)
     for i in range(2):
         sd = {}
@@ -413,7 +418,7 @@ def test_structure_memo_gives_the_rows_computed_without_it(tmp_path, monkeypatch
     assert library.READS["memo"] == 0
     assert json.dumps(memo["rows"]) == json.dumps(plain["rows"])  # the same rows, keys in the same order
     assert memo["stats"] == plain["stats"]
-    assert hits >= 8, hits  # same_0, 1, 4, 5 (same_2, 3: other hints), the copy, ia3_out2, custom_plain2, pk_b
+    assert hits >= 9, hits  # same_0, 1, 4, 5 (same_2, 3: other hints), the copy, ia3_out2, custom_plain2, pk_b, pk_t1
     rows = {r["name"]: r for r in memo["rows"]}
     assert rows["same_1"]["alphas"] == {"2": 3, "3": 2} and rows["same_1"]["hash_source"] == "metadata"  # (a copy: compared, not hashed)
     assert rows["same_3"]["alphas"] == {"-0": 3, "1": 2}
@@ -425,6 +430,7 @@ def test_structure_memo_gives_the_rows_computed_without_it(tmp_path, monkeypatch
     assert rows["copy"]["duplicates"] and rows["peft_0"]["alphas"] == {"8": 3}
     assert rows["pk_b"]["alphas"] == rows["pk_a"]["alphas"] != rows["pk_c"]["alphas"]
     assert rows["pk_nan"]["problems"][0].startswith("NaN/Inf") and not rows["pk_a"]["problems"]
+    assert rows["pk_t1"]["alphas"] == rows["pk_a"]["alphas"] and rows["pk_cut"]["problems"][0].startswith("unreadable")
     monkeypatch.setattr(library, "STRUCTURE_MEMO", True)
     monkeypatch.setenv("LORA_EXT_NO_FAST_INSPECT", "1")
     _reset()

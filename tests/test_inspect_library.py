@@ -418,3 +418,43 @@ def test_header_changed_in_place_with_size_and_mtime_kept_is_scanned_again(tiny,
     assert os.stat(f).st_size == st.st_size and os.stat(f).st_mtime_ns == st.st_mtime_ns
     second = library.scan_library([root], jobs=1, cache_path=cache, progress=False)
     assert first["stats"]["scanned"] == 1 and second["stats"].get("cached", 0) == 0 and second["stats"]["scanned"] == 1
+
+
+def test_warm_scan_trusts_an_unchanged_inode_and_reads_a_changed_one(tiny, tmp_path, monkeypatch):
+    """A file whose inode and change time are those cached (well before that scan) is not read
+    at all; one written in place with its size and mtime put back has moved its change time and
+    is read again; a file changed too close to the scan that cached it is always checked."""
+    import time
+
+    root = tmp_path / "c"
+    root.mkdir()
+    for i in range(3):
+        save_file(_kohya_loha(tiny["unet"], seed=40 + i), root / f"f{i}.safetensors", dict(LOHA_META, **{"modelspec.trigger_phrase": "alpha_style"}))
+    cache = str(tmp_path / "c.json")
+    calls = []
+    real = library.header_hash
+    monkeypatch.setattr(library, "header_hash", lambda p: calls.append(os.path.basename(p)) or real(p))
+    library.scan_library([root], jobs=1, cache_path=cache, progress=False)
+    assert len(calls) == 3
+    calls.clear()  # just written: their change times are too close to that scan to be trusted
+    again = library.scan_library([root], jobs=1, cache_path=cache, progress=False)
+    assert len(calls) == 3 and again["stats"]["cached"] == 3
+    monkeypatch.setattr(library, "CHANGE_TIME_SLACK_NS", 0)
+    if os.name != "posix":
+        return
+    time.sleep(0.05)
+    first = library.scan_library([root], jobs=1, cache_path=cache, progress=False)  # (seen again, trusted from now)
+    calls.clear()
+    warm = library.scan_library([root], jobs=1, cache_path=cache, progress=False)
+    assert calls == [] and warm["stats"]["cached"] == 3 and warm["rows"] == first["rows"]
+    f = root / "f1.safetensors"
+    st = os.stat(f)
+    data = bytearray(f.read_bytes())
+    i = data.index(b"alpha_style")
+    data[i:i + 11] = b"omega_style"
+    time.sleep(0.05)
+    f.write_bytes(bytes(data))
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    after = library.scan_library([root], jobs=1, cache_path=cache, progress=False)
+    assert calls == ["f1.safetensors"] and after["stats"]["cached"] == 2 and after["stats"]["scanned"] == 1
+    assert [r["triggers"] for r in after["rows"]] == [["alpha_style"], ["omega_style"], ["alpha_style"]]
