@@ -39,7 +39,18 @@ class Unreadable(Exception):
     """The file holds something this reader does not vouch for."""
 
 
-class _StorageType:
+class _NoState:
+    """A pickle's BUILD instruction sets the state of the object before it, which could be one
+    of the stand-ins shared by every file this process reads (their attributes, a function's
+    defaults): every stand-in refuses it."""
+
+    __slots__ = ()
+
+    def __setstate__(self, state):
+        raise Unreadable("a pickle that sets an object's state")
+
+
+class _StorageType(_NoState):
     __slots__ = ("dtype", "itemsize")
 
     def __init__(self, dtype: str, itemsize: int):
@@ -49,14 +60,14 @@ class _StorageType:
         raise Unreadable("storage type called")
 
 
-class _Storage:
+class _Storage(_NoState):
     __slots__ = ("dtype", "itemsize", "key", "numel")
 
     def __init__(self, kind: _StorageType, key: str, numel: int):
         self.dtype, self.itemsize, self.key, self.numel = kind.dtype, kind.itemsize, key, numel
 
 
-class TensorRef:
+class TensorRef(_NoState):
     """One tensor: ``dtype`` (as ``str(torch dtype)``), ``shape``, and its bytes: ``itemsize``
     bytes each from element ``offset`` of the storage record ``key`` (contiguous)."""
 
@@ -107,11 +118,23 @@ def _empty_hooks(*args):
     return {}
 
 
+class _Function(_NoState):
+    """A function the pickle may call (a plain function would take its state: ``__defaults__``)."""
+
+    __slots__ = ("_fn",)
+
+    def __init__(self, fn):
+        self._fn = fn
+
+    def __call__(self, *args):
+        return self._fn(*args)
+
+
 _GLOBALS = {("torch", name): _StorageType(*v) for name, v in _STORAGE_TYPES.items()}
 _GLOBALS.update({
-    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
-    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-    ("collections", "OrderedDict"): _empty_hooks,
+    ("torch._utils", "_rebuild_tensor_v2"): _Function(_rebuild_tensor_v2),
+    ("torch._utils", "_rebuild_parameter"): _Function(_rebuild_parameter),
+    ("collections", "OrderedDict"): _Function(_empty_hooks),
 })
 
 

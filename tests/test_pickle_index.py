@@ -139,3 +139,27 @@ def test_library_scan_unpickles_a_repeated_structure_with_torch_once(tmp_path, m
     loads.clear()
     without = library.scan_library([str(tmp_path)], jobs=1, cache_path=None, progress=False)
     assert len(loads) >= 4 and json.dumps(with_index["rows"]) == json.dumps(without["rows"])
+
+
+def test_a_pickle_cannot_change_the_shared_stand_ins(tmp_path):
+    """BUILD sets the state of the object before it: aimed at the stand-ins every file shares (a
+    storage type's element size, a function's defaults), the file is declined and the next file
+    reads as before."""
+    good = {"a": torch.randn(3, 4).half(), "b": torch.tensor(2.0)}
+    torch.save(good, tmp_path / "good.pt")
+
+    def build(glob: bytes, attr: bytes, value: bytes) -> bytes:
+        # PROTO 2; GLOBAL; (None, {attr: value}); BUILD; POP; EMPTY_DICT; STOP
+        return (b"\x80\x02c" + glob + b"N}X" + len(attr).to_bytes(4, "little") + attr + value + b"s\x86b0}.")
+
+    attacks = {
+        "itemsize": build(b"torch\nHalfStorage\n", b"itemsize", b"K\x00"),
+        "dtype": build(b"torch\nFloatStorage\n", b"dtype", b"X\x03\x00\x00\x00abc"),
+        "defaults": build(b"torch._utils\n_rebuild_tensor_v2\n", b"__defaults__", b"K\x01\x85"),
+        "fn": build(b"collections\nOrderedDict\n", b"_fn", b"N"),
+    }
+    for name, data in attacks.items():
+        p = tmp_path / f"{name}.pt"
+        _rewrite(tmp_path / "good.pt", p, change=("/data.pkl", lambda d, data=data: data))
+        assert pickle_index.read(str(p), 100, 16) is None, name
+        _same_as_torch(tmp_path / "good.pt")
