@@ -4,8 +4,8 @@
   equals ``round(float(W0) + D)`` with ``D = up @ down`` computed first, wherever
   ``_addmm_exact`` says the BLAS allows it; a whole apply with the shortcut off writes the same
   weights.
-* ``record.checksum`` (numpy's sums) equals torch's wrapping int64 sums; the exception positions
-  (numpy's repeat) equal the ones ``repeat_interleave`` gives; a switch from compact records
+* ``record.checksum`` (numpy's lane sums, one read) equals torch's wrapping int64 sums; the exception
+  positions (numpy's repeat, low bits or-ed in) equal the ones ``repeat_interleave`` gives; a switch from compact records
   with the exceptions placed per block gives the same weights and restores exactly.
 """
 from __future__ import annotations
@@ -146,7 +146,10 @@ def test_apply_and_switch_same_bits_with_and_without_shortcuts(dtype, tmp_path, 
     assert any(not torch.equal(fast[0][k], ref[k]) for k in ref)
 
 
-@pytest.mark.parametrize("n", [0, 1, 3, 8, 12, 4096, 4097, 1 << 18])
+# sizes in words: below the lane sums' minimum (4 rows of 1024), a whole number of rows, rows and
+# an odd or even tail; and element counts whose bytes are no whole number of words (widened)
+@pytest.mark.parametrize("n", [0, 1, 3, 8, 12, 4096, 4097, 4 * 4096, 4 * 4097, 4 * (8192 + 3), 4 * (5120 + 1022),
+                               4 * 6000 + 2, 20001, 1 << 18])
 def test_checksum_matches_torch_sums(n):
     x = (torch.randn(n) * 1000).half()
     bits = record.int_view(x)
@@ -157,6 +160,17 @@ def test_checksum_matches_torch_sums(n):
     # int64 wrap-around: sums far beyond 2**63
     big = torch.full((64,), 2 ** 62 + 12345, dtype=torch.int64)
     assert record.checksum(big) == (int(big.sum()), int(big[1::2].sum()))
+    big = torch.full((8192 + 5,), 2 ** 62 + 12345, dtype=torch.int64)  # (the lane sums wrap too)
+    big[1::2] = -(2 ** 63) + 7
+    assert record.checksum(big) == (int(big.sum()), int(big[1::2].sum()))
+    # a change the first sum cannot see (+1 and -1 in one lane of two words) is seen by the second
+    y = x.clone()
+    if n >= 4 * 4096 + 8 and n % 4 == 0:
+        yb = record.int_view(y).view(torch.int64)
+        yb[4] += 1
+        yb[5] -= 1
+        assert record.checksum(record.int_view(y))[0] == want[0]
+        assert record.checksum(record.int_view(y)) != want
 
 
 def test_exception_positions_numpy_equals_torch():

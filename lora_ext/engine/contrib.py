@@ -52,12 +52,7 @@ class Contribution:
             self._lowrank = (shape, self._lowrank_for(shape))
         return self._lowrank[1]
 
-    def _lowrank_for(self, weight_shape: tuple):
-        fn = getattr(self.adapter, "lowrank", None)
-        lr = fn() if fn is not None else None
-        if lr is None:
-            return None
-        up, down, scale = lr
+    def _fit(self, up, down, scale, weight_shape: tuple, convert: bool = True):
         up2 = up.reshape(up.shape[0], -1)
         down2 = down.reshape(down.shape[0], -1)
         if self.rows is not None:
@@ -66,8 +61,16 @@ class Contribution:
         for d in weight_shape[1:]:
             k *= int(d)
         if up2.shape[0] == weight_shape[0] and up2.shape[1] == down2.shape[0] and down2.shape[1] == k:
-            return up2.float(), down2.float(), float(scale)
+            return (up2.float(), down2.float(), float(scale)) if convert else (up2, down2, float(scale))
         return None
+
+    def _lowrank_for(self, weight_shape: tuple):
+        fn = getattr(self.adapter, "lowrank", None)
+        lr = fn() if fn is not None else None
+        if lr is None:
+            return None
+        up, down, scale = lr
+        return self._fit(up, down, scale, weight_shape)
 
     # --- dense form ------------------------------------------------------------------------
     def delta(self, w32: Tensor) -> Tensor:

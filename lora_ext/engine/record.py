@@ -161,6 +161,9 @@ def ordered_diff(a: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:
     return ordered(a, dtype).to(wide) - ordered(b, dtype).to(wide)
 
 
+_LANES = 1024  # checksum lanes (even, so a lane holds only even or only odd positions)
+
+
 def checksum(bits: Tensor) -> tuple:
     """Cheap exact fingerprint of a bit pattern tensor: two wrapping sums (all, every other)."""
     flat = bits.reshape(-1)
@@ -171,8 +174,16 @@ def checksum(bits: Tensor) -> tuple:
     nv = _np(v)
     if nv is not None and nv.flags.c_contiguous:
         # numpy's integer sums run ~1.5x faster than torch's here; summed as uint64 (wrapping
-        # is defined there), read back as the int64 torch's wrapping sum gives
+        # is defined there), read back as the int64 torch's wrapping sum gives. Both sums in one
+        # read: the words are added into _LANES lane sums (rows of _LANES words), whose total is
+        # the sum of all and whose odd lanes hold exactly the odd positions (the same wrapping
+        # sums, ~1.6x faster than two reductions)
         u = nv.view(_numpy.uint64)
+        m = u.size - u.size % _LANES
+        if m >= 4 * _LANES:
+            acc = _numpy.add.reduce(u[:m].reshape(-1, _LANES), axis=0)
+            return (_signed64(int(acc.sum()) + int(u[m:].sum())),
+                    _signed64(int(acc[1::2].sum()) + int(u[m + 1::2].sum())))
         return _signed64(int(u.sum())), _signed64(int(u[1::2].sum()))
     return int(v.sum()), int(v[1::2].sum())
 
@@ -279,8 +290,12 @@ class Record:
         """Flat positions (int64, ascending) of the exceptions."""
         nc, nl = _np(self.exc_blocks), _np(self.exc_lo)
         if nc is not None and nl is not None:  # numpy's repeat: ~9x faster than repeat_interleave
-            pos = nl.view(_numpy.uint16).astype(_numpy.int64)
-            pos += _numpy.repeat(_numpy.arange(nc.size, dtype=_numpy.int64) * BLOCK, nc)
+            # the block starts repeated, the low bits or-ed in: one int64 array allocated, not
+            # three (fresh memory costs more than the arithmetic on a VM)
+            starts = _numpy.arange(nc.size, dtype=_numpy.int64)
+            starts *= BLOCK
+            pos = _numpy.repeat(starts, nc)
+            pos |= nl.view(_numpy.uint16)
             return torch.from_numpy(pos)
         counts = self.exc_blocks.to(torch.int64)
         blocks = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)
