@@ -52,6 +52,7 @@ import gc
 import json
 import math
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -201,6 +202,7 @@ class Clock:
         except OSError:
             self.can_peak = False
         self.rss0 = _status("VmRSS")
+        self.f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         self.t0 = time.perf_counter()
         self.c0 = time.process_time()
 
@@ -208,6 +210,10 @@ class Clock:
         """(seconds, CPU seconds, peak RSS above the start)."""
         peak = max(0, _status("VmHWM") - self.rss0) if self.can_peak else float("nan")
         return time.perf_counter() - self.t0, time.process_time() - self.c0, peak
+
+    def faults(self) -> int:
+        """Minor page faults since the start (fresh pages: on this VM ~3.5 us each)."""
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - self.f0
 
 
 def median(xs):
@@ -274,6 +280,7 @@ def ours_round(unet, path_a, path_b, snap, patched_bytes_expected):
     c = Clock()
     h = lora_ext.apply(unet, [(path_a, 1.0)], method="fuse")
     r["apply"], r["apply cpu"], _ = c.mark()
+    r["apply faults"] = c.faults()
     assert not h.unmatched, h.unmatched[:3]
     assert h.patched_bytes == patched_bytes_expected, (h.patched_bytes, patched_bytes_expected)
     mem = h.record_memory()
@@ -289,6 +296,7 @@ def ours_round(unet, path_a, path_b, snap, patched_bytes_expected):
     c = Clock()
     h.set([(path_b, 1.0)])
     r["switch"], r["switch cpu"], _ = c.mark()
+    r["switch faults"] = c.faults()
     h.wait_records()
     r["switch+record"], r["switch+record cpu"], r["switch peak"] = c.mark()
     r["frac switch"] = h.restore_record_bytes / h.patched_bytes
@@ -308,12 +316,14 @@ def diffusers_round(holder, unet, path_a, path_b, snap, rnd):
     holder.load_lora_weights(path_a, adapter_name=f"a{rnd}")
     holder.fuse_lora(components=["unet"], lora_scale=1.0)
     r["apply"], r["apply cpu"], r["apply peak"] = c.mark()
+    r["apply faults"] = c.faults()
     c = Clock()
     holder.unfuse_lora(components=["unet"])
     holder.unload_lora_weights()
     holder.load_lora_weights(path_b, adapter_name=f"b{rnd}")
     holder.fuse_lora(components=["unet"], lora_scale=1.0)
     r["switch"], r["switch cpu"], r["switch peak"] = c.mark()
+    r["switch faults"] = c.faults()
     c = Clock()
     holder.unfuse_lora(components=["unet"])
     holder.unload_lora_weights()
@@ -449,6 +459,9 @@ def main(argv=None) -> int:
                   f"the patched bytes; records built synchronously (bound reached): "
                   f"{max(col(ours, 'sync records apply'))}")
             print(f"  after remove: bit-identical in all {len(ours)} rounds")
+            print(f"  minor page faults (median): apply {med(ours, 'apply faults'):.0f}, switch "
+                  f"{med(ours, 'switch faults'):.0f} (the switch starts after the compaction of the apply "
+                  f"has finished: wait_records())")
             row = {"dtype": dname, "threads": threads, "load": (load0, load1)}
             for k in ("apply", "switch", "remove", "apply+record", "switch+record", "apply file", "switch file"):
                 row["ours " + k] = med(ours, k)
@@ -465,6 +478,8 @@ def main(argv=None) -> int:
                 drift = [x["diff"][1] for x in theirs]
                 print(f"  after remove: {d[0]} tensors / {min(drift)}-{max(drift)} elements differ from the original, "
                       f"max |diff| {d[2]:.3g} (restore by subtraction)")
+                print(f"  minor page faults (median): apply {med(theirs, 'apply faults'):.0f}, switch "
+                      f"{med(theirs, 'switch faults'):.0f}")
                 print(f"  peak RSS above start: apply median {med(theirs, 'apply peak') / patched_bytes:.2f}x the "
                       f"patched bytes ({mb(med(theirs, 'apply peak'))}), switch {mb(med(theirs, 'switch peak'))}")
                 print("speed-up of lora-ext over diffusers, medians (target >= 2x for apply and switch):")
