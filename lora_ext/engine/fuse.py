@@ -91,12 +91,11 @@ def _blocks(out: int, k: int):
 class _Arena:
     """Named byte buffers that outlive a pass (CPU): block buffers, the mask, scaled plan factors.
 
-    Fresh memory costs more than the arithmetic done in it: each new allocation's pages are
-    faulted in and zeroed by the kernel (on this VM ~3.5 us per 4 KB page, ~0.9 ns per fp32
-    element), and glibc hands big blocks back to the kernel when they are freed. A pass takes
-    an arena from a small pool and gives it back (``_arena``), so the buffers of one module's
-    pass are the next one's. Buffers only grow; an arena holding more than ``ARENA_MAX_BYTES``
-    is not pooled."""
+    One arena per move holds what the move's passes need, allocated once: fresh memory can cost
+    more than the arithmetic done in it (pages faulted in and zeroed by the kernel: on the
+    benchmark VM ~3.5 us per 4 KB page, ~0.85 ns per byte). ``_arena`` can also pool arenas
+    across passes (``ARENAS_KEPT``, off by default: see there). Buffers only grow; an arena
+    holding more than ``ARENA_MAX_BYTES`` is not pooled."""
 
     __slots__ = ("bufs",)
 
