@@ -20,6 +20,7 @@ from .contrib import bias_sum
 from .amp import exact_maths
 from . import fp8
 from . import background
+from . import plainbuf
 from .fuse import compact, refuse, restore_weight
 from .onthefly import LiveModule, is_quantised, logical_shape
 from .record import Record, full_record, same_bits
@@ -315,8 +316,9 @@ class Transactions:
                 reserved.append(need)
                 self._peak_plain = max(self._peak_plain, held + need)
             try:
-                return torch.empty(tuple(param.shape), dtype=param.dtype, device="cpu",
-                                   pin_memory=param.device.type == "cuda")
+                if param.device.type == "cuda":
+                    return torch.empty(tuple(param.shape), dtype=param.dtype, device="cpu", pin_memory=True)
+                return plainbuf.empty(tuple(param.shape), param.dtype, bound)  # recycled without page faults
             except BaseException:
                 with self._rec_lock:
                     self._inflight -= need
