@@ -14,6 +14,9 @@ import sys
 
 import torch
 
+if __name__ != "__main__":  # a script run by a host test in the host's python; importing it (a
+    # pytest command line naming it) would take that command line for its paths and write there
+    raise ImportError("tests/comfy_dit_check.py is a script, not a module: see its docstring")
 comfy_dir, work = sys.argv[1], sys.argv[2]
 sys.argv = ["main.py", "--cpu"]
 sys.path.insert(0, comfy_dir)

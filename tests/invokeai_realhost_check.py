@@ -24,6 +24,9 @@ import sys
 import threading
 import time
 
+if __name__ != "__main__":  # a script run by a host test in the host's python; importing it (a
+    # pytest command line naming it) would take that command line for its paths and write there
+    raise ImportError("tests/invokeai_realhost_check.py is a script, not a module: see its docstring")
 root, lora_dir, out_json = sys.argv[1:4]
 pressure = "--ram-pressure" in sys.argv[4:]
 repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
