@@ -53,6 +53,29 @@ def test_free_list_is_bounded(fresh_pool):
     assert plainbuf.free_bytes() == 4 << 20  # two kept, two dropped
 
 
+def test_release_spare_memory_unmaps_the_spares(fresh_pool):
+    import lora_ext.engine as engine
+
+    def rss_kb():
+        with open("/proc/self/status") as fh:
+            return next(int(line.split()[1]) for line in fh if line.startswith("VmRSS:"))
+
+    t = plainbuf.empty((16 << 20,), torch.float16, 1 << 30)  # 32 MB
+    t.fill_(1.0)
+    del t
+    gc.collect()
+    assert plainbuf.free_bytes() == 32 << 20
+    before = rss_kb()
+    assert engine.release_spare_memory() == 32 << 20
+    gc.collect()
+    assert plainbuf.free_bytes() == 0
+    assert rss_kb() < before - 24 * 1024  # the lazily freed pages left RSS with the mapping
+    mapped = plainbuf.stats["mapped"]
+    u = plainbuf.empty((16 << 20,), torch.float16, 1 << 30)
+    assert plainbuf.stats["mapped"] == mapped + 1  # nothing spare any more: a fresh mapping
+    del u
+
+
 def test_small_copies_are_plain_tensors(fresh_pool):
     t = plainbuf.empty((10, 10), torch.float16, 1 << 30)
     del t

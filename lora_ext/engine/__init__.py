@@ -24,7 +24,9 @@ LoRA/LoCon fusions of fp16/bf16/fp32 weights keep a plain host copy of each pris
 return; a background thread compacts the copies into the small exact record (``background``):
 ``h.wait_records()``, ``h.records_complete``, ``h.record_memory()``; the copies held at once are
 bounded by ``apply(..., record_buffer=...)`` / ``$LORA_EXT_RECORD_BUFFER_BYTES`` (default: the
-patched weights' bytes; 0: records built synchronously).
+patched weights' bytes; 0: records built synchronously). Compacted plain copies are kept as
+lazily freed mappings for the next switch (no page faults; the kernel takes their pages when it
+needs memory, but they count in RSS until then): ``release_spare_memory()`` unmaps them now.
 
 fp8 weights (``float8_e4m3fn`` / ``float8_e5m2``, ComfyUI's ``scale_weight`` included) are
 fused in fp32 and rounded once: ``apply(..., rounding="nearest")`` (default; Forge, kohya) or
@@ -37,5 +39,6 @@ restore records), ``onthefly`` (forward hooks), ``auto`` (the placement rule), `
 """
 from .handle import ApplyReport, Handle, apply
 from .record import RestoreError
+from .plainbuf import clear as release_spare_memory
 
-__all__ = ["apply", "Handle", "ApplyReport", "RestoreError"]
+__all__ = ["apply", "Handle", "ApplyReport", "RestoreError", "release_spare_memory"]

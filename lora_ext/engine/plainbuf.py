@@ -92,10 +92,15 @@ def free_bytes() -> int:
         return _free_bytes
 
 
-def clear() -> None:
-    """Drop every spare mapping (unmapped as their objects go) and forget the cap."""
+def clear() -> int:
+    """Drop every spare mapping (unmapped as their objects go) and forget the cap; returns the
+    bytes dropped. Public as ``lora_ext.engine.release_spare_memory()``: the spares' pages are
+    lazily freed (the kernel takes them when it needs memory) but count in the process's RSS
+    until it does; this gives them back now, and the next apply or switch faults fresh pages."""
     global _free_bytes, _cap
     with _lock:
+        dropped = _free_bytes
         _free.clear()
         _free_bytes = 0
         _cap = 0.0
+    return dropped
