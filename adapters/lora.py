@@ -62,6 +62,13 @@ class LoRAAdapter(BaseAdapter):
     def lowrank(self):
         return self.t("lora_up.weight"), self._down(), self.scale()
 
+    def lowrank_raw(self):
+        """``lowrank()``'s factors as the file stores them (not widened; None with a Tucker
+        core, whose folded ``down`` is computed): the engine widens them where it uses them."""
+        if self.tensors.get("lora_mid.weight") is not None:
+            return None
+        return self.tensors["lora_up.weight"], self.tensors["lora_down.weight"], self.scale()
+
     def delta(self, weight):
         self.check_weight(weight)
         up = self.t("lora_up.weight", weight)

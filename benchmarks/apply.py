@@ -43,6 +43,10 @@ What it does, all in one process on the same UNet:
    switch (where the time goes).
 
 Peak memory is the process's peak RSS above its RSS before each phase (``/proc`` on Linux).
+RSS counts the engine's spare plain-copy mappings (lazily freed: the kernel takes them when it
+needs memory) and the C heap's free memory, so an extra untimed round after the timed ones
+also samples *held* memory (RSS less lazily freed pages, ``/proc/self/smaps_rollup``) through an
+apply and a switch, with the LoRA files already loaded and the spares released first.
 Times are wall clock and CPU time of the process (which includes the background worker's).
 """
 from __future__ import annotations
@@ -77,6 +81,60 @@ def _status(field: str) -> int:
     except OSError:
         pass
     return 0
+
+
+def held_bytes():
+    """Resident bytes the process holds: RSS less the lazily freed (``MADV_FREE``) pages the
+    kernel may take back at any time (the engine's spare plain-copy mappings); None off Linux."""
+    try:
+        rss = lazy = None
+        with open("/proc/self/smaps_rollup") as fh:
+            for line in fh:
+                if line.startswith("Rss:"):
+                    rss = int(line.split()[1]) * 1024
+                elif line.startswith("LazyFree:"):
+                    lazy = int(line.split()[1]) * 1024
+        return None if rss is None else rss - (lazy or 0)
+    except OSError:
+        return None
+
+
+class HeldSampler:
+    """Peak of ``held_bytes()``, sampled every ``interval`` s in a thread (reading smaps walks the
+    page tables and slows page faults down: used only in the untimed memory round)."""
+
+    def __init__(self, interval: float = 0.01):
+        import threading
+
+        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._stop.is_set():
+            h = held_bytes()
+            if h is not None and h > self.peak:
+                self.peak = h
+            self._stop.wait(self.interval)
+
+    def reset(self) -> None:
+        self.peak = held_bytes() or 0
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return self.peak
+
+
+def _trim_heap() -> None:
+    """Give the C heap's free memory back (glibc ``malloc_trim``), so a phase starts as fresh as
+    a new process would."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def mb(n) -> str:
@@ -310,6 +368,43 @@ def ours_round(unet, path_a, path_b, snap, patched_bytes_expected):
     return r
 
 
+def memory_round(unet, path_a, path_b, snap):
+    """Untimed: the memory apply and switch hold, the LoRA files already loaded (so what is
+    measured is the engine's own: plain copies, pass buffers, records). The spare plain-copy
+    mappings are released and the heap trimmed first: the copies land in fresh memory, as in a
+    new process. Returns peaks and steady states of ``held_bytes()`` above the start, or None."""
+    from lora_ext.engine import release_spare_memory
+
+    gc.collect()
+    release_spare_memory()
+    gc.collect()
+    _trim_heap()
+    base = held_bytes()
+    if base is None:
+        return None
+    s = HeldSampler()
+    try:
+        h = lora_ext.apply(unet, [(path_a, 1.0)], method="fuse")
+        h.wait_records()
+        r = {"apply peak": s.peak - base, "apply plain": h.record_memory()["peak_plain_bytes"]}
+        time.sleep(0.05)
+        gc.collect()
+        r["after apply"] = held_bytes() - base
+        r["record"] = h.restore_record_bytes
+        s.reset()
+        base2 = held_bytes()
+        h.set([(path_b, 1.0)])
+        h.wait_records()
+        r["switch peak"] = s.peak - base2
+        gc.collect()
+        r["after switch"] = held_bytes() - base2
+        h.remove()
+    finally:
+        s.stop()
+    assert compare(unet, snap)[0] == 0, "lora-ext's restore was not bit-exact"
+    return r
+
+
 def diffusers_round(holder, unet, path_a, path_b, snap, rnd):
     r = {}
     c = Clock()
@@ -423,6 +518,7 @@ def main(argv=None) -> int:
                     if rnd >= 0:
                         theirs.append(r)
             load1 = load()
+            memr = memory_round(unet, path_a, path_b, snap) if threads == args.threads[0] else None
 
             def col(rs, key):
                 return [x[key] for x in rs if key in x]
@@ -455,6 +551,15 @@ def main(argv=None) -> int:
                       f"(CPU {cold['apply cpu']:.2f}s), record complete after {cold['apply+record']:.2f}s; peak RSS "
                       f"above the model over apply + compaction {cold['apply peak'] / patched_bytes:.2f}x the patched "
                       f"bytes ({mb(cold['apply peak'])}); later rounds reuse the freed pages")
+            if memr is not None:
+                print(f"  held memory (RSS less lazily freed pages; an extra untimed round with the LoRA files "
+                      f"loaded, spare mappings released and the heap trimmed first): apply + compaction peak "
+                      f"{memr['apply peak'] / patched_bytes:.2f}x the patched bytes above the model "
+                      f"({mb(memr['apply peak'])}; plain copies {memr['apply plain'] / patched_bytes:.2f}x by the "
+                      f"engine's count), after compaction {memr['after apply'] / patched_bytes:.2f}x (records "
+                      f"{memr['record'] / patched_bytes:.2f}x); switch + compaction peak "
+                      f"{memr['switch peak'] / patched_bytes:.2f}x above the state before it, after "
+                      f"{memr['after switch'] / patched_bytes:+.2f}x")
             print(f"  plain copies held at most (engine's count): {max(col(ours, 'engine peak apply')) / patched_bytes:.2f}x "
                   f"the patched bytes; records built synchronously (bound reached): "
                   f"{max(col(ours, 'sync records apply'))}")
@@ -468,6 +573,9 @@ def main(argv=None) -> int:
                 row["ours cpu " + k] = med(ours, k + " cpu")
             row["frac"] = r0["frac switch"]
             row["peak"] = max(col(ours, "apply peak")) / patched_bytes
+            if memr is not None:
+                row["held"] = memr["apply peak"] / patched_bytes
+                row["held switch"] = memr["switch peak"] / patched_bytes
             row["engine peak"] = max(col(ours, "engine peak apply")) / patched_bytes
             if holder is not None:
                 print(f"diffusers (load_lora_weights + fuse_lora): median apply {med(theirs, 'apply'):.2f}s, "
@@ -512,8 +620,9 @@ def main(argv=None) -> int:
         print(f"\n=== summary ({args.model}, medians of {args.rounds}; ratios = diffusers / lora-ext) ===")
         print("| dtype | threads | apply (loaded file) | switch (loaded file) | apply (file read) | switch (file read) "
               "| remove | apply (s) | record done (s) | switch (s) | "
-              "record done (s) | diffusers apply / switch (s) | record | plain copies | RSS peak (first apply) | load avg |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+              "record done (s) | diffusers apply / switch (s) | record | plain copies | RSS peak (first apply) | "
+              "held peak apply / switch | load avg |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in summary:
             print(f"| {r['dtype']} | {r['threads']} | {r['x apply']:.2f}x | {r['x switch']:.2f}x | "
                   f"{r['x file apply']:.2f}x ({r['ours apply file']:.2f}s) | {r['x file switch']:.2f}x "
@@ -521,7 +630,9 @@ def main(argv=None) -> int:
                   f"{r['ours apply']:.2f} | {r['ours apply+record']:.2f} | {r['ours switch']:.2f} | "
                   f"{r['ours switch+record']:.2f} | {r['ours apply'] * r['x apply']:.2f} / "
                   f"{r['ours switch'] * r['x switch']:.2f} | {r['frac']:.1%} | {r['engine peak']:.2f}x | "
-                  f"{r['cold peak']:.2f}x | {r['load'][0].split()[0]}-{r['load'][1].split()[0]} |")
+                  f"{r['cold peak']:.2f}x | "
+                  + (f"{r['held']:.2f}x / {r['held switch']:.2f}x" if "held" in r else "-")
+                  + f" | {r['load'][0].split()[0]}-{r['load'][1].split()[0]} |")
 
     # --- per-step cost of a scheduled LoRA vs a constant one ---------------------------------
     if not args.skip_steps and unet is not None:

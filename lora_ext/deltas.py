@@ -218,5 +218,9 @@ class WithBiasDiff:
         fn = getattr(self.inner, "lowrank", None)
         return fn() if fn is not None else None
 
+    def lowrank_raw(self):
+        fn = getattr(self.inner, "lowrank_raw", None)
+        return fn() if fn is not None else None
+
     def rows_independent(self, shape, parts) -> bool:
         return self.inner.rows_independent(shape, parts)

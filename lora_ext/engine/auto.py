@@ -81,14 +81,14 @@ def costs(h, e) -> tuple:
             d_flops = 0
             for other in m.contribs:
                 if other.entry.placement == "fuse" or other is c:
-                    lr = other.lowrank(tuple(w.shape)) if w.dim() > 1 else None
-                    d_flops += 2 * out * k * lr[0].shape[1] if lr is not None else 10 * numel
+                    rank = other.lowrank_rank(tuple(w.shape)) if w.dim() > 1 else None
+                    d_flops += 2 * out * k * rank if rank is not None else 10 * numel
             refuse = COST_REFUSE_MODULE + numel * REFUSE_PASSES * COST_PASS + 2 * d_flops * COST_FLOP
             fuse_cost += changes * refuse
             lv = m.live
             rows = lv.rows_seen if lv is not None else 0
             calls = lv.calls if lv is not None else 1
-            lr = c.lowrank(tuple(w.shape)) if w.dim() > 1 else None
-            per_row = 2 * lr[0].shape[1] * (k + out) if lr is not None else 2 * numel
+            rank = c.lowrank_rank(tuple(w.shape)) if w.dim() > 1 else None
+            per_row = 2 * rank * (k + out) if rank is not None else 2 * numel
             live_cost += remaining * (rows * per_row * COST_FLOP + calls * COST_HOOK_CALL / max(1, len(m.contribs)))
     return fuse_cost, live_cost, n_changes

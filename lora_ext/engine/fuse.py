@@ -57,15 +57,23 @@ def lowrank_plan(items, shape: tuple, device, arena=None, tag: str = "") -> Opti
     for n, (_, c, s) in enumerate(items):
         if c.weight_dependent:
             return None
-        lr = c.lowrank(tuple(shape))
+        lr = c.lowrank_stored(tuple(shape))  # the file's factors (fp16 / bf16 / fp32), not widened
         if lr is None:
             return None
         up, down, scale = lr
+        k = float(s) * scale
         if arena is not None and up.device == torch.device(device):
             up_s = arena.get(f"{tag}{n}", up.numel(), torch.float32, device, up.shape)
-            plan.append((torch.mul(up, float(s) * scale, out=up_s), down))
+            if up.dtype == torch.float32:
+                torch.mul(up, k, out=up_s)
+            else:  # widened exactly, then scaled in fp32: the values of up.float() * k
+                up_s.copy_(up).mul_(k)
+            if down.dtype != torch.float32:
+                down = arena.get(f"{tag}{n}d", down.numel(), torch.float32, device, down.shape).copy_(down)
+            plan.append((up_s, down))
         else:
-            plan.append(((up * (float(s) * scale)).to(device), down.to(device)))
+            plan.append((torch.mul(up.to(device=device, dtype=torch.float32), k),
+                         down.to(device=device, dtype=torch.float32)))
     return plan
 
 

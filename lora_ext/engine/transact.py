@@ -102,7 +102,7 @@ def _bias_delta_sum(items, shape, pristine_weight, b0):
     """
     if not any(_may_change_bias(c) for _, c, _ in items):
         return None
-    needs_w = any(_may_change_bias(c) and c.lowrank(shape) is None for _, c, _ in items)
+    needs_w = any(_may_change_bias(c) and c.lowrank_rank(shape) is None for _, c, _ in items)
     w32 = pristine_weight().float() if needs_w else None
     # an adapter that changes a bias the module lacks is an error (raised by bias_sum)
     return bias_sum(items, None if b0 is None else b0.float(), w32)
