@@ -180,6 +180,14 @@ class SwappedHalves:
         up, down, scale = lr
         return swap_halves(up), down, scale
 
+    def lowrank_raw(self):
+        fn = getattr(self.inner, "lowrank_raw", None)
+        lr = fn() if fn is not None else None
+        if lr is None:
+            return None
+        up, down, scale = lr
+        return swap_halves(up), down, scale  # (rows exchanged in the file's dtype: exact)
+
     def rows_independent(self, shape, parts) -> bool:
         return False
 

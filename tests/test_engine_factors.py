@@ -92,3 +92,40 @@ def test_no_fp32_copy_stays_behind_an_fp16_file(tmp_path, one_thread):  # noqa: 
     assert n == len(entries)
     h.remove()
     assert_bit_identical(unet, ref)
+
+
+def test_raw_factors_only_where_they_belong_to_the_lowrank_in_force():
+    from lora_ext.engine.contrib import _raw_factors
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"lora_up.weight": torch.randn(6, 2, generator=g).half(),
+               "lora_down.weight": torch.randn(2, 5, generator=g).half()}
+    plain = LoRAAdapter(tensors)
+    up, down, _ = _raw_factors(plain)
+    assert up.data_ptr() == tensors["lora_up.weight"].data_ptr()
+
+    class Doubled(LoRAAdapter):  # changes the factors, inherits lowrank_raw: must not get raw ones
+        def lowrank(self):
+            up, down, s = super().lowrank()
+            return up * 2, down, s
+
+    assert _raw_factors(Doubled(tensors)) is None
+
+    class Wrapper:  # reaches lowrank_raw only through __getattr__
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def lowrank(self):
+            up, down, s = self.inner.lowrank()
+            return -up, down, s
+
+    assert _raw_factors(Wrapper(plain)) is None
+
+    from lora_ext.deltas import SwappedHalves, swap_halves
+
+    up_s, down_s, _ = _raw_factors(SwappedHalves(plain))  # its own lowrank_raw: the rows exchanged
+    assert up_s.dtype == torch.float16 and torch.equal(up_s, swap_halves(tensors["lora_up.weight"]))
+    assert torch.equal(up_s.float(), SwappedHalves(plain).lowrank()[0])

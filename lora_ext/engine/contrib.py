@@ -86,8 +86,7 @@ class Contribution:
         return None
 
     def _lowrank_for(self, weight_shape: tuple):
-        raw = getattr(self.adapter, "lowrank_raw", None)
-        lr = raw() if raw is not None else None
+        lr = _raw_factors(self.adapter)
         if lr is not None and all(t.dtype in _STORED for t in lr[:2]):
             up, down, scale = lr
             return self._fit(up.detach(), down.detach(), scale, weight_shape, convert=False)
@@ -105,6 +104,21 @@ class Contribution:
 
     def bias_delta(self, b32: Optional[Tensor], w32: Tensor) -> Optional[Tensor]:
         return target_bias_delta(self.adapter, b32, w32, self.stacked_shape, self.rows)
+
+
+def _defined_by(cls, name: str):
+    return next((k for k in cls.__mro__ if name in vars(k)), None)
+
+
+def _raw_factors(adapter):
+    """``adapter.lowrank_raw()`` where it belongs to the ``lowrank()`` in force: a class that
+    overrides ``lowrank`` (or a wrapper that reaches ``lowrank_raw`` through ``__getattr__``)
+    without its own ``lowrank_raw`` gets the fp32 ``lowrank()`` path, never stale raw factors."""
+    cls = type(adapter)
+    raw_cls, lr_cls = _defined_by(cls, "lowrank_raw"), _defined_by(cls, "lowrank")
+    if raw_cls is None or lr_cls is None or not issubclass(raw_cls, lr_cls):
+        return None
+    return adapter.lowrank_raw()
 
 
 def delta_sum(items, w32: Tensor, *, check: bool = False) -> Tensor:
