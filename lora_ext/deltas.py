@@ -173,20 +173,19 @@ class SwappedHalves:
         return swap_halves(self.inner.bias_delta(swap_halves(bias), swap_halves(weight)))
 
     def lowrank(self):
-        fn = getattr(self.inner, "lowrank", None)
+        return self._swapped("lowrank")
+
+    def lowrank_raw(self):
+        return self._swapped("lowrank_raw")  # (rows exchanged in the file's dtype: exact)
+
+    def _swapped(self, name: str):
+        """The inner adapter's ``name()`` factors with ``up``'s row halves exchanged."""
+        fn = getattr(self.inner, name, None)
         lr = fn() if fn is not None else None
         if lr is None:
             return None
         up, down, scale = lr
         return swap_halves(up), down, scale
-
-    def lowrank_raw(self):
-        fn = getattr(self.inner, "lowrank_raw", None)
-        lr = fn() if fn is not None else None
-        if lr is None:
-            return None
-        up, down, scale = lr
-        return swap_halves(up), down, scale  # (rows exchanged in the file's dtype: exact)
 
     def rows_independent(self, shape, parts) -> bool:
         return False
