@@ -335,6 +335,33 @@ def test_buffer_bound_goes_synchronous(unet0, files, monkeypatch):
     assert_bit_identical(unet, base)
 
 
+def test_heap_given_back_once_per_drain(unet0, files, monkeypatch):
+    """The worker trims the C heap when its queue drains (once, after the last record), and the
+    restore is still exact; ``TRIM_HEAP = False`` leaves the heap alone."""
+    a, b = files
+    unet = copy.deepcopy(unet0).half()
+    base = state_bits(unet)
+    calls = []
+    real = background.trim_heap
+    monkeypatch.setattr(background, "trim_heap", lambda: (calls.append(len(h._compactor._queue)), real()))
+    h = lora_ext.apply(unet, [(a, 0.8)], method="fuse")
+    assert h.wait_records(WAIT)
+    assert calls == [0] and h.records_complete  # one trim, with nothing left to compact
+    h.set([(b, 1.0)])
+    assert h.wait_records(WAIT)
+    assert calls == [0, 0]
+    h.remove()
+    assert_bit_identical(unet, base)
+    monkeypatch.setattr(background, "TRIM_HEAP", False)
+    n = []
+    monkeypatch.setattr(background, "_TRIM", lambda size: n.append(size))
+    real()
+    assert n == []  # switched off: malloc_trim not called
+    monkeypatch.setattr(background, "TRIM_HEAP", True)
+    real()
+    assert n == [0]
+
+
 def test_buffer_setting_from_the_environment(unet0, files, monkeypatch):
     a, _ = files
     unet = copy.deepcopy(unet0).half()

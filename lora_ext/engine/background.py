@@ -72,6 +72,31 @@ def parse_bytes(text: str) -> Optional[float]:
     return v
 
 
+# Give the C heap's free memory back to the system when the worker's queue drains (glibc's
+# ``malloc_trim``): compaction frees what it allocated per module (exceptions, estimates, the
+# worker thread's own malloc arena), and glibc keeps most of it: measured 0.2x the patched bytes
+# held after compaction (SD1.5 fp16), on top of the 0.09x of records. False: leave the heap alone.
+TRIM_HEAP = True
+_TRIM = None
+
+
+def trim_heap() -> None:
+    """``malloc_trim(0)`` where the C library has it (glibc); nothing elsewhere."""
+    global _TRIM
+    if not TRIM_HEAP:
+        return
+    if _TRIM is None:
+        try:
+            import ctypes
+
+            _TRIM = ctypes.CDLL(None).malloc_trim
+            _TRIM.argtypes, _TRIM.restype = [ctypes.c_size_t], ctypes.c_int
+        except (OSError, AttributeError, TypeError):  # not glibc (macOS, Windows, musl)
+            _TRIM = False
+    if _TRIM:
+        _TRIM(0)
+
+
 _LIVE: "weakref.WeakSet" = weakref.WeakSet()
 _STOPPING = False
 
@@ -155,15 +180,24 @@ class Compactor:
             except OSError:
                 pass
         h = self._handle
+        trimmed = True  # nothing compacted yet: nothing to give back
         try:
             while True:
+                m = None
                 with self._cv:
-                    if not self._queue or self._closed or _STOPPING:
+                    stop = self._closed or _STOPPING
+                    if self._queue and not stop:
+                        m = self._queue.popleft()
+                        self._queued.discard(id(m))
+                    elif stop or trimmed:
                         self._thread = None
                         self._cv.notify_all()
                         return
-                    m = self._queue.popleft()
-                    self._queued.discard(id(m))
+                if m is None:  # drained: give the heap's free memory back, then look again
+                    trim_heap()
+                    trimmed = True
+                    continue
+                trimmed = False
                 with exact_maths(h.needs_inference_mode()):
                     h._compact_one(m)
         except BaseException:  # _compact_one reports its own faults; this is a bug of ours
